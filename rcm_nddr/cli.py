@@ -1,0 +1,202 @@
+"""The ``rcm-nddr`` console script (also ``python -m rcm_nddr``) and the ``train.py``/``test.py`` entry points."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+log = logging.getLogger("rcm_nddr")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by bad input: reported in one line, without a traceback."""
+    from .config import ConfigError
+    from .data.folder import DatasetError
+    from .engine.trainer import NonFiniteLossError, RunExistsError
+    from .nn.backbone import WeightsError
+    from .registry import RegistryError
+
+    return (
+        ConfigError,
+        DatasetError,
+        WeightsError,
+        RegistryError,
+        RunExistsError,
+        NonFiniteLossError,
+        FileNotFoundError,
+    )
+
+
+def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        with logging_redirect_tqdm():
+            return main(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/synthetic/semseg_single_task.yaml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_iters=100 (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+# ----------------------------------------------------------------------------- train.py / test.py
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    trainer.fit()
+    log.info("run written to %s, checkpoints in %s", trainer.paths.run, trainer.paths.checkpoints)
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over even if the run has checkpoints")
+    p.set_defaults(func=_train)
+    return p
+
+
+def train_parser() -> argparse.ArgumentParser:
+    return _add_train_args(argparse.ArgumentParser(prog="train.py", description="Train the task group of a config."))
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_train, train_parser().parse_args(argv))
+
+
+def _test(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.tester import run_test
+
+    cfg = load_config(args.config, args.overrides)
+    run_test(
+        cfg, split=args.split, checkpoint=args.checkpoint, log_performance=args.log_performance, progress=not args.quiet
+    )
+    return 0
+
+
+def _add_test_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_config_args(p)
+    p.add_argument("--split", help="split to evaluate (default: dataset.val_split)")
+    p.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint (default: test.checkpoint)")
+    p.add_argument("--log-performance", metavar="CSV", help="append one row per task to this CSV file")
+    p.set_defaults(func=_test)
+    return p
+
+
+def test_parser() -> argparse.ArgumentParser:
+    return _add_test_args(argparse.ArgumentParser(prog="test.py", description="Evaluate the trained task group."))
+
+
+def test_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_test, test_parser().parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- rcm-nddr
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from .data.synthetic import generate
+
+    out = generate(args.out, args.train, args.val, size=tuple(args.size), seed=args.seed, progress=not args.quiet)
+    log.info("SYNTH_MT written to %s", out)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        out=args.out,
+        data=args.data,
+        configs=args.configs,
+        n_train=args.train,
+        n_val=args.val,
+        size=tuple(args.size),
+        max_iters=args.iters,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import demo
+
+    p = argparse.ArgumentParser(prog="rcm-nddr", description="Incremental multi-task dense prediction.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate the embedded synthetic dataset SYNTH_MT")
+    synth.add_argument("--out", default="data/SYNTH_MT", help="output directory (default: data/SYNTH_MT)")
+    synth.add_argument("--train", type=_non_negative_int, default=400, help="training samples (default: 400)")
+    synth.add_argument("--val", type=_non_negative_int, default=100, help="validation samples (default: 100)")
+    synth.add_argument("--size", type=_positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--quiet", action="store_true")
+    synth.set_defaults(func=_data_synth)
+
+    d = sub.add_parser("demo", help="the main job: SYNTH_MT, single-task baselines, a results table")
+    d.add_argument("--out", default=demo.DEFAULT_OUT, help=f"results directory (default: {demo.DEFAULT_OUT})")
+    d.add_argument("--data", default=demo.DEFAULT_DATA, help=f"SYNTH_MT directory (default: {demo.DEFAULT_DATA})")
+    d.add_argument("--configs", default=None, help="directory of the synthetic configs (default: configs/synthetic)")
+    d.add_argument("--train", type=_positive_int, default=demo.DEFAULT_TRAIN, help="training samples")
+    d.add_argument("--val", type=_positive_int, default=demo.DEFAULT_VAL, help="validation samples")
+    d.add_argument("--size", type=_positive_int, nargs=2, default=list(demo.DEFAULT_SIZE), metavar=("H", "W"))
+    d.add_argument("--iters", type=_positive_int, default=None, help="training iterations per task (default: configs')")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_demo)
+
+    _add_train_args(sub.add_parser("train", help="train the task group of a config (= python train.py)"))
+    _add_test_args(sub.add_parser("test", help="evaluate a trained task group (= python test.py)"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return _run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""YAML run configs: a typed schema with the canonical keys of DESIGN §8, validation with errors that
+name the dotted key and the file, and ``--set a.b=value`` overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that does not match the schema; the message names the file and the dotted key."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"
+    root: str = "data/SYNTH_MT"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop: tuple[int, int] = (128, 128)
+
+
+@dataclass
+class BackboneConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    #: ``none`` (random init), ``torchvision`` (ImageNet weights) or a path to a state dict
+    weights: str = "none"
+    output_stride: Literal[8, 16] = 16
+    reparam: Literal["none"] = "none"
+    ri: bool = True
+    nff: bool = True
+    decomposition: str | None = None
+
+
+@dataclass
+class FusionConfig:
+    type: Literal["none"] = "none"
+    sources: Union[Literal["all"], list[str]] = "all"  # noqa: UP007 - evaluated by the schema walker
+    stages: list[str] = field(default_factory=lambda: ["stem", "layer1", "layer2", "layer3", "layer4"])
+    alpha: float = 0.9
+    beta: float | None = None
+    lr_mult: float = 100.0
+    weight_decay: float = 1e-4
+    shortcut: bool = False
+
+
+@dataclass
+class HeadConfig:
+    type: Literal["deeplabv3plus"] = "deeplabv3plus"
+    channels: int = 256
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["poly", "step", "cosine", "constant"] = "poly"
+    power: float = 0.9
+    #: for ``step``: multiply the lr by ``gamma`` at each of these iterations
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_iters: int = 0
+
+
+@dataclass
+class TrainConfig:
+    #: training length in iterations (2000 when neither this nor ``epochs`` is set)
+    max_iters: int | None = None
+    #: alternative to ``max_iters``: whole passes over the train split (at most one of the two)
+    epochs: int | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    val_every: int = 500
+    checkpoint_every: int | None = None
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+
+@dataclass
+class TestConfig:
+    batch_size: int = 8
+    #: ``best`` or ``last`` checkpoint of the run
+    checkpoint: Literal["best", "last"] = "best"
+
+
+@dataclass
+class Config:
+    store: str = "results/synthetic/resnet18"
+    tasks: list[str] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    #: per task: ``weight`` plus options of the task type (e.g. ``edge: {weight: 50, pos_weight: 0.95}``)
+    loss: dict[str, dict[str, Any]] = field(default_factory=dict)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    #: where the config was loaded from (not a YAML key)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    @property
+    def group_name(self) -> str:
+        """The name of this run's task group: its task names joined with '+'."""
+        return "+".join(self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _to_plain(self)
+        out.pop("source")
+        return out
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- schema walking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return repr(tp).replace("typing.", "")
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the type ``tp`` and return it in canonical form."""
+
+    def fail(expected: str | None = None) -> ConfigError:
+        return ConfigError(f"{where}: key '{key}': expected {expected or _type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail(f"a mapping of {', '.join(f.name for f in _fields(tp))}")
+        return _build(tp, value, key, where)
+    if origin is Literal:
+        if isinstance(value, bool) or value not in typing.get_args(tp):
+            raise fail()
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise fail()
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise fail()
+        pairs = enumerate(zip(value, items, strict=True))
+        return tuple(_coerce(v, t, f"{key}[{i}]", where) for i, (v, t) in pairs)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise fail()
+        return {_coerce(k, key_tp, key, where): _coerce(v, value_tp, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise fail()
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} for {key}")
+
+
+def _fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in _fields(cls)}
+    for k in data:
+        if k not in known:
+            dotted = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{where}: unknown key '{dotted}'; known keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for k, v in data.items():
+        dotted = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(v, hints[k], dotted, where)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so ``3`` is an int and ``[1, 2]`` a list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_iters=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        cls: Any = Config
+        for i, part in enumerate(path[:-1]):
+            dotted = ".".join(path[: i + 1])
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            if dataclasses.is_dataclass(cls) and part not in hints:
+                raise ConfigError(f"--set {item!r}: unknown key '{dotted}'")
+            cls = hints.get(part, Any)
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{dotted}' is not a mapping in {where}")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults when ``path`` is None), apply ``--set``
+    overrides and validate everything. Raises ConfigError naming the file and the dotted key."""
+    where = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides, where)
+        where = f"{where} (with --set {' '.join(overrides)})"
+    cfg = _build(Config, data, "", where)
+    cfg.source = where
+    _check(cfg, where)
+    return cfg
+
+
+def _check(cfg: Config, where: str) -> None:
+    """Cross-key rules the types alone cannot express."""
+    if not cfg.tasks:
+        raise ConfigError(f"{where}: key 'tasks': at least one task is required")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise ConfigError(f"{where}: key 'tasks': duplicate task names in {cfg.tasks}")
+    for name in cfg.loss:
+        if name not in cfg.tasks:
+            raise ConfigError(f"{where}: key 'loss.{name}': not a task of this run (tasks: {cfg.tasks})")
+    for name, options in cfg.loss.items():
+        w = options.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(f"{where}: key 'loss.{name}.weight': expected a number >= 0, got {w!r}")
+    t = cfg.train
+    if t.max_iters is not None and t.epochs is not None:
+        raise ConfigError(f"{where}: keys 'train.max_iters' and 'train.epochs': set at most one of them")
+    if t.max_iters is None and t.epochs is None:
+        t.max_iters = 2000
+    positive = {
+        "train.max_iters": t.max_iters,
+        "train.epochs": t.epochs,
+        "train.batch_size": t.batch_size,
+        "train.val_every": t.val_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.log_every": t.log_every,
+        "test.batch_size": cfg.test.batch_size,
+        "head.channels": cfg.head.channels,
+        "dataset.crop[0]": cfg.dataset.crop[0],
+        "dataset.crop[1]": cfg.dataset.crop[1],
+    }
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where}: key '{key}': expected a positive integer, got {value}")
+    if t.num_workers < 0:
+        raise ConfigError(f"{where}: key 'train.num_workers': expected >= 0, got {t.num_workers}")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"{where}: key 'optimizer.lr': expected > 0, got {cfg.optimizer.lr}")
+    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+        raise ConfigError(f"{where}: key 'train.device': expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+def check_paths(cfg: Config) -> None:
+    """Files the run needs must exist: one error naming the dotted key and the path."""
+    root = Path(cfg.dataset.root)
+    if not root.is_dir():
+        raise ConfigError(f"{cfg.source}: key 'dataset.root': directory {root} does not exist")
+    w = cfg.backbone.weights
+    if w not in ("none", "torchvision") and not Path(w).is_file():
+        raise ConfigError(
+            f"{cfg.source}: key 'backbone.weights': file {w} does not exist "
+            "(expected 'none', 'torchvision' or a path to a state dict)"
+        )
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

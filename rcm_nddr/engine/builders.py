@@ -1,0 +1,130 @@
+"""Build the run's components from a validated config: tasks, datasets, model, optimizer, schedule."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, OptimizerConfig, SchedulerConfig
+from ..data.transforms import build_transforms
+from ..model import MultiTaskNet
+from ..nn.backbone import resnet_backbone
+from ..nn.heads import DeepLabV3PlusHead
+from ..registry import DATASETS, TASKS, RegistryError, discover
+from ..task import DatasetInfo, Task
+
+
+def task_classes(cfg: Config) -> dict[str, type[Task]]:
+    """The task type of every task of the run (task name = task type name)."""
+    discover(cfg.plugins)
+    out = {}
+    for name in cfg.tasks:
+        try:
+            out[name] = TASKS.get(name)
+        except RegistryError as exc:
+            raise ConfigError(f"{cfg.source}: key 'tasks': {exc}") from exc
+    return out
+
+
+def build_dataset(cfg: Config, split: str, train: bool):
+    """The config's dataset for ``split`` with training or validation transforms."""
+    discover(cfg.plugins)
+    try:
+        dataset_cls = DATASETS.get(cfg.dataset.name)
+    except RegistryError as exc:
+        raise ConfigError(f"{cfg.source}: key 'dataset.name': {exc}") from exc
+    targets = sorted({cls.target_key for cls in task_classes(cfg).values()})
+    return dataset_cls(
+        root=cfg.dataset.root,
+        split=split,
+        targets=targets,
+        transform=build_transforms(train=train, crop=tuple(cfg.dataset.crop)),
+    )
+
+
+def build_tasks(cfg: Config, info: DatasetInfo) -> dict[str, Task]:
+    """Instantiate each task with its options from ``loss.<name>`` (all keys but ``weight``)."""
+    tasks = {}
+    for name, cls in task_classes(cfg).items():
+        options = {k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"}
+        try:
+            inspect.signature(cls).bind(name, info, **options)
+        except TypeError as exc:
+            raise ConfigError(
+                f"{cfg.source}: key 'loss.{name}': {exc} (options of task type {name!r}: "
+                f"{', '.join(list(inspect.signature(cls).parameters)[2:]) or 'none'})"
+            ) from exc
+        tasks[name] = cls(name, info, **options)
+    return tasks
+
+
+def loss_weights(cfg: Config, tasks: dict[str, Task]) -> dict[str, float]:
+    return {name: float(cfg.loss.get(name, {}).get("weight", task.default_loss_weight)) for name, task in tasks.items()}
+
+
+def build_model(cfg: Config, tasks: dict[str, Task]) -> MultiTaskNet:
+    """One backbone path and one head per task (``reparam: none``: fully fine-tuned backbones)."""
+    paths, heads = {}, {}
+    b = cfg.backbone
+    for name, task in tasks.items():
+        path = resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
+        paths[name] = path
+        heads[name] = DeepLabV3PlusHead(
+            high_channels=path.stage_channels["layer4"],
+            low_channels=path.stage_channels["layer1"],
+            out_channels=task.out_channels,
+            channels=cfg.head.channels,
+            output_stride=b.output_stride,
+        )
+    return MultiTaskNet(tasks, paths, heads)
+
+
+_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], OptimizerConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
+    "adam": lambda params, o: torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
+    "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
+}
+
+# Learning-rate multipliers as a function of (scheduler config, iteration, fraction of training done).
+_SCHEDULES: dict[str, Callable[[SchedulerConfig, int, float], float]] = {
+    "poly": lambda s, it, progress: (1.0 - progress) ** s.power,
+    "cosine": lambda s, it, progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "step": lambda s, it, progress: s.gamma ** sum(it >= m for m in s.milestones),
+    "constant": lambda s, it, progress: 1.0,
+}
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The config's optimizer over every trainable parameter of ``model``."""
+    return _OPTIMIZERS[cfg.optimizer.name]([p for p in model.parameters() if p.requires_grad], cfg.optimizer)
+
+
+def lr_factor(cfg: Config, max_iters: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at iteration ``it`` (the schedule is stepped once per iteration)."""
+    s = cfg.scheduler
+    shape = _SCHEDULES[s.name]
+
+    def schedule(it: int) -> float:
+        f = shape(s, it, min(it, max_iters) / max_iters)
+        if s.warmup_iters and it < s.warmup_iters:
+            f *= (it + 1) / s.warmup_iters
+        return f
+
+    return schedule
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, max_iters: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, max_iters))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"key 'train.device': {name!r} asked for but no CUDA device is available")
+    return device

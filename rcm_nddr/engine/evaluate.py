@@ -1,0 +1,104 @@
+"""Evaluation over a whole split with each task's metric accumulator, and Delta_MTL."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..task import Task
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when ``amp``; full precision elsewhere."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def denormalize(images: Tensor) -> Tensor:
+    """ImageNet-normalized B x 3 x H x W -> uint8 RGB."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    tasks: Mapping[str, Task],
+    device: torch.device,
+    amp: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[dict, dict[str, Tensor]], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run ``model`` over ``loader`` and return ``{task: metrics}``. ``on_batch(batch, predictions)``
+    sees every batch with the post-processed predictions (for saving or visualizing them)."""
+    was_training = model.training
+    model.eval()
+    metrics = {name: task.metric() for name, task in tasks.items()}
+    try:
+        for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+            images = batch["image"].to(device, non_blocking=True)
+            with autocast(device, amp):
+                outputs = model(images, tasks=list(tasks), raw=True)
+            predictions = {name: tasks[name].postprocess(out.float()).cpu() for name, out in outputs.items()}
+            for name, task in tasks.items():
+                metrics[name].update(predictions[name], batch[task.target_key])
+            if on_batch is not None:
+                on_batch(batch, predictions)
+    finally:
+        model.train(was_training)
+    return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def primary_metrics(tasks: Mapping[str, Task]) -> dict[str, tuple[str, bool]]:
+    """``{task: (primary metric key, higher is better)}``."""
+    out = {}
+    for name, task in tasks.items():
+        metric = task.metric()
+        out[name] = (metric.primary, metric.higher_is_better)
+    return out
+
+
+def delta_mtl(
+    results: Mapping[str, Mapping[str, float]],
+    baselines: Mapping[str, Mapping[str, float]],
+    primaries: Mapping[str, tuple[str, bool]],
+) -> float:
+    """Delta_MTL in percent: ``100/T * sum_t (-1)^{l_t} (M_t - B_t) / B_t`` over the primary metric of
+    each task, l_t = 1 when lower is better. Positive means better than the baselines."""
+    terms = []
+    for name, (key, higher) in primaries.items():
+        m, b = results[name][key], baselines[name][key]
+        if b == 0:
+            raise ValueError(f"Delta_MTL: baseline {key} of task {name!r} is 0")
+        terms.append((m - b) / abs(b) * (1.0 if higher else -1.0))
+    return 100.0 * sum(terms) / len(terms)
+
+
+def evaluate_trivial(
+    tasks: Mapping[str, Task],
+    train_set: Dataset,
+    val_set: Dataset,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
+    """Fit each task's trivial predictor on the (unaugmented) train split and score it on ``val_set``."""
+    predictors = {name: task.trivial() for name, task in tasks.items()}
+    for batch in DataLoader(train_set, batch_size=batch_size):
+        for name, task in tasks.items():
+            predictors[name].fit(batch[task.target_key])
+    metrics = {name: task.metric() for name, task in tasks.items()}
+    for batch in DataLoader(val_set, batch_size=batch_size):
+        for name, task in tasks.items():
+            target = batch[task.target_key]
+            metrics[name].update(predictors[name].predict(target), target)
+    return {name: metric.compute() for name, metric in metrics.items()}

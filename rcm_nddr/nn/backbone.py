@@ -1,0 +1,157 @@
+"""ResNet backbones on torchvision's definitions, cut into stages (stem, layer1..layer4) so fusion
+modules can sit between them, with dilation for output stride 8 or 16.
+
+Module names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a torchvision state
+dict (without ``fc``) loads as is and a trained backbone saves as one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+_ARCHS: dict[str, tuple[Callable[..., tv_resnet.ResNet], tv_resnet.WeightsEnum]] = {
+    "resnet18": (tv_resnet.resnet18, tv_resnet.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (tv_resnet.resnet34, tv_resnet.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (tv_resnet.resnet50, tv_resnet.ResNet50_Weights.IMAGENET1K_V2),
+}
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that are missing, unreadable or do not fit the architecture."""
+
+
+class ResNetBackbone(nn.Module):
+    """A ResNet without its classifier, exposing ``forward_stage(x, stage)``.
+
+    ``stage_channels[s]`` is the channel count after stage ``s``; ``stage_strides[s]`` its stride.
+    """
+
+    def __init__(self, net: tv_resnet.ResNet, output_stride: int = 16) -> None:
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        # Dilate instead of striding in the last stage(s): layer4 for OS 16, layer3 and layer4 for OS 8.
+        if output_stride <= 16:
+            _dilate(self.layer4, 2 if output_stride == 16 else 4)
+        if output_stride == 8:
+            _dilate(self.layer3, 2)
+        self.output_stride = output_stride
+        expansion = net.layer1[0].expansion
+        widths = {"stem": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+        self.stage_channels = {s: w * (expansion if s != "stem" else 1) for s, w in widths.items()}
+        self.stage_strides = {
+            "stem": 4,
+            "layer1": 4,
+            "layer2": 8,
+            "layer3": min(16, output_stride),
+            "layer4": output_stride,
+        }
+
+    def stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_stage(self, x: Tensor, stage: str) -> Tensor:
+        if stage == "stem":
+            return self.stem(x)
+        if stage not in STAGES:
+            raise KeyError(f"unknown stage {stage!r}; stages: {STAGES}")
+        return getattr(self, stage)(x)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = {}
+        for stage in STAGES:
+            x = self.forward_stage(x, stage)
+            features[stage] = x
+        return features
+
+
+def _dilate(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a strided stage into a dilated one of the same receptive field growth."""
+    for module in layer.modules():
+        if isinstance(module, nn.Conv2d):
+            if module.stride == (2, 2):
+                module.stride = (1, 1)
+            if module.kernel_size == (3, 3):
+                module.dilation = (dilation, dilation)
+                module.padding = (dilation, dilation)
+
+
+def resnet_backbone(arch: str, weights: str = "none", output_stride: int = 16) -> ResNetBackbone:
+    """Build a backbone. ``weights``: ``none`` (random init), ``torchvision`` (ImageNet weights, which
+    must already be in the torch hub cache: nothing is downloaded), or a path to a state dict
+    (``.pth``/``.pt`` loaded with ``weights_only=True``, or ``.safetensors``)."""
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown backbone arch {arch!r}; known: {', '.join(_ARCHS)}")
+    factory, imagenet = _ARCHS[arch]
+    net = factory(weights=None)
+    if weights == "torchvision":
+        _load_into(net, _torchvision_state_dict(arch, imagenet), f"torchvision {imagenet}")
+    elif weights != "none":
+        _load_into(net, load_state_dict_file(weights), weights)
+    return ResNetBackbone(net, output_stride)
+
+
+def torchvision_weights_path(arch: str) -> Path:
+    """Where torchvision keeps the ImageNet checkpoint of ``arch`` (torch hub cache)."""
+    _, imagenet = _ARCHS[arch]
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name
+
+
+def _torchvision_state_dict(arch: str, imagenet: tv_resnet.WeightsEnum) -> Mapping[str, Tensor]:
+    path = torchvision_weights_path(arch)
+    if not path.is_file():
+        raise WeightsError(
+            f"backbone.weights=torchvision: the ImageNet weights of {arch} are not in the local cache "
+            f"and nothing is downloaded at run time. Fetch {imagenet.url} to {path} "
+            f"(e.g. `curl -L --create-dirs -o {path} {imagenet.url}`), or set backbone.weights to "
+            "'none' or to a local state dict."
+        )
+    return load_state_dict_file(path)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``, no pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"weights file {path} could not be read as a state dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} does not hold a flat state dict of tensors")
+    return state
+
+
+def _load_into(net: nn.Module, state: Mapping[str, Tensor], origin: str | Path) -> None:
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = {k for k in net.state_dict() if not k.startswith("fc.")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights {origin} do not fit this ResNet: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    try:
+        net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights {origin} do not fit this ResNet: {exc}") from exc
+    log.info("loaded backbone weights from %s", origin)

@@ -1,0 +1,98 @@
+"""The contract of a task type plug-in: target key, output channels, loss, metric, post-processing,
+visualization. The core talks to tasks only through this interface and never names a task type."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a task needs to know about its dataset: class names per target key, and a name."""
+
+    name: str
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Metric(ABC):
+    """A streaming metric accumulator over a whole evaluation set.
+
+    ``primary`` names the key of ``compute()`` used for model selection and Delta_MTL, and
+    ``higher_is_better`` gives its direction.
+    """
+
+    primary: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+
+    @abstractmethod
+    def update(self, prediction: Tensor, target: Tensor) -> None:
+        """Accumulate a batch: ``prediction`` as returned by ``Task.postprocess``, ``target`` as loaded."""
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]:
+        """Metrics over everything accumulated since the last ``reset``."""
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+
+class TrivialPredictor(ABC):
+    """A constant predictor fitted on training targets (majority class, mean depth, ...).
+
+    Used as the floor a trained model must clearly beat.
+    """
+
+    def fit(self, target: Tensor) -> None:  # noqa: B027 - optional: most trivial predictors need no data
+        """Accumulate a batch of training targets."""
+
+    @abstractmethod
+    def predict(self, target: Tensor) -> Tensor:
+        """A post-processed prediction with the batch and spatial shape of ``target``."""
+
+
+class Task(ABC):
+    """A task type. Subclasses are registered with ``@TASKS.register("name")``.
+
+    An instance is one task of a run: ``name`` is how the config and the store call it, ``info``
+    describes the dataset, and ``options`` are the task's keys under ``loss.<name>`` other than
+    ``weight`` (an unknown option is a config error).
+    """
+
+    #: sample dict key holding this task's target
+    target_key: ClassVar[str]
+    #: the weight of this task's loss in the RCM/ASTMT protocol (the config may override it)
+    default_loss_weight: ClassVar[float] = 1.0
+
+    def __init__(self, name: str, info: DatasetInfo) -> None:
+        self.name = name
+        self.info = info
+
+    @property
+    @abstractmethod
+    def out_channels(self) -> int:
+        """Channels of the head's raw output."""
+
+    @abstractmethod
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Scalar loss of a raw head output (at target resolution), invalid pixels masked out."""
+
+    @abstractmethod
+    def postprocess(self, output: Tensor) -> Tensor:
+        """Raw head output (B x C x H x W) -> prediction in the target's format."""
+
+    @abstractmethod
+    def metric(self) -> Metric:
+        """A fresh metric accumulator."""
+
+    @abstractmethod
+    def visualize(self, value: Tensor) -> Tensor:
+        """One prediction or target (no batch dim, target format) -> uint8 RGB image 3 x H x W."""
+
+    @abstractmethod
+    def trivial(self) -> TrivialPredictor:
+        """The trivial constant predictor of this task."""
