@@ -238,36 +238,36 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
 # ----------------------------------------------------------------------------- loading
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str, where: str = "<command line>") -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML, so ``3`` is an int and ``[1, 2]`` a list)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_iters=100")
+        raise ConfigError(f"{where}: --set {item!r}: expected key=value, e.g. train.max_iters=100")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item!r}: malformed key {key!r}")
+        raise ConfigError(f"{where}: --set {item!r}: malformed key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{where}: --set {item!r}: value is not valid YAML: {exc}") from exc
     return key.split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in overrides:
-        path, value = parse_override(item)
+        path, value = parse_override(item, where)
         node = data
         cls: Any = Config
         for i, part in enumerate(path[:-1]):
             dotted = ".".join(path[: i + 1])
             hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
             if dataclasses.is_dataclass(cls) and part not in hints:
-                raise ConfigError(f"--set {item!r}: unknown key '{dotted}'")
+                raise ConfigError(f"{where}: --set {item!r}: unknown key '{dotted}'")
             cls = hints.get(part, Any)
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: '{dotted}' is not a mapping in {where}")
+                raise ConfigError(f"{where}: --set {item!r}: '{dotted}' is not a mapping")
             node = child
         node[path[-1]] = value
     return data

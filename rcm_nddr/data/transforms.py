@@ -1,0 +1,240 @@
+"""Joint transforms of a sample dict: random scale, crop and flip for training, padding for validation.
+
+Every transform is called as ``transform(sample, generator)`` and draws its random parameters from
+``generator`` only. How each sample key is resized, padded and flipped comes from one table,
+``KEY_RULES``; a new target key is supported by adding its row there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+Sample = dict[str, Any]
+
+#: keys carried through every transform untouched
+PASSTHROUGH_KEYS = frozenset({"meta"})
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """How the transforms treat one sample key.
+
+    ``interpolation`` is used when rescaling; ``pad_value`` fills padded pixels; ``on_scale(value, s)``
+    adjusts values after zooming by ``s``; ``on_flip(value)`` adjusts values after a horizontal flip.
+    """
+
+    interpolation: InterpolationMode
+    pad_value: float
+    on_scale: Callable[[Tensor, float], Tensor] | None = None
+    on_flip: Callable[[Tensor], Tensor] | None = None
+
+
+def _depth_on_scale(depth: Tensor, scale: float) -> Tensor:
+    # zooming in by s makes the scene look s times closer
+    return depth / scale
+
+
+def _normals_on_flip(normals: Tensor) -> Tensor:
+    # a mirrored surface faces the other way along x; invalid all-zero vectors keep +0.0 so they stay
+    # exactly zero
+    out = normals.clone()
+    valid = normals.abs().sum(dim=0) > 0
+    out[0] = torch.where(valid, -normals[0], normals[0])
+    return out
+
+
+# Labels, depths and normals use nearest-neighbour so values are never blended across a boundary
+# (NEAREST_EXACT samples pixel centres, like bilinear with align_corners=False, so they stay aligned
+# with the image). Nearest resampling copies normal vectors unchanged, so they stay unit length (or
+# zero) and need no renormalization. The image is ImageNet-normalized on load, so 0 is the mean colour;
+# bilinear weights sum to one, so resizing commutes with that normalization.
+KEY_RULES: dict[str, KeyRule] = {
+    "image": KeyRule(InterpolationMode.BILINEAR, pad_value=0.0),
+    "semseg": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
+    "parts": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
+    "depth": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=0.0, on_scale=_depth_on_scale),
+    "normals": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=0.0, on_flip=_normals_on_flip),
+    "edge": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255.0),
+    "sal": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255.0),
+}
+
+
+def rule_for(key: str) -> KeyRule:
+    """The transform rule of a sample key; an unknown key is an error naming it."""
+    try:
+        return KEY_RULES[key]
+    except KeyError:
+        raise ValueError(
+            f"no transform rule for sample key {key!r}; known keys: {', '.join(KEY_RULES)} "
+            f"(add a row to rcm_nddr.data.transforms.KEY_RULES)"
+        ) from None
+
+
+def _map_tensors(sample: Sample, fn: Callable[[KeyRule, Tensor], Tensor]) -> Sample:
+    """Apply ``fn(rule, value)`` to every tensor of the sample, seen as C x H x W."""
+    out: Sample = {}
+    for key, value in sample.items():
+        if key in PASSTHROUGH_KEYS:
+            out[key] = value
+            continue
+        rule = rule_for(key)
+        # torchvision's ops want a channel dimension; class maps are H x W
+        out[key] = fn(rule, value.unsqueeze(0)).squeeze(0) if value.ndim == 2 else fn(rule, value)
+    return out
+
+
+def check_keys(sample: Sample) -> None:
+    """Raise for any sample key without a transform rule."""
+    for key in sample:
+        if key not in PASSTHROUGH_KEYS:
+            rule_for(key)
+
+
+def spatial_size(sample: Sample) -> tuple[int, int]:
+    """The common H x W of the sample's tensors; tensors of different sizes are an error."""
+    sizes = {
+        key: (int(value.shape[-2]), int(value.shape[-1]))
+        for key, value in sample.items()
+        if key not in PASSTHROUGH_KEYS
+    }
+    if not sizes:
+        raise ValueError("sample has no tensors to transform")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"sample tensors differ in size: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _pad_bottom_right(sample: Sample, height: int, width: int) -> Sample:
+    check_keys(sample)
+    h, w = spatial_size(sample)
+    pad_h, pad_w = max(height - h, 0), max(width - w, 0)
+    if pad_h == 0 and pad_w == 0:
+        return dict(sample)
+    return _map_tensors(sample, lambda rule, x: F.pad(x, [0, 0, pad_w, pad_h], fill=rule.pad_value))
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    return int(torch.randint(high, (1,), generator=generator))
+
+
+def _check_size(size: Sequence[int], what: str) -> tuple[int, int]:
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"{what} must be two positive ints (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+class JointTransform(Protocol):
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample: ...
+
+
+class RandomScale:
+    """Zoom by a factor drawn uniformly from ``scales``; depth is divided by the factor."""
+
+    def __init__(self, scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)) -> None:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of positive factors, got {scales!r}")
+        self.scales = tuple(float(s) for s in scales)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        scale = self.scales[_randint(len(self.scales), generator)]
+        h, w = spatial_size(sample)
+        size = [max(1, round(h * scale)), max(1, round(w * scale))]
+
+        def resize(rule: KeyRule, x: Tensor) -> Tensor:
+            x = F.resize(x, size, interpolation=rule.interpolation, antialias=True)
+            return rule.on_scale(x, scale) if rule.on_scale is not None else x
+
+        return _map_tensors(sample, resize)
+
+    def __repr__(self) -> str:
+        return f"RandomScale(scales={self.scales})"
+
+
+class RandomCrop:
+    """Pad bottom/right to at least ``size`` with each key's pad value, then crop ``size`` at random."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = _check_size(size, "crop size")
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        height, width = self.size
+        sample = _pad_bottom_right(sample, height, width)
+        h, w = spatial_size(sample)
+        top = _randint(h - height + 1, generator)
+        left = _randint(w - width + 1, generator)
+        return _map_tensors(sample, lambda rule, x: F.crop(x, top, left, height, width))
+
+    def __repr__(self) -> str:
+        return f"RandomCrop(size={self.size})"
+
+
+class RandomHorizontalFlip:
+    """Mirror left-right with probability ``p``; normals' x component is negated."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"flip probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        # always draw, so the random stream of later transforms does not depend on p
+        if float(torch.rand(1, generator=generator)) >= self.p:
+            check_keys(sample)
+            return dict(sample)
+        return horizontal_flip(sample)
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+def horizontal_flip(sample: Sample) -> Sample:
+    """Mirror every tensor of the sample left-right, with each key's value rule."""
+
+    def flip(rule: KeyRule, x: Tensor) -> Tensor:
+        x = F.horizontal_flip(x)
+        return rule.on_flip(x) if rule.on_flip is not None else x
+
+    return _map_tensors(sample, flip)
+
+
+class PadTo:
+    """Pad bottom/right to ``size`` with each key's pad value (validation); larger sides are kept."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = _check_size(size, "pad size")
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        return _pad_bottom_right(sample, *self.size)
+
+    def __repr__(self) -> str:
+        return f"PadTo(size={self.size})"
+
+
+class Compose:
+    """Apply joint transforms in order, all drawing from the same generator."""
+
+    def __init__(self, transforms: Sequence[JointTransform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        for transform in self.transforms:
+            sample = transform(sample, generator)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms})"
+
+
+def build_transforms(train: bool, crop: Sequence[int]) -> Compose:
+    """Training: random scale -> random crop to ``crop`` -> random flip. Validation: pad to ``crop``."""
+    crop = _check_size(crop, "crop size")
+    if train:
+        return Compose([RandomScale(), RandomCrop(crop), RandomHorizontalFlip()])
+    return Compose([PadTo(crop)])

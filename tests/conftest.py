@@ -1,0 +1,68 @@
+"""Shared test fixtures: a tiny dataset written in the SYNTH_MT / NYUD-MT folder layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_SIZE = (12, 16)
+TINY_CLASSES = {"semseg": ["wall", "floor", "box", "ball"], "parts": ["top", "side"]}
+
+
+def write_layout(
+    root: Path, size: tuple[int, int] = TINY_SIZE, n_train: int = 3, n_val: int = 2, seed: int = 0
+) -> Path:
+    """Write ``n_train + n_val`` random but valid samples in the folder layout under ``root``."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    ids = [f"{i:06d}" for i in range(n_train + n_val)]
+    for folder in ("gt_sets", "images", "segmentation", "parts", "depth", "normals", "edge", "sal"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    cameras = {}
+    for sample_id in ids:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").save(
+            root / "images" / f"{sample_id}.png"
+        )
+        for folder, n in (("segmentation", len(TINY_CLASSES["semseg"])), ("parts", len(TINY_CLASSES["parts"]))):
+            labels = rng.integers(0, n + 1, (h, w), dtype=np.uint8)  # 0 = ignore, k + 1 = class k
+            Image.fromarray(labels, "L").save(root / folder / f"{sample_id}.png")
+        depth = rng.uniform(0.5, 5.0, (h, w)).astype(np.float32)
+        invalid = rng.random((h, w)) < 0.1
+        depth[invalid] = 0.0
+        np.save(root / "depth" / f"{sample_id}.npy", depth)
+        normals = rng.normal(size=(h, w, 3)).astype(np.float32)
+        normals[..., 2] = -np.abs(normals[..., 2]) - 0.1  # facing the camera (z forward)
+        normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+        normals[invalid] = 0.0
+        np.save(root / "normals" / f"{sample_id}.npy", normals)
+        edge = np.where(rng.random((h, w)) < 0.2, 255, 0).astype(np.uint8)
+        Image.fromarray(edge, "L").save(root / "edge" / f"{sample_id}.png")
+        sal = np.where(rng.random((h, w)) < 0.4, 255, 0).astype(np.uint8)
+        Image.fromarray(sal, "L").save(root / "sal" / f"{sample_id}.png")
+        cameras[sample_id] = {"fx": float(w), "fy": float(w), "cx": w / 2, "cy": h / 2}
+    (root / "gt_sets" / "train.txt").write_text("".join(f"{i}\n" for i in ids[:n_train]))
+    (root / "gt_sets" / "val.txt").write_text("".join(f"{i}\n" for i in ids[n_train:]))
+    (root / "cameras.json").write_text(json.dumps(cameras))
+    meta = {
+        "name": "SYNTH_MT",
+        "generator_version": "test",
+        "seed": seed,
+        "size": [h, w],
+        "splits": {"train": n_train, "val": n_val},
+        "classes": TINY_CLASSES,
+        "depth_unit": "m",
+        "normals_frame": "camera: x right, y down, z forward",
+        "files": {},
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def tiny_layout(tmp_path: Path) -> Path:
+    """A dataset root with 3 train and 2 val samples of 12 x 16 pixels in the folder layout."""
+    return write_layout(tmp_path / "SYNTH_MT")

@@ -1,0 +1,139 @@
+"""Training engine end to end on a tiny generated SYNTH_MT: outputs, resume, NaN abort, plug-in tasks,
+test.py's metrics JSON and CSV, and the command-line entry points."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcm_nddr import cli
+from rcm_nddr.config import load_config
+from rcm_nddr.data.synthetic import generate
+from rcm_nddr.engine.checkpoint import load_checkpoint
+from rcm_nddr.engine.tester import run_test
+from rcm_nddr.engine.trainer import NonFiniteLossError, RunExistsError, Trainer
+
+PLUGIN = str(Path(__file__).parent / "plugins" / "toy_tasks.py")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 8, 4, size=(48, 48), seed=1, progress=False)
+
+
+def tiny(store: Path, data: Path, tasks: str, *extra: str) -> list[str]:
+    return [
+        f"tasks={tasks}",
+        f"store={store}",
+        f"dataset.root={data}",
+        "dataset.crop=[48, 48]",
+        "head.channels=8",
+        "optimizer.name=adam",
+        "optimizer.lr=0.001",
+        "train.max_iters=6",
+        "train.batch_size=2",
+        "train.num_workers=0",
+        "train.val_every=3",
+        "train.log_every=1",
+        "train.device=cpu",
+        "test.batch_size=4",
+        *extra,
+    ]
+
+
+def test_train_then_test_writes_every_output(tmp_path, synth):
+    cfg = load_config(None, tiny(tmp_path / "store", synth, "[semseg, depth]"))
+    trainer = Trainer(cfg, progress=False)
+    metrics = trainer.fit()
+    assert set(metrics) == {"semseg", "depth"} and "mIoU" in metrics["semseg"] and "rmse" in metrics["depth"]
+    run = tmp_path / "store" / "runs" / "semseg+depth"
+    assert load_config(run / "config.yaml").to_dict() == {**cfg.to_dict()}
+    assert json.loads((run / "metrics.json").read_text())["iteration"] == 6
+    assert list(run.glob("events.out.tfevents.*"))
+    last = load_checkpoint(tmp_path / "store" / "checkpoints" / "semseg+depth" / "last.pt")
+    best = load_checkpoint(tmp_path / "store" / "checkpoints" / "semseg+depth" / "best.pt")
+    assert last["iteration"] == 6 and best["iteration"] in (3, 6)
+
+    csv_path = tmp_path / "perf.csv"
+    run_test(cfg, log_performance=csv_path, checkpoint="last", progress=False)
+    tested = run_test(cfg, log_performance=csv_path, checkpoint="last", progress=False)
+    assert tested == metrics  # the last checkpoint is the model that produced the final validation
+    saved = json.loads((run / "test_metrics.json").read_text())
+    assert saved["metrics"] == tested and saved["iteration"] == 6
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("config,store,group,task") and len(lines) == 5  # one header, 2 runs x 2 tasks
+    rows = list(csv.DictReader(csv_path.open()))
+    assert {r["task"] for r in rows} == {"semseg", "depth"}
+    assert all(json.loads(r["metrics"])[r["primary"]] == pytest.approx(float(r["value"]), rel=1e-5) for r in rows)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, synth, workers):
+    extra = (f"train.num_workers={workers}", "train.max_iters=8", "train.val_every=4")
+    straight = Trainer(load_config(None, tiny(tmp_path / "a", synth, "[normals]", *extra)), progress=False)
+    straight.fit()
+    cfg = load_config(None, tiny(tmp_path / "b", synth, "[normals]", *extra))
+    Trainer(cfg, progress=False).fit(stop_after=3)  # interrupted between validations
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "normals" / "last.pt")["iteration"] == 3
+    resumed = Trainer(cfg, resume=True, progress=False)
+    assert resumed.iteration == 3
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.last_metrics == straight.last_metrics
+
+
+def test_a_fresh_run_does_not_overwrite_checkpoints_unless_asked(tmp_path, synth):
+    cfg = load_config(None, tiny(tmp_path, synth, "[sal]", "train.max_iters=2"))
+    Trainer(cfg, progress=False).fit()
+    with pytest.raises(RunExistsError, match="--resume"):
+        Trainer(cfg, progress=False)
+    Trainer(cfg, overwrite=True, progress=False).fit()
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        Trainer(load_config(None, tiny(tmp_path / "other", synth, "[sal]")), resume=True, progress=False)
+
+
+def test_plugin_task_type_from_outside_the_package_trains(tmp_path, synth):
+    cfg = load_config(None, tiny(tmp_path, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scale=2.0"))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.tasks["inverse_depth"].scale == 2.0
+    metrics = trainer.fit()
+    assert metrics["inverse_depth"]["mse"] >= 0
+    bad = load_config(None, tiny(tmp_path, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scal=2"))
+    with pytest.raises(Exception, match=r"key 'loss.inverse_depth'.*scal.*options of task type 'inverse_depth': scale"):
+        Trainer(bad, overwrite=True, progress=False)
+
+
+def test_non_finite_loss_aborts_naming_iteration_and_task_and_keeps_last_checkpoint(tmp_path, synth):
+    cfg = load_config(
+        None, tiny(tmp_path, synth, "[nan_after_4]", f"plugins=[{PLUGIN}]", "train.checkpoint_every=2", "train.val_every=100")
+    )
+    trainer = Trainer(cfg, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"task 'nan_after_4' is nan at iteration 5"):
+        trainer.fit()
+    last = load_checkpoint(tmp_path / "checkpoints" / "nan_after_4" / "last.pt")
+    assert last["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_entry_points_and_their_errors(tmp_path, synth, capsys):
+    config = tmp_path / "edge.yaml"
+    config.write_text("tasks: [edge]\n")
+    args = ["--config", str(config), "--quiet"]
+    for item in tiny(tmp_path / "store", synth, "[edge]", "train.max_iters=2")[1:]:
+        args += ["--set", item]
+    assert cli.train_main(args) == 0
+    assert cli.test_main([*args, "--log-performance", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text().count("\n") == 2
+    assert cli.train_main([*args, "--set", "train.max_iters=oops"]) == 2
+    assert "key 'train.max_iters': expected int" in capsys.readouterr().err
+    assert cli.train_main(args) == 2  # checkpoints exist and neither --resume nor --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert cli.train_main([*args, "--set", f"dataset.root={tmp_path / 'absent'}"]) == 2
+    assert "key 'dataset.root'" in capsys.readouterr().err
+    assert cli.train_main([*args, "--set", "tasks=[no_such_task]", "--overwrite"]) == 2
+    assert "unknown task type 'no_such_task'" in capsys.readouterr().err
