@@ -1,0 +1,100 @@
+"""Shared machinery of the binary-map tasks (edge, sal): target checks, masked BCE on logits, pixel
+counts at many thresholds at once, the all-zero predictor and a greyscale visualization."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rcm_nddr.task import Task, TrivialPredictor
+from tasks.common import check_map, check_same_spatial, check_single
+
+IGNORE_VALUE = 255
+#: colour of ignored pixels in visualizations: not a grey, so it cannot be read as a probability
+IGNORE_RGB = (0, 64, 128)
+
+
+def check_binary_target(target: Tensor, what: str) -> None:
+    """Targets hold 0 (negative), 1 (positive) or 255 (ignore)."""
+    bad = (target != 0) & (target != 1) & (target != IGNORE_VALUE)
+    if bad.any():
+        raise ValueError(f"{what}: target value {float(target[bad][0])} is not 0, 1 or {IGNORE_VALUE} (ignore)")
+
+
+def masked_bce_with_logits(output: Tensor, target: Tensor, pos_weight: float | None = None) -> Tensor:
+    """Mean binary cross-entropy over non-ignored pixels; 0 (with a graph) when every pixel is ignored.
+
+    With ``pos_weight`` w, positives are weighted w and negatives 1 - w (the class-balanced loss of
+    HED/ASTMT for edges).
+    """
+    valid = target != IGNORE_VALUE
+    logits = output.float()[valid]
+    labels = target[valid].float()
+    weight = None if pos_weight is None else labels * pos_weight + (1 - labels) * (1 - pos_weight)
+    total = F.binary_cross_entropy_with_logits(logits, labels, weight=weight, reduction="sum")
+    return total / valid.sum().clamp_min(1)
+
+
+def threshold_buckets(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """B x N scores -> how many of the increasing ``thresholds`` lie at or below each score (0 .. K).
+
+    Computed once per score map and shared by every ``counts_at_thresholds`` call on it.
+    """
+    return torch.bucketize(scores.float(), thresholds.to(scores.device, torch.float32), right=True)
+
+
+def counts_at_thresholds(buckets: Tensor, mask: Tensor, n_thresholds: int) -> Tensor:
+    """For each image, how many pixels inside ``mask`` score >= each threshold.
+
+    ``buckets`` (from ``threshold_buckets``) and ``mask`` are B x N; returns B x K int64. One
+    histogram pass instead of K binarizations.
+    """
+    batch, k = buckets.shape[0], n_thresholds
+    offset = buckets + (k + 1) * torch.arange(batch, device=buckets.device)[:, None]
+    histogram = torch.bincount(offset[mask], minlength=batch * (k + 1)).view(batch, k + 1)
+    # count at threshold j = pixels in buckets j + 1 .. K
+    return histogram.flip(1).cumsum(1).flip(1)[:, 1:]
+
+
+def visualize_probability(value: Tensor) -> Tensor:
+    """1 x H x W map in [0, 1] -> 3 x H x W uint8 greyscale; ignore (255) in ``IGNORE_RGB``."""
+    check_single(value, 1, "binary map visualization")
+    value = value[0].detach().to("cpu", torch.float32)
+    ignore = value == IGNORE_VALUE
+    grey = (value.clamp(0, 1) * 255).round().to(torch.uint8)
+    image = grey.expand(3, *grey.shape).clone()
+    image[:, ignore] = torch.tensor(IGNORE_RGB, dtype=torch.uint8)[:, None]
+    return image
+
+
+class ZeroMapPredictor(TrivialPredictor):
+    """Predicts probability 0 everywhere (no edge, no salient object)."""
+
+    def predict(self, target: Tensor) -> Tensor:
+        return torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+
+
+class BinaryMapTask(Task):
+    """A per-pixel binary task: one logit channel, sigmoid post-processing, target 1 x H x W in {0, 1}
+    with 255 = ignore. Subclasses give the loss and the metric."""
+
+    @property
+    def out_channels(self) -> int:
+        return 1
+
+    def _check_loss_inputs(self, output: Tensor, target: Tensor) -> None:
+        check_map(output, 1, f"{self.name} loss output")
+        check_map(target, 1, f"{self.name} loss target")
+        check_same_spatial(output, target, f"{self.name} loss")
+        check_binary_target(target, f"{self.name} loss")
+
+    def postprocess(self, output: Tensor) -> Tensor:
+        check_map(output, 1, f"{self.name} postprocess")
+        return torch.sigmoid(output.float())
+
+    def visualize(self, value: Tensor) -> Tensor:
+        return visualize_probability(value)
+
+    def trivial(self) -> ZeroMapPredictor:
+        return ZeroMapPredictor()

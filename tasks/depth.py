@@ -1,0 +1,166 @@
+"""Monocular depth: masked L1 loss, set-level RMSE and the usual relative/threshold metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rcm_nddr.registry import TASKS
+from rcm_nddr.task import Metric, Task, TrivialPredictor
+from tasks.common import check_map, check_same_shape, check_same_spatial, check_single, to_accumulator
+
+#: predictions are clamped to this depth (metres) before logarithms and ratios
+MIN_DEPTH = 1e-3
+
+# viridis sampled at 0, 1/8, ..., 1: a perceptually uniform map that is readable in greyscale too
+_VIRIDIS_ANCHORS = torch.tensor(
+    [
+        [68, 1, 84],
+        [71, 45, 123],
+        [59, 82, 139],
+        [44, 114, 142],
+        [33, 145, 140],
+        [40, 174, 128],
+        [94, 201, 98],
+        [173, 220, 48],
+        [253, 231, 37],
+    ],
+    dtype=torch.float64,
+)
+
+
+def _interpolated_lut(anchors: Tensor, size: int = 256) -> Tensor:
+    position = torch.linspace(0, len(anchors) - 1, size, dtype=torch.float64)
+    low = position.floor().long().clamp(max=len(anchors) - 2)
+    frac = (position - low)[:, None]
+    return (anchors[low] * (1 - frac) + anchors[low + 1] * frac).round().to(torch.uint8)
+
+
+DEPTH_LUT = _interpolated_lut(_VIRIDIS_ANCHORS)
+
+
+def valid_depth(target: Tensor) -> Tensor:
+    """Valid pixels: positive, finite depth (0 marks a missing measurement)."""
+    return (target > 0) & torch.isfinite(target)
+
+
+def colorize_depth(depth: Tensor) -> Tensor:
+    """1 x H x W depth -> 3 x H x W uint8 through viridis (near dark, far bright).
+
+    The range is normalized per image over the valid pixels; invalid pixels are black.
+    """
+    check_single(depth, 1, "depth visualization")
+    depth = depth[0].detach().to("cpu", torch.float64)
+    valid = valid_depth(depth)
+    image = torch.zeros(3, *depth.shape, dtype=torch.uint8)
+    if not valid.any():
+        return image
+    low, high = depth[valid].min(), depth[valid].max()
+    scaled = (depth - low) / (high - low) if high > low else torch.zeros_like(depth)
+    index = (scaled.clamp(0, 1) * 255).round().long()
+    image[:, valid] = DEPTH_LUT[index[valid]].T
+    return image
+
+
+class DepthMetric(Metric):
+    """Depth errors over all valid pixels of the set (pixels pooled, not a mean of per-image values).
+
+    ``rmse`` (primary, lower is better) = sqrt(sum (p - t)^2 / n); ``abs_rel`` = mean |p - t| / t;
+    ``log_rmse`` = RMSE of natural logs; ``delta1/2/3`` = percent of pixels with max(p/t, t/p) below
+    1.25, 1.25^2, 1.25^3. Predictions are clamped to ``MIN_DEPTH`` metres for the log and ratio terms.
+    """
+
+    primary = "rmse"
+    higher_is_better = False
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        # n, sum sq err, sum abs rel, sum sq log err, count delta1, delta2, delta3
+        self.sums = torch.zeros(7, dtype=torch.float64)
+
+    def update(self, prediction: Tensor, target: Tensor) -> None:
+        check_same_shape(prediction, target, "depth metric")
+        valid = valid_depth(target)
+        truth = target[valid].double()
+        predicted = prediction[valid].double()
+        clamped = predicted.clamp_min(MIN_DEPTH)
+        ratio = torch.maximum(clamped / truth, truth / clamped)
+        batch = torch.stack(
+            [
+                torch.tensor(float(truth.numel()), dtype=torch.float64, device=truth.device),
+                ((predicted - truth) ** 2).sum(),
+                ((predicted - truth).abs() / truth).sum(),
+                ((clamped.log() - truth.log()) ** 2).sum(),
+                (ratio < 1.25).sum().double(),
+                (ratio < 1.25**2).sum().double(),
+                (ratio < 1.25**3).sum().double(),
+            ]
+        )
+        self.sums += to_accumulator(batch)
+
+    def compute(self) -> dict[str, float]:
+        n, sq, rel, sq_log, d1, d2, d3 = self.sums.tolist()
+        if n == 0:
+            raise RuntimeError("depth metric: no valid pixels accumulated")
+        return {
+            "rmse": (sq / n) ** 0.5,
+            "abs_rel": rel / n,
+            "log_rmse": (sq_log / n) ** 0.5,
+            "delta1": 100 * d1 / n,
+            "delta2": 100 * d2 / n,
+            "delta3": 100 * d3 / n,
+        }
+
+
+class MeanDepthPredictor(TrivialPredictor):
+    """Predicts the mean valid training depth everywhere."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0.0
+
+    def fit(self, target: Tensor) -> None:
+        depth = target[valid_depth(target)].double()
+        self.total += float(depth.sum())
+        self.count += depth.numel()
+
+    def predict(self, target: Tensor) -> Tensor:
+        if self.count == 0:
+            raise RuntimeError("mean-depth predictor: fit() saw no valid depth")
+        return torch.full(target.shape, self.total / self.count, dtype=torch.float32, device=target.device)
+
+
+@TASKS.register("depth")
+class DepthTask(Task):
+    """Depth in metres; target float 1 x H x W with 0 = invalid. Prediction: the raw output, >= 0."""
+
+    target_key = "depth"
+    default_loss_weight = 1.0
+
+    @property
+    def out_channels(self) -> int:
+        return 1
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mean absolute error over valid pixels (0 when there is none)."""
+        check_map(output, 1, f"{self.name} loss output")
+        check_map(target, 1, f"{self.name} loss target")
+        check_same_spatial(output, target, f"{self.name} loss")
+        valid = valid_depth(target)
+        error = (output.float()[valid] - target[valid]).abs()
+        return error.sum() / valid.sum().clamp_min(1)
+
+    def postprocess(self, output: Tensor) -> Tensor:
+        check_map(output, 1, f"{self.name} postprocess")
+        return output.float().clamp_min(0)
+
+    def metric(self) -> DepthMetric:
+        return DepthMetric()
+
+    def visualize(self, value: Tensor) -> Tensor:
+        return colorize_depth(value)
+
+    def trivial(self) -> MeanDepthPredictor:
+        return MeanDepthPredictor()

@@ -1,0 +1,19 @@
+"""Part segmentation (object or human parts): the semseg machinery on the ``parts`` target."""
+
+from __future__ import annotations
+
+from rcm_nddr.registry import TASKS
+from tasks.segmentation import SegmentationTask
+
+
+@TASKS.register("parts")
+class PartsTask(SegmentationTask):
+    """Per-pixel part classes from ``classes["parts"]``; target int64 H x W, 255 = ignore.
+
+    Images whose target has no valid pixel (no part annotated, all 255) are skipped by the metric, as
+    in the ASTMT protocol; a dataset should therefore mark images without parts as all-ignore. Metric
+    keys as for semseg: ``mIoU`` (primary, higher is better), ``pixel_acc``, ``IoU/<class>``.
+    """
+
+    target_key = "parts"
+    default_loss_weight = 2.0

@@ -1,0 +1,184 @@
+"""Shared machinery of the class-map tasks (semseg, parts, human_parts): masked cross-entropy, the
+dataset-level confusion-matrix mIoU, the majority-class predictor and a fixed class palette."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rcm_nddr.task import DatasetInfo, Metric, Task, TrivialPredictor
+from tasks.common import (
+    check_map,
+    check_same_shape,
+    check_same_spatial,
+    check_single,
+    safe_divide,
+    to_accumulator,
+)
+
+IGNORE_INDEX = 255
+
+
+def class_names_for(info: DatasetInfo, key: str, task_name: str) -> list[str]:
+    """The class names the dataset declares for ``key``; a clear error when it declares none."""
+    names = info.classes.get(key)
+    if not names:
+        declared = ", ".join(sorted(info.classes)) or "(none)"
+        raise ValueError(
+            f"task {task_name!r} needs the class names of {key!r}, but dataset {info.name!r} declares "
+            f"none (it declares classes for: {declared})"
+        )
+    if len(names) >= IGNORE_INDEX:
+        raise ValueError(
+            f"dataset {info.name!r} declares {len(names)} classes for {key!r}; at most {IGNORE_INDEX} "
+            f"are supported because {IGNORE_INDEX} is the ignore label"
+        )
+    return list(names)
+
+
+def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
+    """Labels must be integers in [0, num_classes) or the ignore label."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{what}: expected integer class labels, got dtype {labels.dtype}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"{what}: label {value} is outside [0, {num_classes}) and is not the ignore label {IGNORE_INDEX}"
+        )
+
+
+def masked_cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over non-ignored pixels; 0 (with a graph) when every pixel is ignored."""
+    # reduction="mean" would divide by zero on an all-ignore batch and give NaN
+    total = F.cross_entropy(output.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def class_palette() -> Tensor:
+    """256 x 3 uint8 lookup table: label k gets the k + 1-th colour of the PASCAL VOC bit-interleaving
+    scheme (so class 0 is not black), and the ignore label 255 is black."""
+    colours = torch.zeros(256, 3, dtype=torch.uint8)
+    for label in range(IGNORE_INDEX):
+        index, rgb = label + 1, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((index >> channel) & 1) << bit
+            index >>= 3
+        colours[label] = torch.tensor(rgb, dtype=torch.uint8)
+    return colours
+
+
+_PALETTE = class_palette()
+
+
+def colorize_labels(labels: Tensor) -> Tensor:
+    """H x W integer labels -> 3 x H x W uint8 RGB with the fixed palette; ignore is black."""
+    check_single(labels, None, "class map visualization")
+    index = labels.detach().to("cpu", torch.long).clamp(0, 255)
+    return _PALETTE[index].permute(2, 0, 1).contiguous()
+
+
+class ConfusionMatrixMetric(Metric):
+    """mIoU and pixel accuracy from a dataset-level confusion matrix (in percent).
+
+    Pixels whose target is the ignore label are left out, so an image without any valid ground-truth
+    pixel adds nothing (it is skipped, the ASTMT rule for parts). The mean IoU runs over the classes
+    whose union is non-empty (present in the ground truth or predicted); ``IoU/<class>`` is NaN for a
+    class with an empty union.
+    """
+
+    primary = "mIoU"
+    higher_is_better = True
+
+    def __init__(self, class_names: list[str]) -> None:
+        self.class_names = list(class_names)
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(self.class_names)
+        # rows: ground truth, columns: prediction
+        self.confusion = torch.zeros(n, n, dtype=torch.float64)
+
+    def update(self, prediction: Tensor, target: Tensor) -> None:
+        check_same_shape(prediction, target, "segmentation metric")
+        n = len(self.class_names)
+        check_labels(target, n, "segmentation metric target")
+        valid = target != IGNORE_INDEX
+        predicted = prediction[valid].long()
+        if predicted.numel() and (predicted.min() < 0 or predicted.max() >= n):
+            raise ValueError(f"segmentation metric: predicted labels must lie in [0, {n})")
+        pairs = target[valid].long() * n + predicted
+        self.confusion += to_accumulator(torch.bincount(pairs, minlength=n * n).view(n, n))
+
+    def compute(self) -> dict[str, float]:
+        total = self.confusion.sum()
+        if total == 0:
+            raise RuntimeError("segmentation metric: no valid pixels accumulated")
+        hits = self.confusion.diagonal()
+        union = self.confusion.sum(0) + self.confusion.sum(1) - hits
+        iou = safe_divide(hits, union, float("nan")) * 100
+        result = {
+            "mIoU": float(iou[union > 0].mean()),
+            "pixel_acc": float(hits.sum() / total * 100),
+        }
+        result.update({f"IoU/{name}": float(value) for name, value in zip(self.class_names, iou, strict=True)})
+        return result
+
+
+class MajorityClassPredictor(TrivialPredictor):
+    """Predicts everywhere the most frequent valid class of the training targets (lowest index on ties)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    def fit(self, target: Tensor) -> None:
+        check_labels(target, self.counts.numel(), "majority-class predictor target")
+        labels = target[target != IGNORE_INDEX].long()
+        self.counts += to_accumulator(torch.bincount(labels, minlength=self.counts.numel()))
+
+    def predict(self, target: Tensor) -> Tensor:
+        if self.counts.sum() == 0:
+            raise RuntimeError("majority-class predictor: fit() saw no valid pixel")
+        majority = int(self.counts.argmax())
+        return torch.full(target.shape, majority, dtype=torch.int64, device=target.device)
+
+
+class SegmentationTask(Task):
+    """A per-pixel classification task; subclasses set ``target_key`` and ``default_loss_weight``.
+
+    The number of output channels is the number of classes the dataset declares for ``target_key``.
+    """
+
+    target_key: ClassVar[str]
+
+    def __init__(self, name: str, info: DatasetInfo) -> None:
+        super().__init__(name, info)
+        self.class_names = class_names_for(info, self.target_key, name)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.class_names)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        check_map(output, self.out_channels, f"{self.name} loss output")
+        check_map(target, None, f"{self.name} loss target")
+        check_same_spatial(output, target, f"{self.name} loss")
+        check_labels(target, self.out_channels, f"{self.name} loss target")
+        return masked_cross_entropy(output, target)
+
+    def postprocess(self, output: Tensor) -> Tensor:
+        check_map(output, self.out_channels, f"{self.name} postprocess")
+        return output.argmax(1)
+
+    def metric(self) -> ConfusionMatrixMetric:
+        return ConfusionMatrixMetric(self.class_names)
+
+    def visualize(self, value: Tensor) -> Tensor:
+        return colorize_labels(value)
+
+    def trivial(self) -> MajorityClassPredictor:
+        return MajorityClassPredictor(self.out_channels)
