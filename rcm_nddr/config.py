@@ -25,6 +25,10 @@ class DatasetConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop: tuple[int, int] = (128, 128)
+    #: random-scale factors of the training augmentation ([1.0] turns it off); depth is divided by the factor
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
+    #: random horizontal flips in training (normals' x component negated)
+    flip: bool = True
 
 
 @dataclass
@@ -333,6 +337,8 @@ def _check(cfg: Config, where: str) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{where}: key '{key}': expected a positive integer, got {value}")
+    if not cfg.dataset.scales or any(s <= 0 for s in cfg.dataset.scales):
+        raise ConfigError(f"{where}: key 'dataset.scales': expected a non-empty list of positive factors")
     if t.num_workers < 0:
         raise ConfigError(f"{where}: key 'train.num_workers': expected >= 0, got {t.num_workers}")
     if cfg.optimizer.lr <= 0:

@@ -134,10 +134,14 @@ class JointTransform(Protocol):
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample: ...
 
 
+#: the random-scale factors of DESIGN §5 (0.5 to 2.0 in steps of 0.25)
+DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
 class RandomScale:
     """Zoom by a factor drawn uniformly from ``scales``; depth is divided by the factor."""
 
-    def __init__(self, scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)) -> None:
+    def __init__(self, scales: Sequence[float] = DEFAULT_SCALES) -> None:
         if not scales or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be a non-empty list of positive factors, got {scales!r}")
         self.scales = tuple(float(s) for s in scales)
@@ -232,9 +236,16 @@ class Compose:
         return f"Compose({self.transforms})"
 
 
-def build_transforms(train: bool, crop: Sequence[int]) -> Compose:
-    """Training: random scale -> random crop to ``crop`` -> random flip. Validation: pad to ``crop``."""
+def build_transforms(
+    train: bool, crop: Sequence[int], scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True
+) -> Compose:
+    """Training: random scale (skipped when ``scales`` is just 1) -> random crop to ``crop`` -> random
+    flip (when ``flip``). Validation: pad to ``crop``."""
     crop = _check_size(crop, "crop size")
-    if train:
-        return Compose([RandomScale(), RandomCrop(crop), RandomHorizontalFlip()])
-    return Compose([PadTo(crop)])
+    if not train:
+        return Compose([PadTo(crop)])
+    steps = [] if tuple(scales) == (1.0,) else [RandomScale(scales)]
+    steps.append(RandomCrop(crop))
+    if flip:
+        steps.append(RandomHorizontalFlip())
+    return Compose(steps)

@@ -42,7 +42,7 @@ def build_dataset(cfg: Config, split: str, train: bool):
         root=cfg.dataset.root,
         split=split,
         targets=targets,
-        transform=build_transforms(train=train, crop=tuple(cfg.dataset.crop)),
+        transform=build_transforms(train, cfg.dataset.crop, cfg.dataset.scales, cfg.dataset.flip),
     )
 
 

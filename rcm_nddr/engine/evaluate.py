@@ -47,7 +47,7 @@ def evaluate(
     metrics = {name: task.metric() for name, task in tasks.items()}
     try:
         for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"].to(device, non_blocking=True, memory_format=torch.channels_last)
             with autocast(device, amp):
                 outputs = model(images, tasks=list(tasks), raw=True)
             predictions = {name: tasks[name].postprocess(out.float()).cpu() for name, out in outputs.items()}

@@ -91,7 +91,8 @@ class Trainer:
         self.tasks = build_tasks(cfg, self.train_set.info)
         self.weights = loss_weights(cfg, self.tasks)
         self.primaries = primary_metrics(self.tasks)
-        self.model = build_model(cfg, self.tasks).to(self.device)
+        # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
+        self.model = build_model(cfg, self.tasks).to(self.device, memory_format=torch.channels_last)
         t = cfg.train
         self.max_iters = t.max_iters or t.epochs * math.ceil(len(self.train_set) / t.batch_size)
         self.checkpoint_every = t.checkpoint_every or t.val_every
@@ -214,7 +215,7 @@ class Trainer:
         return self.last_metrics
 
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
-        images = batch["image"].to(self.device, non_blocking=True)
+        images = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.train.amp):
             outputs = self.model(images, raw=True)
         task_losses = {}
