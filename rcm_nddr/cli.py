@@ -126,7 +126,11 @@ def test_main(argv: Sequence[str] | None = None) -> int:
 def _data_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import generate
 
-    out = generate(args.out, args.train, args.val, size=tuple(args.size), seed=args.seed, progress=not args.quiet)
+    try:
+        out = generate(args.out, args.train, args.val, size=tuple(args.size), seed=args.seed, progress=not args.quiet)
+    except (ValueError, FileExistsError) as exc:  # bad arguments, or --out holds something else
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     log.info("SYNTH_MT written to %s", out)
     return 0
 

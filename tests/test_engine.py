@@ -98,19 +98,26 @@ def test_a_fresh_run_does_not_overwrite_checkpoints_unless_asked(tmp_path, synth
 
 
 def test_plugin_task_type_from_outside_the_package_trains(tmp_path, synth):
-    cfg = load_config(None, tiny(tmp_path, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scale=2.0"))
+    cfg = load_config(
+        None, tiny(tmp_path, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scale=2.0")
+    )
     trainer = Trainer(cfg, progress=False)
     assert trainer.tasks["inverse_depth"].scale == 2.0
     metrics = trainer.fit()
     assert metrics["inverse_depth"]["mse"] >= 0
-    bad = load_config(None, tiny(tmp_path, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scal=2"))
+    bad = load_config(
+        None, tiny(tmp_path, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scal=2")
+    )
     with pytest.raises(Exception, match=r"key 'loss.inverse_depth'.*scal.*options of task type 'inverse_depth': scale"):
         Trainer(bad, overwrite=True, progress=False)
 
 
 def test_non_finite_loss_aborts_naming_iteration_and_task_and_keeps_last_checkpoint(tmp_path, synth):
     cfg = load_config(
-        None, tiny(tmp_path, synth, "[nan_after_4]", f"plugins=[{PLUGIN}]", "train.checkpoint_every=2", "train.val_every=100")
+        None,
+        tiny(
+            tmp_path, synth, "[nan_after_4]", f"plugins=[{PLUGIN}]", "train.checkpoint_every=2", "train.val_every=100"
+        ),
     )
     trainer = Trainer(cfg, progress=False)
     with pytest.raises(NonFiniteLossError, match=r"task 'nan_after_4' is nan at iteration 5"):

@@ -33,7 +33,9 @@ def test_state_dict_file_matches_torchvision(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = reference.layer4(
-            reference.layer3(reference.layer2(reference.layer1(reference.maxpool(reference.relu(reference.bn1(reference.conv1(x)))))))
+            reference.layer3(
+                reference.layer2(reference.layer1(reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))
+            )
         )
         assert torch.equal(backbone(x)["layer4"], expected)
     # the same weights as safetensors, and keys identical to torchvision's (minus fc)
@@ -75,7 +77,9 @@ def test_torchvision_weights_from_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_deeplab_head_output_size(output_stride):
-    head = DeepLabV3PlusHead(high_channels=512, low_channels=64, out_channels=5, channels=32, output_stride=output_stride)
+    head = DeepLabV3PlusHead(
+        high_channels=512, low_channels=64, out_channels=5, channels=32, output_stride=output_stride
+    )
     high = torch.randn(2, 512, 64 // output_stride, 80 // output_stride)
     out = head(high, torch.randn(2, 64, 16, 20), (64, 80))
     assert out.shape == (2, 5, 64, 80)

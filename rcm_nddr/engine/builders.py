@@ -18,9 +18,16 @@ from ..registry import DATASETS, TASKS, RegistryError, discover
 from ..task import DatasetInfo, Task
 
 
+def _discover(cfg: Config) -> None:
+    try:
+        discover(cfg.plugins)
+    except RegistryError as exc:
+        raise ConfigError(f"{cfg.source}: key 'plugins': {exc}") from exc
+
+
 def task_classes(cfg: Config) -> dict[str, type[Task]]:
     """The task type of every task of the run (task name = task type name)."""
-    discover(cfg.plugins)
+    _discover(cfg)
     out = {}
     for name in cfg.tasks:
         try:
@@ -32,7 +39,7 @@ def task_classes(cfg: Config) -> dict[str, type[Task]]:
 
 def build_dataset(cfg: Config, split: str, train: bool):
     """The config's dataset for ``split`` with training or validation transforms."""
-    discover(cfg.plugins)
+    _discover(cfg)
     try:
         dataset_cls = DATASETS.get(cfg.dataset.name)
     except RegistryError as exc:

@@ -1,0 +1,92 @@
+"""The rcm-nddr command: data synth, the demo (tiny), python -m rcm_nddr, and error reporting."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcm_nddr import cli
+from rcm_nddr.config import load_config
+from rcm_nddr.demo import run_demo
+from rcm_nddr.engine.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_data_synth_command(tmp_path, capsys):
+    out = tmp_path / "synth"
+    args = ["data", "synth", "--out", str(out), "--train", "3", "--val", "2", "--size", "32", "40", "--quiet"]
+    assert cli.main(args) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["size"] == [32, 40] and meta["splits"] == {"train": 3, "val": 2}
+    assert len((out / "gt_sets" / "train.txt").read_text().split()) == 3
+    assert cli.main(args) == 0  # same arguments: the dataset is reused
+    assert cli.main([*args, "--seed", "5"]) == 2  # different dataset in the same place
+    assert "pick another directory" in capsys.readouterr().err
+    assert cli.main(["data", "synth", "--out", str(tmp_path / "small"), "--size", "8", "8", "--quiet"]) == 2
+    assert "size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["data", "synth", "--train", "-1"])
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "rcm_nddr", "--help"], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    assert result.returncode == 0
+    for command in ("data", "demo", "train", "test"):
+        assert command in result.stdout
+
+
+def test_plugins_key_errors_name_the_key(tmp_path):
+    cfg = load_config(None, ["tasks=[semseg]", f"dataset.root={tmp_path}", f"plugins=[{tmp_path / 'absent.py'}]"])
+    with pytest.raises(Exception, match=r"key 'plugins': plug-in file .*absent.py does not exist"):
+        Trainer(cfg, progress=False)
+
+
+def test_tiny_demo_runs_every_shipped_config(tmp_path, capsys):
+    rows = run_demo(
+        out=tmp_path / "demo",
+        data=tmp_path / "SYNTH_MT",
+        n_train=4,
+        n_val=2,
+        size=(48, 48),
+        max_iters=1,
+        progress=False,
+    )
+    shipped = sorted(
+        p.name.removesuffix("_single_task.yaml") for p in (REPO / "configs" / "synthetic").glob("*_single_task.yaml")
+    )
+    assert sorted(r["task"] for r in rows) == shipped
+    table = capsys.readouterr().out
+    assert table.startswith("| task | metric | trivial predictor | single-task baseline")
+    assert (tmp_path / "demo" / "demo_results.md").read_text().strip() == table.strip()
+    assert json.loads((tmp_path / "demo" / "demo_results.json").read_text()) == rows
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_with_bf16_autocast(tmp_path):
+    data = tmp_path / "SYNTH_MT"
+    cli.main(["data", "synth", "--out", str(data), "--train", "4", "--val", "2", "--size", "48", "48", "--quiet"])
+    cfg = load_config(
+        None,
+        [
+            "tasks=[semseg, normals]",
+            f"store={tmp_path / 'store'}",
+            f"dataset.root={data}",
+            "dataset.crop=[48, 48]",
+            "train.max_iters=3",
+            "train.batch_size=2",
+            "train.num_workers=0",
+            "train.device=cuda",
+            "train.amp=true",
+        ],
+    )
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.device.type == "cuda"
+    metrics = trainer.fit()
+    assert set(metrics) == {"semseg", "normals"}
