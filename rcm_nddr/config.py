@@ -1,4 +1,4 @@
-"""YAML run configs: a typed schema with the canonical keys of DESIGN §8, validation with errors that
+"""YAML run configs: a typed schema with the project's canonical keys, validation with errors that
 name the dotted key and the file, and ``--set a.b=value`` overrides."""
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.train.max_iters == 7 and cfg.train.batch_size == 4
     assert cfg.dataset.crop == (64, 96)
     assert cfg.optimizer.name == "adamw"
-    assert cfg.backbone.arch == "resnet18" and cfg.fusion.alpha == 0.9  # DESIGN §8 defaults
+    assert cfg.backbone.arch == "resnet18" and cfg.fusion.alpha == 0.9  # documented defaults
     assert isinstance(cfg.optimizer.lr, float)
 
 

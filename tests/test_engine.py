@@ -144,3 +144,34 @@ def test_entry_points_and_their_errors(tmp_path, synth, capsys):
     assert "key 'dataset.root'" in capsys.readouterr().err
     assert cli.train_main([*args, "--set", "tasks=[no_such_task]", "--overwrite"]) == 2
     assert "unknown task type 'no_such_task'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        (["scheduler.name=poly", "scheduler.power=0.9"], [1.0, 0.5**0.9, 0.0]),
+        (["scheduler.name=cosine"], [1.0, 0.5, 0.0]),
+        (["scheduler.name=step", "scheduler.milestones=[5, 8]", "scheduler.gamma=0.1"], [1.0, 0.1, 0.01]),
+        (["scheduler.name=constant"], [1.0, 1.0, 1.0]),
+    ],
+)
+def test_lr_schedules_are_stepped_per_iteration(schedule, expected):
+    from rcm_nddr.engine.builders import lr_factor
+
+    factor = lr_factor(load_config(None, ["tasks=[semseg]", *schedule]), max_iters=10)
+    assert [factor(0), factor(5), factor(10)] == pytest.approx(expected)
+    warm = lr_factor(load_config(None, ["tasks=[semseg]", "scheduler.warmup_iters=4", *schedule]), max_iters=10)
+    assert warm(0) == pytest.approx(0.25 * expected[0]) and warm(4) == pytest.approx(factor(4))
+
+
+def test_epochs_set_the_training_length_and_the_optimizer_follows_the_schedule(tmp_path, synth):
+    cfg = load_config(
+        None, tiny(tmp_path, synth, "[depth]", "train.max_iters=null", "train.epochs=2", "optimizer.name=sgd")
+    )
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.max_iters == 2 * 4  # 8 train samples / batch 2 = 4 iterations per epoch
+    trainer.fit(stop_after=4)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * (1 - 4 / 8) ** 0.9)
+    trainer.fit()
+    assert trainer.iteration == 8 and trainer.optimizer.param_groups[0]["lr"] == 0.0
+    assert isinstance(trainer.optimizer, torch.optim.SGD)

@@ -134,7 +134,7 @@ class JointTransform(Protocol):
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample: ...
 
 
-#: the random-scale factors of DESIGN §5 (0.5 to 2.0 in steps of 0.25)
+#: the default random-scale factors: 0.5 to 2.0 in steps of 0.25
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 

@@ -10,10 +10,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
 from ..task import Task
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def autocast(device: torch.device, amp: bool):
