@@ -4,7 +4,6 @@ against the trivial predictors (majority class, mean depth, mean normal, empty m
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from .config import load_config
 from .data.synthetic import generate
 from .engine.builders import build_dataset, build_tasks
 from .engine.checkpoint import atomic_write_text
-from .engine.evaluate import evaluate_trivial, primary_metrics
+from .engine.evaluate import evaluate_trivial, primary_metrics, to_json
 from .engine.tester import run_test
 from .engine.trainer import Trainer
 
@@ -86,7 +85,7 @@ def run_demo(
             )
     table = format_table(rows)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "demo_results.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / "demo_results.json", to_json(rows, indent=2))
     atomic_write_text(out / "demo_results.md", table + "\n")
     log.info("demo finished in %.0f s; results in %s", time.monotonic() - start, out)
     print(table)  # noqa: T201 - the demo's result is this table on stdout

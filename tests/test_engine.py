@@ -175,3 +175,11 @@ def test_epochs_set_the_training_length_and_the_optimizer_follows_the_schedule(t
     trainer.fit()
     assert trainer.iteration == 8 and trainer.optimizer.param_groups[0]["lr"] == 0.0
     assert isinstance(trainer.optimizer, torch.optim.SGD)
+
+
+def test_metric_json_is_strict():
+    from rcm_nddr.engine.evaluate import to_json
+
+    text = to_json({"semseg": {"mIoU": 50.0, "IoU/cone": float("nan")}, "x": [1.0, float("inf")]})
+    assert json.loads(text) == {"semseg": {"mIoU": 50.0, "IoU/cone": None}, "x": [1.0, None]}
+    assert "NaN" not in text and "Infinity" not in text

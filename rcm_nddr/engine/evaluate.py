@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,3 +103,18 @@ def evaluate_trivial(
             target = batch[task.target_key]
             metrics[name].update(predictors[name].predict(target), target)
     return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def to_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON of metric results: NaN/inf (e.g. the IoU of a class absent from a split) become null."""
+
+    def finite(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 from ..config import Config, check_paths
 from .builders import build_dataset, build_model, build_tasks, resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint
-from .evaluate import evaluate, primary_metrics
+from .evaluate import evaluate, primary_metrics, to_json
 from .trainer import RunPaths
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ def run_test(
         "iteration": state["iteration"],
         "metrics": metrics,
     }
-    atomic_write_text(paths.run / "test_metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(paths.run / "test_metrics.json", to_json(result, indent=2))
     primaries = primary_metrics(tasks)
     for name, values in metrics.items():
         log.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k))
@@ -80,7 +79,7 @@ def run_test(
                     "iteration": state["iteration"],
                     "primary": primaries[name][0],
                     "value": f"{values[primaries[name][0]]:.6g}",
-                    "metrics": json.dumps(values, sort_keys=True),
+                    "metrics": to_json(values, sort_keys=True),
                 }
                 for name, values in metrics.items()
             ],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -26,7 +25,7 @@ from .builders import (
     resolve_device,
 )
 from .checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .evaluate import autocast, delta_mtl, denormalize, evaluate, primary_metrics
+from .evaluate import autocast, delta_mtl, denormalize, evaluate, primary_metrics, to_json
 from .sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
@@ -210,7 +209,7 @@ class Trainer:
         if self.iteration == self.max_iters:
             atomic_write_text(
                 self.paths.run / "metrics.json",
-                json.dumps({"iteration": self.iteration, "metrics": self.last_metrics}, indent=2),
+                to_json({"iteration": self.iteration, "metrics": self.last_metrics}, indent=2),
             )
         return self.last_metrics
 
