@@ -37,7 +37,8 @@ class BackboneConfig:
     #: ``none`` (random init), ``torchvision`` (ImageNet weights) or a path to a state dict
     weights: str = "none"
     output_stride: Literal[8, 16] = 16
-    reparam: Literal["none"] = "none"
+    #: ``none``: plain convs, fully trained; ``rc``: frozen filter bank + per-task modulators
+    reparam: Literal["none", "rc"] = "none"
     ri: bool = True
     nff: bool = True
     decomposition: str | None = None

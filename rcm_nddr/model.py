@@ -1,5 +1,6 @@
-"""MultiTaskNet: one backbone path per task (its stages), an optional fusion between stages, and one
-head per task. ``forward(images, tasks=None)`` returns ``{task name: prediction}`` at input size."""
+"""MultiTaskNet: a multi-task backbone run stage by stage (one path per task), an optional fusion
+between stages, and one head per task. ``forward(images, tasks=None)`` returns ``{task name:
+prediction}`` at input size."""
 
 from __future__ import annotations
 
@@ -14,35 +15,31 @@ from .task import Task
 class MultiTaskNet(nn.Module):
     """Runs the requested tasks stage by stage so fusion modules can see every task's stage features.
 
-    ``paths[t]`` is task t's backbone path (``forward_stage(x, stage)`` and ``stage_channels``),
-    ``heads[t]`` its decoder (reads the last stage and ``layer1``). With ``raw=False`` (the default)
-    the outputs are post-processed by the task plug-ins (class maps, unit normals, probabilities);
-    training uses ``raw=True``.
+    ``backbone.forward_stage(features, stage)`` maps ``{task: features}`` through one stage (separate
+    networks, a shared one, or the RC filter bank with per-task modulators); ``heads[t]`` is task t's
+    decoder (reads the last stage and ``layer1``). With ``raw=False`` (the default) the outputs are
+    post-processed by the task plug-ins (class maps, unit normals, probabilities); training uses
+    ``raw=True``.
     """
 
-    def __init__(
-        self,
-        tasks: Mapping[str, Task],
-        paths: Mapping[str, nn.Module],
-        heads: Mapping[str, nn.Module],
-    ) -> None:
+    def __init__(self, tasks: Mapping[str, Task], backbone: nn.Module, heads: Mapping[str, nn.Module]) -> None:
         super().__init__()
-        if not (set(tasks) == set(paths) == set(heads)):
-            raise ValueError(f"tasks {list(tasks)}, paths {list(paths)} and heads {list(heads)} differ")
+        if set(tasks) != set(heads):
+            raise ValueError(f"tasks {list(tasks)} and heads {list(heads)} differ")
         self.task_names: list[str] = list(tasks)
         self.tasks = dict(tasks)
-        self.paths = nn.ModuleDict(paths)
+        self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None, raw: bool = False) -> dict[str, Tensor]:
         names = self.task_names if tasks is None else list(tasks)
-        unknown = [t for t in names if t not in self.paths]
+        unknown = [t for t in names if t not in self.heads]
         if unknown:
             raise KeyError(f"unknown tasks {unknown}; this model has {self.task_names}")
         features = dict.fromkeys(names, images)
         low: dict[str, Tensor] = {}
         for stage in STAGES:
-            features = {t: self.paths[t].forward_stage(features[t], stage) for t in names}
+            features = self.backbone.forward_stage(features, stage)
             if stage == "layer1":
                 low = features
         size = images.shape[-2:]

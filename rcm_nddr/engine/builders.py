@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,10 +14,14 @@ from torch import nn
 from ..config import Config, ConfigError, OptimizerConfig, SchedulerConfig
 from ..data.transforms import build_transforms
 from ..model import MultiTaskNet
-from ..nn.backbone import resnet_backbone
+from ..nn.backbone import ResNetBackbone, SharedBackbone, TaskBackbones, resnet_backbone
+from ..nn.filter_bank import bank_weights, filter_bank_sha256
 from ..nn.heads import DeepLabV3PlusHead
+from ..nn.rc import RCResNet
 from ..registry import DATASETS, TASKS, RegistryError, discover
 from ..task import DatasetInfo, Task
+
+log = logging.getLogger(__name__)
 
 
 def _discover(cfg: Config) -> None:
@@ -73,21 +79,53 @@ def loss_weights(cfg: Config, tasks: dict[str, Task]) -> dict[str, float]:
     return {name: float(cfg.loss.get(name, {}).get("weight", task.default_loss_weight)) for name, task in tasks.items()}
 
 
-def build_model(cfg: Config, tasks: dict[str, Task]) -> MultiTaskNet:
-    """One backbone path and one head per task (``reparam: none``: fully fine-tuned backbones)."""
-    paths, heads = {}, {}
+def build_backbone(cfg: Config, task_names: list[str], shared: bool = False) -> nn.Module:
+    """The multi-task backbone of ``backbone.reparam``: ``none`` gives every task its own fully trained
+    ResNet (or one shared ResNet with ``shared``, for pretraining); ``rc`` a frozen filter bank from
+    ``backbone.weights`` with per-task modulators, RI from ``backbone.decomposition`` when ``ri``."""
     b = cfg.backbone
-    for name, task in tasks.items():
-        path = resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
-        paths[name] = path
-        heads[name] = DeepLabV3PlusHead(
-            high_channels=path.stage_channels["layer4"],
-            low_channels=path.stage_channels["layer1"],
+
+    def plain() -> ResNetBackbone:
+        return resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
+
+    if b.reparam == "rc":
+        net = plain()
+        decomposition = load_ri(cfg, net) if b.ri else None
+        return RCResNet(net, task_names, decomposition, nff=b.nff)
+    if shared:
+        return SharedBackbone(plain())
+    return TaskBackbones({name: plain() for name in task_names})
+
+
+def load_ri(cfg: Config, net: ResNetBackbone) -> dict[str, torch.Tensor]:
+    """The eigenvectors U of every reparameterized conv, from ``backbone.decomposition`` (made from
+    the train split when the file is missing), checked against this filter bank's sha256."""
+    from decomp import load_decomposition, make_decomposition
+
+    if cfg.backbone.decomposition is None:
+        raise ConfigError(f"{cfg.source}: key 'backbone.decomposition': RI needs a decomposition file path")
+    path = Path(cfg.backbone.decomposition)
+    if not path.is_file():
+        log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
+        make_decomposition(cfg, path)
+    layers, _ = load_decomposition(path, expected_bank_sha256=filter_bank_sha256(bank_weights(net)))
+    return {name: d.U for name, d in layers.items()}
+
+
+def build_model(cfg: Config, tasks: dict[str, Task], shared: bool = False) -> MultiTaskNet:
+    """The config's backbone and one DeepLabv3+ head per task."""
+    backbone = build_backbone(cfg, list(tasks), shared=shared)
+    heads = {
+        name: DeepLabV3PlusHead(
+            high_channels=backbone.stage_channels["layer4"],
+            low_channels=backbone.stage_channels["layer1"],
             out_channels=task.out_channels,
             channels=cfg.head.channels,
-            output_stride=b.output_stride,
+            output_stride=cfg.backbone.output_stride,
         )
-    return MultiTaskNet(tasks, paths, heads)
+        for name, task in tasks.items()
+    }
+    return MultiTaskNet(tasks, backbone, heads)
 
 
 _OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], OptimizerConfig], torch.optim.Optimizer]] = {

@@ -76,6 +76,39 @@ class ResNetBackbone(nn.Module):
         return features
 
 
+class TaskBackbones(nn.Module):
+    """An independent, fully trained ResNet per task (``reparam: none``, the single-task baselines)."""
+
+    def __init__(self, paths: Mapping[str, ResNetBackbone]) -> None:
+        super().__init__()
+        self.paths = nn.ModuleDict(paths)
+        first = next(iter(paths.values()))
+        self.stage_channels, self.stage_strides = first.stage_channels, first.stage_strides
+        self.output_stride = first.output_stride
+
+    def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
+        return {task: self.paths[task].forward_stage(x, stage) for task, x in features.items()}
+
+
+class SharedBackbone(nn.Module):
+    """One ResNet shared by every task (hard parameter sharing), computed once per input."""
+
+    def __init__(self, net: ResNetBackbone) -> None:
+        super().__init__()
+        self.net = net
+        self.stage_channels, self.stage_strides = net.stage_channels, net.stage_strides
+        self.output_stride = net.output_stride
+
+    def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
+        done: dict[int, Tensor] = {}
+        out = {}
+        for task, x in features.items():
+            if id(x) not in done:
+                done[id(x)] = self.net.forward_stage(x, stage)
+            out[task] = done[id(x)]
+        return out
+
+
 def _dilate(layer: nn.Sequential, dilation: int) -> None:
     """Turn a strided stage into a dilated one of the same receptive field growth."""
     for module in layer.modules():

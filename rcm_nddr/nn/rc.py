@@ -1,0 +1,183 @@
+"""Reparameterized convolutions (RCM): a frozen filter bank shared by all tasks, followed by a trainable
+1x1 modulator per task, ``y_t = M_t (W_s * x)``; per-task BatchNorm and downsample copies; response
+initialization (RI) and normalized feature fusion (NFF)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .backbone import STAGES, ResNetBackbone
+
+
+class RCConv2d(nn.Module):
+    """A conv reparameterized as a frozen ``filter_bank`` (a buffer: never a parameter, never in an
+    optimizer) and one 1x1 ``modulators[task]`` per task.
+
+    ``modulator_init`` (Co x Co) sets every task's modulator (RI: the eigenvectors U, with the bank
+    already rotated to U^T W); without it the modulators keep PyTorch's default conv initialization,
+    the plain RC variant. With ``nff`` each modulator is weight-normalized over its output rows
+    (``g_o v_o / ||v_o||``), starting from the same value.
+    """
+
+    def __init__(
+        self,
+        filter_bank: Tensor,
+        tasks: Sequence[str],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        modulator_init: Tensor | None = None,
+        nff: bool = False,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("filter_bank", filter_bank.detach().clone().float())
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.out_channels = filter_bank.shape[0]
+        self.modulator_init = None if modulator_init is None else modulator_init.detach().float().clone()
+        self.nff = nff
+        self.modulators = nn.ModuleDict()
+        for task in tasks:
+            self.add_task(task)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        tasks: Sequence[str],
+        eigenvectors: Tensor | None = None,
+        nff: bool = False,
+    ) -> RCConv2d:
+        """Reparameterize a pretrained conv. With ``eigenvectors`` U (RI) the bank is ``U^T W`` and each
+        modulator ``U``, so ``modulator @ bank == W``: the task starts exactly at the pretrained conv."""
+        if conv.bias is not None or conv.groups != 1:
+            raise ValueError("RC reparameterizes bias-free, ungrouped convolutions")
+        weight = conv.weight.detach()
+        if eigenvectors is not None:
+            u = eigenvectors.detach().to(torch.float64)
+            bank = (u.T @ weight.to(torch.float64).flatten(1)).view_as(weight)
+            init = u
+        else:
+            bank, init = weight, None
+        return cls(bank, tasks, conv.stride, conv.padding, conv.dilation, init, nff)
+
+    def add_task(self, task: str) -> None:
+        """A new modulator for ``task``: RI/RC initialization, weight-normalized when NFF."""
+        if task in self.modulators:
+            raise ValueError(f"task {task!r} already has a modulator")
+        modulator = nn.Conv2d(self.out_channels, self.out_channels, 1, bias=False)
+        modulator.to(self.filter_bank.device)
+        if self.modulator_init is not None:
+            with torch.no_grad():
+                modulator.weight.copy_(self.modulator_init.view_as(modulator.weight))
+        if self.nff:
+            modulator = weight_norm(modulator, name="weight", dim=0)
+        self.modulators[task] = modulator
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        response = F.conv2d(x, self.filter_bank, None, self.stride, self.padding, self.dilation)
+        return self.modulators[task](response)
+
+
+class TaskModules(nn.Module):
+    """Per-task copies of a module (BatchNorm, downsample), each starting from the pretrained one."""
+
+    def __init__(self, module: nn.Module, tasks: Sequence[str]) -> None:
+        super().__init__()
+        self.template = [copy.deepcopy(module)]  # a list: not registered, not in state_dict
+        self.per_task = nn.ModuleDict({t: copy.deepcopy(module) for t in tasks})
+
+    def add_task(self, task: str) -> None:
+        if task in self.per_task:
+            raise ValueError(f"task {task!r} already has its copy")
+        device = next(iter(self.per_task.values())).parameters().__next__().device if self.per_task else None
+        self.per_task[task] = copy.deepcopy(self.template[0]).to(device)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.per_task[task](x)
+
+
+class RCBlock(nn.Module):
+    """A torchvision BasicBlock or Bottleneck with every conv reparameterized and per-task BN/downsample."""
+
+    def __init__(
+        self,
+        block: BasicBlock | Bottleneck,
+        tasks: Sequence[str],
+        eigenvectors: Mapping[str, Tensor] | None,
+        nff: bool,
+    ) -> None:
+        super().__init__()
+        self.names = ["conv1", "conv2"] + (["conv3"] if isinstance(block, Bottleneck) else [])
+        for i, name in enumerate(self.names, start=1):
+            u = None if eigenvectors is None else eigenvectors[name]
+            setattr(self, name, RCConv2d.from_conv(getattr(block, name), tasks, u, nff))
+            setattr(self, f"bn{i}", TaskModules(getattr(block, f"bn{i}"), tasks))
+        self.downsample = None if block.downsample is None else TaskModules(block.downsample, tasks)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x, task)
+        out = x
+        last = len(self.names)
+        for i, name in enumerate(self.names, start=1):
+            out = getattr(self, f"bn{i}")(getattr(self, name)(out, task), task)
+            if i < last:
+                out = self.relu(out)
+        return self.relu(out + identity)
+
+
+class RCResNet(nn.Module):
+    """A ResNet backbone whose convs share one frozen filter bank across tasks (DESIGN: RC).
+
+    Built from a pretrained plain ``ResNetBackbone`` (its conv weights become the bank; its BatchNorm
+    and downsample modules the starting point of every task's copies). ``decomposition`` maps each
+    reparameterized conv name (``conv1``, ``layer1.0.conv1`` ...) to its eigenvectors U (RI).
+    """
+
+    def __init__(
+        self,
+        plain: ResNetBackbone,
+        tasks: Sequence[str],
+        decomposition: Mapping[str, Tensor] | None = None,
+        nff: bool = False,
+    ) -> None:
+        super().__init__()
+        self.stage_channels = dict(plain.stage_channels)
+        self.stage_strides = dict(plain.stage_strides)
+        self.output_stride = plain.output_stride
+        self.tasks = list(tasks)
+        u = decomposition
+        self.conv1 = RCConv2d.from_conv(plain.conv1, tasks, None if u is None else u["conv1"], nff)
+        self.bn1 = TaskModules(plain.bn1, tasks)
+        self.relu, self.maxpool = nn.ReLU(inplace=True), copy.deepcopy(plain.maxpool)
+        for layer_name in STAGES[1:]:
+            blocks = []
+            for b, block in enumerate(getattr(plain, layer_name)):
+                prefix = f"{layer_name}.{b}."
+                block_u = None if u is None else {k[len(prefix) :]: v for k, v in u.items() if k.startswith(prefix)}
+                blocks.append(RCBlock(block, tasks, block_u, nff))
+            setattr(self, layer_name, nn.ModuleList(blocks))
+
+    def add_task(self, task: str) -> None:
+        """Give a new task its own modulators, BatchNorm and downsample copies (initialized as at build)."""
+        for module in self.modules():
+            if isinstance(module, (RCConv2d, TaskModules)):
+                module.add_task(task)
+        self.tasks.append(task)
+
+    def forward_task_stage(self, x: Tensor, stage: str, task: str) -> Tensor:
+        if stage == "stem":
+            return self.maxpool(self.relu(self.bn1(self.conv1(x, task), task)))
+        for block in getattr(self, stage):
+            x = block(x, task)
+        return x
+
+    def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
+        return {task: self.forward_task_stage(x, stage, task) for task, x in features.items()}
