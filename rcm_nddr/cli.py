@@ -135,6 +135,15 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    pretrain(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -180,6 +189,12 @@ def parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(func=_data_synth)
+
+    pre = sub.add_parser("pretrain", help="train a plain ResNet shared by several tasks; export it as a bank")
+    _add_config_args(pre)
+    pre.add_argument("--out", help="output state dict (.pth or .safetensors; default <store>/<arch>_bank.pth)")
+    pre.add_argument("--overwrite", action="store_true", help="start over even if the run has checkpoints")
+    pre.set_defaults(func=_pretrain)
 
     d = sub.add_parser("demo", help="the main job: SYNTH_MT, single-task baselines, a results table")
     d.add_argument("--out", default=demo.DEFAULT_OUT, help=f"results directory (default: {demo.DEFAULT_OUT})")

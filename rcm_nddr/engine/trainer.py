@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from ..accounting import format_breakdown, parameter_breakdown
 from ..config import Config, check_paths, save_config
 from .builders import (
     build_dataset,
@@ -69,9 +70,17 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     """Trains the config's task group. ``fit()`` runs to ``train.max_iters`` (or stops early at
-    ``stop_after`` iterations with a checkpoint, to be continued with ``resume=True``)."""
+    ``stop_after`` iterations with a checkpoint, to be continued with ``resume=True``).
+    ``shared_backbone`` trains one plain backbone shared by the group's tasks (pretraining)."""
 
-    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        shared_backbone: bool = False,
+    ) -> None:
         check_paths(cfg)
         self.cfg = cfg
         self.progress = progress
@@ -91,7 +100,9 @@ class Trainer:
         self.weights = loss_weights(cfg, self.tasks)
         self.primaries = primary_metrics(self.tasks)
         # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
-        self.model = build_model(cfg, self.tasks).to(self.device, memory_format=torch.channels_last)
+        self.model = build_model(cfg, self.tasks, shared=shared_backbone).to(
+            self.device, memory_format=torch.channels_last
+        )
         t = cfg.train
         self.max_iters = t.max_iters or t.epochs * math.ceil(len(self.train_set) / t.batch_size)
         self.checkpoint_every = t.checkpoint_every or t.val_every
@@ -105,16 +116,17 @@ class Trainer:
             self._restore(load_checkpoint(self.paths.last))
         self.paths.run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.paths.run / "config.yaml")
-        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.parameter_counts = {name: parameter_breakdown(self.model, name) for name in self.tasks}
+        atomic_write_text(self.paths.run / "parameters.json", to_json(self.parameter_counts, indent=2))
         log.info(
-            "group %s: tasks %s, %d trainable parameters, %d train / %d val samples, %d iterations on %s",
+            "group %s: tasks %s, %d train / %d val samples, %d iterations on %s; parameters per task:\n%s",
             cfg.group_name,
             list(self.tasks),
-            n_params,
             len(self.train_set),
             len(self.val_set),
             self.max_iters,
             self.device,
+            format_breakdown(self.parameter_counts),
         )
 
     # ------------------------------------------------------------------ state

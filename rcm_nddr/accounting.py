@@ -1,0 +1,46 @@
+"""Parameter accounting: what each task owns (modulators, BatchNorm, downsample, head, fusion, or a
+whole backbone) and what all tasks share (the filter bank)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+CATEGORIES = ("modulators", "batchnorm", "downsample", "backbone", "fusion", "head")
+
+
+def _category(name: str, task: str) -> str | None:
+    dotted = f".{name}."
+    if f".heads.{task}." in dotted:
+        return "head"
+    if f".fusion.{task}." in dotted:
+        return "fusion"
+    if f".paths.{task}." in dotted:
+        return "backbone"
+    if f".modulators.{task}." in dotted:
+        return "modulators"
+    if f".per_task.{task}." in dotted:
+        return "downsample" if ".downsample." in dotted else "batchnorm"
+    return None
+
+
+def parameter_breakdown(model: nn.Module, task: str) -> dict[str, int]:
+    """The trainable parameters that belong to ``task``, by category, with their ``total``, and the
+    size of the shared, frozen ``filter_bank`` (0 without reparameterization)."""
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for name, p in model.named_parameters():
+        category = _category(name, task)
+        if category is not None and p.requires_grad:
+            counts[category] += p.numel()
+    counts["total"] = sum(counts[c] for c in CATEGORIES)
+    counts["filter_bank"] = sum(b.numel() for n, b in model.named_buffers() if n.endswith("filter_bank"))
+    return counts
+
+
+def format_breakdown(breakdowns: dict[str, dict[str, int]]) -> str:
+    """A small fixed-width table of ``{task: breakdown}``."""
+    columns = [c for c in (*CATEGORIES, "total", "filter_bank") if any(b[c] for b in breakdowns.values())]
+    width = max(len(t) for t in breakdowns) + 2
+    lines = ["task".ljust(width) + "".join(c.rjust(13) for c in columns)]
+    for task, b in breakdowns.items():
+        lines.append(task.ljust(width) + "".join(f"{b[c]:>13,}" for c in columns))
+    return "\n".join(lines)

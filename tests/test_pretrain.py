@@ -1,0 +1,98 @@
+"""Pretraining a shared plain backbone and using its export as an RC filter bank; parameter accounting."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcm_nddr import cli
+from rcm_nddr.accounting import parameter_breakdown
+from rcm_nddr.config import ConfigError, load_config
+from rcm_nddr.data.synthetic import generate
+from rcm_nddr.engine.trainer import Trainer
+from rcm_nddr.nn.backbone import SharedBackbone, load_state_dict_file, resnet_backbone
+from rcm_nddr.pretrain import pretrain
+
+PRETRAIN = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pretrain.yaml"
+TINY = [
+    "dataset.crop=[48, 48]",
+    "head.channels=8",
+    "train.max_iters=3",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.device=cpu",
+    "test.batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=2, progress=False)
+
+
+def test_pretrain_exports_a_torchvision_state_dict_usable_as_a_bank(tmp_path, synth):
+    overrides = [f"dataset.root={synth}", f"store={tmp_path / 'pre'}", *TINY]
+    cfg = load_config(PRETRAIN, overrides)
+    out = pretrain(cfg, tmp_path / "bank.pth", progress=False)
+    state = load_state_dict_file(out)
+    assert "conv1.weight" in state and "layer4.1.conv2.weight" in state and not any(k.startswith("fc.") for k in state)
+    plain = resnet_backbone("resnet18", weights=str(out))  # loads strictly
+    assert torch.equal(plain.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+    # the bank of an RC run is exactly the exported conv weights (plain RC, no RI)
+    rc_cfg = load_config(
+        None,
+        [
+            "tasks=[sal]",
+            f"store={tmp_path / 'rc'}",
+            f"dataset.root={synth}",
+            f"backbone.weights={out}",
+            "backbone.reparam=rc",
+            "backbone.ri=false",
+            "backbone.nff=false",
+            *TINY,
+        ],
+    )
+    trainer = Trainer(rc_cfg, progress=False)
+    assert torch.equal(trainer.model.backbone.layer2[0].conv1.filter_bank, state["layer2.0.conv1.weight"])
+    trainer.fit()
+    assert torch.equal(trainer.model.backbone.layer2[0].conv1.filter_bank, state["layer2.0.conv1.weight"])
+    counts = trainer.parameter_counts["sal"]
+    assert counts["modulators"] == 1_396_736 and counts["backbone"] == 0 and counts["head"] > 0
+    assert counts["batchnorm"] > 0 and counts["downsample"] > 0 and counts["filter_bank"] > 10_000_000
+    assert counts["total"] == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+
+def test_shared_backbone_computes_once_and_cli_refuses_rc(tmp_path, synth):
+    net = resnet_backbone("resnet18")
+    shared = SharedBackbone(net)
+    x = torch.randn(1, 3, 32, 32)
+    out = shared.forward_stage({"a": x, "b": x}, "stem")
+    assert out["a"] is out["b"]
+    cfg = load_config(PRETRAIN, ["backbone.reparam=rc", f"dataset.root={synth}"])
+    with pytest.raises(ConfigError, match="backbone.reparam"):
+        pretrain(cfg, tmp_path / "x.pth", progress=False)
+    args = [
+        "pretrain",
+        "--config",
+        "configs/synthetic/pretrain.yaml",
+        "--quiet",
+        "--out",
+        str(tmp_path / "b.safetensors"),
+    ]
+    for item in [f"dataset.root={synth}", f"store={tmp_path / 'p'}", *TINY]:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    assert set(load_state_dict_file(tmp_path / "b.safetensors")) == set(resnet_backbone("resnet18").state_dict())
+
+
+def test_single_task_baseline_owns_a_whole_backbone():
+    from rcm_nddr.engine.builders import build_model
+    from rcm_nddr.task import DatasetInfo
+    from tasks.depth import DepthTask
+
+    cfg = load_config(None, ["tasks=[depth]", "head.channels=8"])
+    model = build_model(cfg, {"depth": DepthTask("depth", DatasetInfo("x"))})
+    counts = parameter_breakdown(model, "depth")
+    assert counts["backbone"] == sum(p.numel() for p in resnet_backbone("resnet18").parameters())
+    assert counts["modulators"] == 0 and counts["filter_bank"] == 0
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
