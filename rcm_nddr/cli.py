@@ -14,6 +14,8 @@ log = logging.getLogger("rcm_nddr")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by bad input: reported in one line, without a traceback."""
+    from decomp import DecompositionError
+
     from .config import ConfigError
     from .data.folder import DatasetError
     from .engine.trainer import NonFiniteLossError, RunExistsError
@@ -23,6 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         ConfigError,
         DatasetError,
+        DecompositionError,
         WeightsError,
         RegistryError,
         RunExistsError,
@@ -155,6 +158,7 @@ def _demo(args: argparse.Namespace) -> int:
         n_val=args.val,
         size=tuple(args.size),
         max_iters=args.iters,
+        pretrain_iters=args.pretrain_iters,
         progress=not args.quiet,
     )
     return 0
@@ -196,16 +200,25 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--overwrite", action="store_true", help="start over even if the run has checkpoints")
     pre.set_defaults(func=_pretrain)
 
-    d = sub.add_parser("demo", help="the main job: SYNTH_MT, single-task baselines, a results table")
+    d = sub.add_parser("demo", help="the main job: SYNTH_MT, a pretrained bank, baselines vs RC_RI_NFF tasks")
     d.add_argument("--out", default=demo.DEFAULT_OUT, help=f"results directory (default: {demo.DEFAULT_OUT})")
     d.add_argument("--data", default=demo.DEFAULT_DATA, help=f"SYNTH_MT directory (default: {demo.DEFAULT_DATA})")
     d.add_argument("--configs", default=None, help="directory of the synthetic configs (default: configs/synthetic)")
     d.add_argument("--train", type=_positive_int, default=demo.DEFAULT_TRAIN, help="training samples")
     d.add_argument("--val", type=_positive_int, default=demo.DEFAULT_VAL, help="validation samples")
     d.add_argument("--size", type=_positive_int, nargs=2, default=list(demo.DEFAULT_SIZE), metavar=("H", "W"))
-    d.add_argument("--iters", type=_positive_int, default=None, help="training iterations per task (default: configs')")
+    d.add_argument(
+        "--iters", type=_positive_int, default=demo.DEFAULT_ITERS, help="training iterations per task and variant"
+    )
+    d.add_argument(
+        "--pretrain-iters", type=_positive_int, default=demo.DEFAULT_PRETRAIN_ITERS, help="pretraining iterations"
+    )
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_demo)
+
+    from . import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="benchmarks: speed and peak memory (bench decomp)"))
 
     _add_train_args(sub.add_parser("train", help="train the task group of a config (= python train.py)"))
     _add_test_args(sub.add_parser("test", help="evaluate a trained task group (= python test.py)"))

@@ -47,24 +47,31 @@ def test_plugins_key_errors_name_the_key(tmp_path):
         Trainer(cfg, progress=False)
 
 
-def test_tiny_demo_runs_every_shipped_config(tmp_path, capsys):
-    rows = run_demo(
+def test_tiny_demo_runs_every_shipped_task(tmp_path, capsys):
+    summary = run_demo(
         out=tmp_path / "demo",
         data=tmp_path / "SYNTH_MT",
         n_train=4,
         n_val=2,
         size=(48, 48),
         max_iters=1,
+        pretrain_iters=1,
         progress=False,
     )
-    shipped = sorted(
-        p.name.removesuffix("_single_task.yaml") for p in (REPO / "configs" / "synthetic").glob("*_single_task.yaml")
-    )
+    configs = REPO / "configs" / "synthetic"
+    shipped = sorted(p.name.removesuffix("_single_task.yaml") for p in configs.glob("*_single_task.yaml"))
+    rows = summary["rows"]
     assert sorted(r["task"] for r in rows) == shipped
+    for r in rows:
+        assert r["RC_RI_NFF_parameters"] < r["single_task_parameters"] / 2  # the bank is shared, not owned
+        assert {"trivial", "single_task", "RC_RI_NFF", "delta"} <= set(r)
+    assert (tmp_path / "demo" / "resnet18_bank.pth").is_file()
+    assert (tmp_path / "demo" / "resnet18_bank_ri.safetensors").is_file()
     table = capsys.readouterr().out
-    assert table.startswith("| task | metric | trivial predictor | single-task baseline")
+    assert table.startswith("| task | metric | trivial | single_task | RC_RI_NFF")
+    assert f"{summary['delta_mtl']:+.2f}%" in table
     assert (tmp_path / "demo" / "demo_results.md").read_text().strip() == table.strip()
-    assert json.loads((tmp_path / "demo" / "demo_results.json").read_text()) == rows
+    assert json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"] == rows
 
 
 @pytest.mark.cuda

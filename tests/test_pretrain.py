@@ -96,3 +96,35 @@ def test_single_task_baseline_owns_a_whole_backbone():
     assert counts["backbone"] == sum(p.numel() for p in resnet_backbone("resnet18").parameters())
     assert counts["modulators"] == 0 and counts["filter_bank"] == 0
     assert counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_rc_ri_nff_run_makes_its_decomposition_and_refuses_another_banks(tmp_path, synth):
+    from decomp import DecompositionError, load_decomposition
+    from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
+
+    bank = tmp_path / "bank.pth"
+    torch.manual_seed(0)
+    torch.save(resnet_backbone("resnet18").state_dict(), bank)
+    ri = tmp_path / "ri.safetensors"
+    overrides = [
+        "tasks=[edge]",
+        f"store={tmp_path / 'rc'}",
+        f"dataset.root={synth}",
+        f"backbone.weights={bank}",
+        "backbone.reparam=rc",
+        f"backbone.decomposition={ri}",
+        *TINY,
+    ]
+    trainer = Trainer(load_config(None, overrides), progress=False)  # RI and NFF are the defaults
+    sha = filter_bank_sha256(bank_weights(resnet_backbone("resnet18", weights=str(bank))))
+    layers, meta = load_decomposition(ri, expected_bank_sha256=sha)
+    assert meta["filter_bank_sha256"] == sha and len(layers) == 17
+    u = layers["layer1.0.conv1"].U.float()
+    modulator = trainer.model.backbone.layer1[0].conv1.modulators["edge"].weight.squeeze()
+    assert torch.allclose(modulator, u, atol=1e-6)
+    trainer.fit()
+
+    torch.manual_seed(1)
+    torch.save(resnet_backbone("resnet18").state_dict(), bank)  # another bank, same decomposition file
+    with pytest.raises(DecompositionError, match=sha):
+        Trainer(load_config(None, overrides), overwrite=True, progress=False)
