@@ -124,7 +124,10 @@ def reference_plan(n_images: int, size: tuple[int, int], ram_bytes: int) -> dict
 def _measure(method: str, n_images: int, size: tuple[int, int], batch: int, seed: int, subsample: int) -> dict:
     """One measurement, meant to run in a fresh process: peak RSS above the baseline after imports and
     model construction, and the wall time of collecting and decomposing the responses."""
+    import sklearn.decomposition  # noqa: F401 - imported before the baseline, like everything else
     import torch
+
+    import decomp  # noqa: F401
 
     backbone = _backbone()
     reset = _reset_peak_rss()
@@ -219,7 +222,7 @@ def _in_fresh_process(*args: Any) -> dict:
 def _max_rel_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
     worst = 0.0
     for name, values in a.items():
-        for x, y in zip(values, b[name]):
+        for x, y in zip(values, b[name], strict=True):
             worst = max(worst, abs(x - y) / max(abs(x), 1e-30))
     return worst
 

@@ -107,7 +107,7 @@ def load_ri(cfg: Config, net: ResNetBackbone) -> dict[str, torch.Tensor]:
     path = Path(cfg.backbone.decomposition)
     if not path.is_file():
         log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
-        make_decomposition(cfg, path)
+        make_decomposition(cfg, path, backbone=net)
     layers, _ = load_decomposition(path, expected_bank_sha256=filter_bank_sha256(bank_weights(net)))
     return {name: d.U for name, d in layers.items()}
 

@@ -1,0 +1,7 @@
+"""``python -m decomp``: write the response decomposition of a pretrained backbone (see ``decomp.cli``)."""
+
+import sys
+
+from decomp.cli import main
+
+sys.exit(main())

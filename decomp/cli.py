@@ -1,0 +1,128 @@
+"""``python -m decomp``: decompose the responses of a plain pretrained backbone over a config's train
+split (``--config``) or a folder of images (``--images``) and write the decomposition file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+log = logging.getLogger("decomp")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m decomp",
+        description="Decompose the pre-BN responses of every reparameterized conv of a pretrained ResNet "
+        "(streaming mean and covariance, float64) for response initialization.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML config: its backbone and its dataset's train split")
+    source.add_argument("--images", metavar="DIR", help="a folder of .png/.jpg calibration images (recursive)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --config: override a config key, e.g. --set backbone.weights=torchvision (repeatable)",
+    )
+    p.add_argument("--out", help="output .safetensors file (default with --config: backbone.decomposition)")
+    p.add_argument("--max-images", type=_positive_int, help="use only the first N images")
+    p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: train.batch_size or 8)")
+    folder = p.add_argument_group("with --images")
+    folder.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="backbone (default: resnet18)")
+    folder.add_argument("--weights", help="'torchvision' (ImageNet, from the local cache), 'none' or a state dict path")
+    folder.add_argument("--output-stride", type=int, choices=[8, 16], help="output stride (default: 16)")
+    folder.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), help="image size (default: 128 128)")
+    folder.add_argument("--device", help="auto (default), cpu, cuda, ...")
+    folder.add_argument("--workers", type=int, default=2, help="data loader workers (default: 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    folder_only = {"--arch": args.arch, "--weights": args.weights, "--output-stride": args.output_stride}
+    folder_only.update({"--size": args.size, "--device": args.device})
+    if args.config is not None:
+        given = [flag for flag, value in folder_only.items() if value is not None]
+        if given:
+            p.error(f"{', '.join(given)} go with --images; with --config set backbone/train keys with --set")
+    else:
+        if args.overrides:
+            p.error("--set goes with --config")
+        if args.weights is None:
+            p.error("--images needs --weights: 'torchvision', 'none' (random init) or a state dict path")
+        if args.out is None:
+            p.error("--images needs --out FILE")
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    from rcm_nddr.config import ConfigError, load_config
+
+    from .make import decompose_folder, make_decomposition
+
+    progress = not args.quiet
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or cfg.backbone.decomposition
+        if out is None:
+            raise ConfigError(f"{cfg.source}: key 'backbone.decomposition' is not set; give --out FILE or set the key")
+        make_decomposition(cfg, out, max_images=args.max_images, progress=progress, batch_size=args.batch_size)
+    else:
+        decompose_folder(
+            args.images,
+            args.out,
+            arch=args.arch or "resnet18",
+            weights=args.weights,
+            output_stride=args.output_stride or 16,
+            size=tuple(args.size or (128, 128)),
+            max_images=args.max_images,
+            batch_size=args.batch_size or 8,
+            num_workers=args.workers,
+            device=args.device or "auto",
+            progress=progress,
+        )
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rcm_nddr.config import ConfigError
+    from rcm_nddr.data.folder import DatasetError
+    from rcm_nddr.nn.backbone import WeightsError
+    from rcm_nddr.registry import RegistryError
+
+    from .storage import DecompositionError
+
+    return ConfigError, DatasetError, WeightsError, RegistryError, DecompositionError, FileNotFoundError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        with logging_redirect_tqdm():
+            return _decompose(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - the command's one-line error report
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)  # noqa: T201
+        return 130
