@@ -128,3 +128,18 @@ def test_rc_ri_nff_run_makes_its_decomposition_and_refuses_another_banks(tmp_pat
     torch.save(resnet_backbone("resnet18").state_dict(), bank)  # another bank, same decomposition file
     with pytest.raises(DecompositionError, match=sha):
         Trainer(load_config(None, overrides), overwrite=True, progress=False)
+
+
+def test_ri_decomposition_is_made_for_the_exact_bank_even_with_random_weights(tmp_path, synth):
+    overrides = [
+        "tasks=[sal]",
+        f"store={tmp_path / 'rc'}",
+        f"dataset.root={synth}",
+        "backbone.weights=none",
+        "backbone.reparam=rc",
+        f"backbone.decomposition={tmp_path / 'ri.safetensors'}",
+        *TINY,
+    ]
+    trainer = Trainer(load_config(None, overrides), progress=False)  # would refuse a decomposition of another bank
+    assert (tmp_path / "ri.safetensors").is_file()
+    assert trainer.model.backbone.conv1.nff
