@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Reinstall when the metadata changes or a top-level package appears (editable installs map packages
+# when they are installed).
+$(STAMP): pyproject.toml $(wildcard */__init__.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
 	touch $(STAMP)

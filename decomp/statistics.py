@@ -1,5 +1,5 @@
 """Streaming mean and covariance of the pre-BN responses of every reparameterized conv, and their
-eigendecomposition with a deterministic sign convention (response initialization, DESIGN §2)."""
+eigendecomposition with a deterministic sign convention (response initialization)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ from .data.synthetic import generate
 from .engine.builders import build_dataset, build_tasks
 from .engine.checkpoint import atomic_write_text
 from .engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
-from .engine.tester import run_test
 from .engine.trainer import Trainer
 from .pretrain import pretrain
 
@@ -95,8 +94,9 @@ def run_demo(
             )
             t0 = time.monotonic()
             trainer = Trainer(cfg, overwrite=True, progress=progress)
-            trainer.fit()
-            metrics = run_test(cfg, progress=progress)
+            # One validation, at the end: the final metrics are those of the best (= last) checkpoint,
+            # which is what test.py would report.
+            metrics = trainer.fit()
             results[variant].update(metrics)
             primaries = primary_metrics(trainer.tasks)
             key, higher = primaries[name]

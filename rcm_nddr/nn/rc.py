@@ -134,7 +134,7 @@ class RCBlock(nn.Module):
 
 
 class RCResNet(nn.Module):
-    """A ResNet backbone whose convs share one frozen filter bank across tasks (DESIGN: RC).
+    """A ResNet backbone whose convs share one frozen filter bank across tasks.
 
     Built from a pretrained plain ``ResNetBackbone`` (its conv weights become the bank; its BatchNorm
     and downsample modules the starting point of every task's copies). ``decomposition`` maps each
