@@ -37,7 +37,10 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="with --config: override a config key, e.g. --set backbone.weights=torchvision (repeatable)",
     )
-    p.add_argument("--out", help="output .safetensors file (default with --config: backbone.decomposition)")
+    p.add_argument(
+        "--out",
+        help="output .safetensors file (with --config: backbone.decomposition, else <store>/ri.safetensors)",
+    )
     p.add_argument("--max-images", type=_positive_int, help="use only the first N images")
     p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: train.batch_size or 8)")
     folder = p.add_argument_group("with --images")
@@ -69,16 +72,15 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _decompose(args: argparse.Namespace) -> int:
-    from rcm_nddr.config import ConfigError, load_config
+    from rcm_nddr.config import load_config
+    from rcm_nddr.engine.builders import decomposition_path
 
     from .make import decompose_folder, make_decomposition
 
     progress = not args.quiet
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
-        out = args.out or cfg.backbone.decomposition
-        if out is None:
-            raise ConfigError(f"{cfg.source}: key 'backbone.decomposition' is not set; give --out FILE or set the key")
+        out = args.out or decomposition_path(cfg)
         make_decomposition(cfg, out, max_images=args.max_images, progress=progress, batch_size=args.batch_size)
     else:
         decompose_folder(

@@ -344,9 +344,11 @@ def test_cli_with_a_config(synth, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     assert main(["--config", str(config), "--out", str(other), "--max-images", "2", "--quiet"]) == 0
     assert load_decomposition(other)[1]["images"] == "2"
-    # no output: neither --out nor backbone.decomposition
-    assert main(["--config", str(config), "--set", "backbone.decomposition=null", "--quiet"]) == 2
-    assert "key 'backbone.decomposition'" in capsys.readouterr().err
+    # neither --out nor backbone.decomposition: the store's ri.safetensors
+    store = tmp_path / "default_store"
+    args = ["--set", "backbone.decomposition=null", "--set", f"store={store}", "--max-images", "2", "--quiet"]
+    assert main(["--config", str(config), *args]) == 0
+    assert load_decomposition(store / "ri.safetensors")[1]["images"] == "2"
     assert main(["--config", str(config), "--set", f"dataset.root={tmp_path / 'none'}", "--quiet"]) == 2
     assert "error: dataset root" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -136,10 +136,9 @@ def test_ri_decomposition_is_made_for_the_exact_bank_even_with_random_weights(tm
         f"store={tmp_path / 'rc'}",
         f"dataset.root={synth}",
         "backbone.weights=none",
-        "backbone.reparam=rc",
-        f"backbone.decomposition={tmp_path / 'ri.safetensors'}",
+        "backbone.reparam=rc",  # no backbone.decomposition: the store's ri.safetensors
         *TINY,
     ]
     trainer = Trainer(load_config(None, overrides), progress=False)  # would refuse a decomposition of another bank
-    assert (tmp_path / "ri.safetensors").is_file()
+    assert (tmp_path / "rc" / "ri.safetensors").is_file()
     assert trainer.model.backbone.conv1.nff

@@ -97,14 +97,19 @@ def build_backbone(cfg: Config, task_names: list[str], shared: bool = False) -> 
     return TaskBackbones({name: plain() for name in task_names})
 
 
+def decomposition_path(cfg: Config) -> Path:
+    """``backbone.decomposition``, or ``<store>/ri.safetensors`` when the config names none."""
+    if cfg.backbone.decomposition is not None:
+        return Path(cfg.backbone.decomposition)
+    return Path(cfg.store) / "ri.safetensors"
+
+
 def load_ri(cfg: Config, net: ResNetBackbone) -> dict[str, torch.Tensor]:
-    """The eigenvectors U of every reparameterized conv, from ``backbone.decomposition`` (made from
+    """The eigenvectors U of every reparameterized conv, from ``decomposition_path(cfg)`` (made from
     the train split when the file is missing), checked against this filter bank's sha256."""
     from decomp import load_decomposition, make_decomposition
 
-    if cfg.backbone.decomposition is None:
-        raise ConfigError(f"{cfg.source}: key 'backbone.decomposition': RI needs a decomposition file path")
-    path = Path(cfg.backbone.decomposition)
+    path = decomposition_path(cfg)
     if not path.is_file():
         log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
         make_decomposition(cfg, path, backbone=net)
