@@ -42,7 +42,7 @@ def stage_outputs(backbone, x, task=None):
     return out
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
 @pytest.mark.parametrize("nff", [False, True])
 def test_ri_starts_exactly_at_the_pretrained_network(arch, nff):
     plain = pretrained_like(arch)
