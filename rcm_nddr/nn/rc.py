@@ -96,7 +96,8 @@ class TaskModules(nn.Module):
     def add_task(self, task: str) -> None:
         if task in self.per_task:
             raise ValueError(f"task {task!r} already has its copy")
-        device = next(iter(self.per_task.values())).parameters().__next__().device if self.per_task else None
+        existing = next(iter(self.per_task.values()), None)
+        device = None if existing is None else next(existing.parameters()).device
         self.per_task[task] = copy.deepcopy(self.template[0]).to(device)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
