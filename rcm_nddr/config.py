@@ -46,7 +46,9 @@ class BackboneConfig:
 
 @dataclass
 class FusionConfig:
-    type: Literal["none"] = "none"
+    #: ``none``: the tasks' paths stay separate; ``nddr``: NDDR layers after each of ``stages``
+    type: Literal["none", "nddr"] = "none"
+    #: the tasks the group reads besides its own; only ``all`` until the model store exists
     sources: Union[Literal["all"], list[str]] = "all"  # noqa: UP007 - evaluated by the schema walker
     stages: list[str] = field(default_factory=lambda: ["stem", "layer1", "layer2", "layer3", "layer4"])
     alpha: float = 0.9
@@ -344,6 +346,10 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: key 'train.num_workers': expected >= 0, got {t.num_workers}")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"{where}: key 'optimizer.lr': expected > 0, got {cfg.optimizer.lr}")
+    if cfg.fusion.lr_mult <= 0:
+        raise ConfigError(f"{where}: key 'fusion.lr_mult': expected > 0, got {cfg.fusion.lr_mult}")
+    if cfg.fusion.weight_decay < 0:
+        raise ConfigError(f"{where}: key 'fusion.weight_decay': expected >= 0, got {cfg.fusion.weight_decay}")
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise ConfigError(f"{where}: key 'train.device': expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 

@@ -19,16 +19,24 @@ class MultiTaskNet(nn.Module):
     networks, a shared one, or the RC filter bank with per-task modulators); ``heads[t]`` is task t's
     decoder (reads the last stage and ``layer1``). With ``raw=False`` (the default) the outputs are
     post-processed by the task plug-ins (class maps, unit normals, probabilities); training uses
-    ``raw=True``.
+    ``raw=True``. ``fusion`` (e.g. NDDRFusion, or None) maps ``(stage, {task: features})`` to fused
+    features after every stage; the tasks it reads are run too, even when only their readers are asked for.
     """
 
-    def __init__(self, tasks: Mapping[str, Task], backbone: nn.Module, heads: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        tasks: Mapping[str, Task],
+        backbone: nn.Module,
+        heads: Mapping[str, nn.Module],
+        fusion: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         if set(tasks) != set(heads):
             raise ValueError(f"tasks {list(tasks)} and heads {list(heads)} differ")
         self.task_names: list[str] = list(tasks)
         self.tasks = dict(tasks)
         self.backbone = backbone
+        self.fusion = fusion
         self.heads = nn.ModuleDict(heads)
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None, raw: bool = False) -> dict[str, Tensor]:
@@ -36,10 +44,13 @@ class MultiTaskNet(nn.Module):
         unknown = [t for t in names if t not in self.heads]
         if unknown:
             raise KeyError(f"unknown tasks {unknown}; this model has {self.task_names}")
-        features = dict.fromkeys(names, images)
+        run = names if self.fusion is None else self.fusion.required(names)
+        features = dict.fromkeys(run, images)
         low: dict[str, Tensor] = {}
         for stage in STAGES:
             features = self.backbone.forward_stage(features, stage)
+            if self.fusion is not None:
+                features = self.fusion(stage, features)
             if stage == "layer1":
                 low = features
         size = images.shape[-2:]

@@ -14,9 +14,10 @@ from torch import nn
 from ..config import Config, ConfigError, OptimizerConfig, SchedulerConfig
 from ..data.transforms import build_transforms
 from ..model import MultiTaskNet
-from ..nn.backbone import ResNetBackbone, SharedBackbone, TaskBackbones, resnet_backbone
+from ..nn.backbone import STAGES, ResNetBackbone, SharedBackbone, TaskBackbones, resnet_backbone
 from ..nn.filter_bank import bank_weights, filter_bank_sha256
 from ..nn.heads import DeepLabV3PlusHead
+from ..nn.nddr import NDDRFusion
 from ..nn.rc import RCResNet
 from ..registry import DATASETS, TASKS, RegistryError, discover
 from ..task import DatasetInfo, Task
@@ -117,9 +118,31 @@ def load_ri(cfg: Config, net: ResNetBackbone) -> dict[str, torch.Tensor]:
     return {name: d.U for name, d in layers.items()}
 
 
+def build_fusion(cfg: Config, task_names: list[str], stage_channels: dict[str, int]) -> NDDRFusion | None:
+    """``fusion.type: nddr``: every task of the group reads all the group's tasks (itself first, then
+    the others in config order) at ``fusion.stages``; None for ``fusion.type: none``."""
+    f = cfg.fusion
+    if f.type == "none":
+        return None
+    if f.shortcut:
+        raise ConfigError(f"{cfg.source}: key 'fusion.shortcut': the NDDR shortcut is not implemented; set it to false")
+    # Sources already in the model store (older groups, read one-way) come with the store; until then
+    # the only sources are the group's own tasks.
+    if f.sources != "all":
+        raise ConfigError(f"{cfg.source}: key 'fusion.sources': expected 'all' (the group's tasks), got {f.sources!r}")
+    bad = [s for s in f.stages if s not in STAGES]
+    if bad or len(set(f.stages)) != len(f.stages):
+        raise ConfigError(
+            f"{cfg.source}: key 'fusion.stages': expected distinct stages out of {list(STAGES)}, got {f.stages}"
+        )
+    sources = {t: [t, *(o for o in task_names if o != t)] for t in task_names}
+    return NDDRFusion(sources, stage_channels, f.stages, alpha=f.alpha, beta=f.beta)
+
+
 def build_model(cfg: Config, tasks: dict[str, Task], shared: bool = False) -> MultiTaskNet:
-    """The config's backbone and one DeepLabv3+ head per task."""
+    """The config's backbone, its fusion (``fusion.type``) and one DeepLabv3+ head per task."""
     backbone = build_backbone(cfg, list(tasks), shared=shared)
+    fusion = build_fusion(cfg, list(tasks), backbone.stage_channels)
     heads = {
         name: DeepLabV3PlusHead(
             high_channels=backbone.stage_channels["layer4"],
@@ -130,10 +153,10 @@ def build_model(cfg: Config, tasks: dict[str, Task], shared: bool = False) -> Mu
         )
         for name, task in tasks.items()
     }
-    return MultiTaskNet(tasks, backbone, heads)
+    return MultiTaskNet(tasks, backbone, heads, fusion)
 
 
-_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], OptimizerConfig], torch.optim.Optimizer]] = {
+_OPTIMIZERS: dict[str, Callable[[list[dict], OptimizerConfig], torch.optim.Optimizer]] = {
     "sgd": lambda params, o: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
     "adam": lambda params, o: torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
     "adamw": lambda params, o: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
@@ -149,8 +172,18 @@ _SCHEDULES: dict[str, Callable[[SchedulerConfig, int, float], float]] = {
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The config's optimizer over every trainable parameter of ``model``."""
-    return _OPTIMIZERS[cfg.optimizer.name]([p for p in model.parameters() if p.requires_grad], cfg.optimizer)
+    """The config's optimizer over every trainable parameter of ``model``. The fusion's parameters (if
+    any) form a second group with ``lr * fusion.lr_mult`` and ``fusion.weight_decay``; the schedule
+    scales both groups alike, so the ratio holds throughout."""
+    fusion = getattr(model, "fusion", None)
+    fused = [] if fusion is None else [p for p in fusion.parameters() if p.requires_grad]
+    held = {id(p) for p in fused}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
+    groups = [{"params": rest}]
+    if fused:
+        f = cfg.fusion
+        groups.append({"params": fused, "lr": cfg.optimizer.lr * f.lr_mult, "weight_decay": f.weight_decay})
+    return _OPTIMIZERS[cfg.optimizer.name](groups, cfg.optimizer)
 
 
 def lr_factor(cfg: Config, max_iters: int) -> Callable[[int], float]:
