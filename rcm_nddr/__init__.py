@@ -4,6 +4,7 @@
 from .config import Config, ConfigError, load_config
 from .model import MultiTaskNet
 from .registry import DATASETS, TASKS
+from .store import ModelStore, StoreError
 from .task import DatasetInfo, Metric, Task, TrivialPredictor
 
 __version__ = "0.1.0"
@@ -14,7 +15,9 @@ __all__ = [
     "DATASETS",
     "DatasetInfo",
     "Metric",
+    "ModelStore",
     "MultiTaskNet",
+    "StoreError",
     "TASKS",
     "Task",
     "TrivialPredictor",

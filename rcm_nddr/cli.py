@@ -21,6 +21,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .engine.trainer import NonFiniteLossError, RunExistsError
     from .nn.backbone import WeightsError
     from .registry import RegistryError
+    from .store import StoreError
 
     return (
         ConfigError,
@@ -30,6 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RegistryError,
         RunExistsError,
         NonFiniteLossError,
+        StoreError,
         FileNotFoundError,
     )
 
@@ -178,6 +180,70 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _store_list(args: argparse.Namespace) -> int:
+    from .store import ModelStore
+
+    rows = [("name", "type", "group", "sources", "trainable params", "primary metric")]
+    for t in ModelStore(args.store).tasks:
+        key, value = t.primary_metric or ("", "")
+        metric = f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" if key else "-"
+        rows.append((t.name, t.type, str(t.group), ",".join(t.sources) or "-", f"{t.trainable_parameters:,}", metric))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {2, 4}  # numbers
+    for row in rows:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+def _store_show(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from .store import ModelStore
+
+    content = ModelStore(args.store).metadata()
+    print(json.dumps(content, indent=2) if args.json else yaml.safe_dump(content, sort_keys=False), end="\n")
+    return 0
+
+
+def _store_verify(args: argparse.Namespace) -> int:
+    from .store import ModelStore
+
+    problems = ModelStore(args.store).verify()
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{len(problems)} problem(s) in {args.store}" if problems else "ok")
+    return 1 if problems else 0
+
+
+def _store_remove(args: argparse.Namespace) -> int:
+    from .store import ModelStore
+
+    ModelStore(args.store).remove(args.name)
+    log.info("task '%s' removed from %s", args.name, args.store)
+    return 0
+
+
+def _add_store_args(sub: argparse._SubParsersAction) -> None:
+    store = sub.add_parser("store", help="the model store: list, show, verify or remove tasks")
+    commands = store.add_subparsers(dest="store_command", required=True)
+    for name, func, help_text in (
+        ("list", _store_list, "one line per task: type, group, sources, parameters, primary metric"),
+        ("show", _store_show, "everything store.yaml records"),
+        ("verify", _store_verify, "recheck every sha256; exit 1 naming each problem"),
+        ("remove", _store_remove, "remove a task no other task reads"),
+    ):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("store", metavar="STORE", help="model store directory (holds store.yaml)")
+        p.set_defaults(func=func)
+        if name == "show":
+            p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+        if name == "remove":
+            p.add_argument("name", metavar="NAME", help="task to remove")
+
+
 def parser() -> argparse.ArgumentParser:
     from . import demo
 
@@ -220,6 +286,7 @@ def parser() -> argparse.ArgumentParser:
 
     bench.add_arguments(sub.add_parser("bench", help="benchmarks: speed and peak memory (bench decomp)"))
 
+    _add_store_args(sub)
     _add_train_args(sub.add_parser("train", help="train the task group of a config (= python train.py)"))
     _add_test_args(sub.add_parser("test", help="evaluate a trained task group (= python test.py)"))
     return p
