@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
-from tqdm.contrib.logging import logging_redirect_tqdm
+from rcm_nddr.cli import positive_int, run_command
 
 log = logging.getLogger("decomp")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,13 +33,13 @@ def parser() -> argparse.ArgumentParser:
         "--out",
         help="output .safetensors file (with --config: backbone.decomposition, else <store>/ri.safetensors)",
     )
-    p.add_argument("--max-images", type=_positive_int, help="use only the first N images")
-    p.add_argument("--batch-size", type=_positive_int, help="images per forward pass (default: train.batch_size or 8)")
+    p.add_argument("--max-images", type=positive_int, help="use only the first N images")
+    p.add_argument("--batch-size", type=positive_int, help="images per forward pass (default: train.batch_size or 8)")
     folder = p.add_argument_group("with --images")
     folder.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], help="backbone (default: resnet18)")
     folder.add_argument("--weights", help="'torchvision' (ImageNet, from the local cache), 'none' or a state dict path")
     folder.add_argument("--output-stride", type=int, choices=[8, 16], help="output stride (default: 16)")
-    folder.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), help="image size (default: 128 128)")
+    folder.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"), help="image size (default: 128 128)")
     folder.add_argument("--device", help="auto (default), cpu, cuda, ...")
     folder.add_argument("--workers", type=int, default=2, help="data loader workers (default: 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -99,32 +91,8 @@ def _decompose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from rcm_nddr.config import ConfigError
-    from rcm_nddr.data.folder import DatasetError
-    from rcm_nddr.nn.backbone import WeightsError
-    from rcm_nddr.registry import RegistryError
-
-    from .storage import DecompositionError
-
-    return ConfigError, DatasetError, WeightsError, RegistryError, DecompositionError, FileNotFoundError
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     _check_args(p, args)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        with logging_redirect_tqdm():
-            return _decompose(args)
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - the command's one-line error report
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)  # noqa: T201
-        return 130
+    return run_command(_decompose, args)

@@ -339,20 +339,15 @@ def _decomp_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands, under ``parser``."""
+    from .cli import positive_int
+
     sub = parser.add_subparsers(dest="bench_command", required=True)
     d = sub.add_parser("decomp", help="streaming response decomposition vs keeping every response")
-    d.add_argument("--images", type=_positive_int, nargs="+", default=[200, 2000], help="image counts (200 2000)")
-    d.add_argument("--size", type=_positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
-    d.add_argument("--batch", type=_positive_int, default=16, help="images per forward pass (default: 16)")
+    d.add_argument("--images", type=positive_int, nargs="+", default=[200, 2000], help="image counts (200 2000)")
+    d.add_argument("--size", type=positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    d.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default: 16)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", help="also write the report to this JSON file")
     d.set_defaults(func=_decomp_command)

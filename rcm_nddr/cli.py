@@ -36,7 +36,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _run(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def run_command(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Set up logging, run ``main(args)``, and report bad input in one ``error:`` line (exit 2)."""
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -94,7 +95,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_train, train_parser().parse_args(argv))
+    return run_command(_train, train_parser().parse_args(argv))
 
 
 def _test(args: argparse.Namespace) -> int:
@@ -122,7 +123,7 @@ def test_parser() -> argparse.ArgumentParser:
 
 
 def test_main(argv: Sequence[str] | None = None) -> int:
-    return _run(_test, test_parser().parse_args(argv))
+    return run_command(_test, test_parser().parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- rcm-nddr
@@ -166,14 +167,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
@@ -253,9 +254,9 @@ def parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="generate the embedded synthetic dataset SYNTH_MT")
     synth.add_argument("--out", default="data/SYNTH_MT", help="output directory (default: data/SYNTH_MT)")
-    synth.add_argument("--train", type=_non_negative_int, default=400, help="training samples (default: 400)")
-    synth.add_argument("--val", type=_non_negative_int, default=100, help="validation samples (default: 100)")
-    synth.add_argument("--size", type=_positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    synth.add_argument("--train", type=non_negative_int, default=400, help="training samples (default: 400)")
+    synth.add_argument("--val", type=non_negative_int, default=100, help="validation samples (default: 100)")
+    synth.add_argument("--size", type=positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(func=_data_synth)
@@ -270,14 +271,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=demo.DEFAULT_OUT, help=f"results directory (default: {demo.DEFAULT_OUT})")
     d.add_argument("--data", default=demo.DEFAULT_DATA, help=f"SYNTH_MT directory (default: {demo.DEFAULT_DATA})")
     d.add_argument("--configs", default=None, help="directory of the synthetic configs (default: configs/synthetic)")
-    d.add_argument("--train", type=_positive_int, default=demo.DEFAULT_TRAIN, help="training samples")
-    d.add_argument("--val", type=_positive_int, default=demo.DEFAULT_VAL, help="validation samples")
-    d.add_argument("--size", type=_positive_int, nargs=2, default=list(demo.DEFAULT_SIZE), metavar=("H", "W"))
+    d.add_argument("--train", type=positive_int, default=demo.DEFAULT_TRAIN, help="training samples")
+    d.add_argument("--val", type=positive_int, default=demo.DEFAULT_VAL, help="validation samples")
+    d.add_argument("--size", type=positive_int, nargs=2, default=list(demo.DEFAULT_SIZE), metavar=("H", "W"))
     d.add_argument(
-        "--iters", type=_positive_int, default=demo.DEFAULT_ITERS, help="training iterations per task and variant"
+        "--iters", type=positive_int, default=demo.DEFAULT_ITERS, help="training iterations per task and variant"
     )
     d.add_argument(
-        "--pretrain-iters", type=_positive_int, default=demo.DEFAULT_PRETRAIN_ITERS, help="pretraining iterations"
+        "--pretrain-iters", type=positive_int, default=demo.DEFAULT_PRETRAIN_ITERS, help="pretraining iterations"
     )
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_demo)
@@ -294,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return _run(args.func, args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

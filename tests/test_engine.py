@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_run
 
 from rcm_nddr import cli
 from rcm_nddr.config import load_config
@@ -24,23 +25,18 @@ def synth(tmp_path_factory) -> Path:
 
 
 def tiny(store: Path, data: Path, tasks: str, *extra: str) -> list[str]:
-    return [
-        f"tasks={tasks}",
-        f"store={store}",
-        f"dataset.root={data}",
-        "dataset.crop=[48, 48]",
-        "head.channels=8",
+    return tiny_run(
+        store,
+        data,
+        tasks,
         "optimizer.name=adam",
         "optimizer.lr=0.001",
         "train.max_iters=6",
-        "train.batch_size=2",
-        "train.num_workers=0",
         "train.val_every=3",
         "train.log_every=1",
-        "train.device=cpu",
         "test.batch_size=4",
         *extra,
-    ]
+    )
 
 
 def test_train_then_test_writes_every_output(tmp_path, synth):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_run
 
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.data.synthetic import generate
@@ -22,21 +23,9 @@ def synth(tmp_path_factory) -> Path:
 
 
 def tiny(store: Path, data: Path, tasks: str, *extra: str) -> list[str]:
-    return [
-        f"tasks={tasks}",
-        f"store={store}",
-        f"dataset.root={data}",
-        "dataset.crop=[48, 48]",
-        "head.channels=8",
-        "train.max_iters=4",
-        "train.batch_size=2",
-        "train.num_workers=0",
-        "train.val_every=4",
-        "train.device=cpu",
-        "test.batch_size=2",
-        "fusion.type=nddr",
-        *extra,
-    ]
+    return tiny_run(
+        store, data, tasks, "train.max_iters=4", "train.val_every=4", "test.batch_size=2", "fusion.type=nddr", *extra
+    )
 
 
 def conv_output(layer: NDDRLayer, sources: list[torch.Tensor]) -> torch.Tensor:
