@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import load_config
 from .data.synthetic import generate
-from .engine.builders import build_dataset, build_tasks
+from .engine.builders import build_dataset
 from .engine.checkpoint import atomic_write_text
 from .engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
 from .engine.trainer import Trainer
@@ -105,9 +105,10 @@ def run_demo(
             row[f"{variant}_parameters"] = trainer.parameter_counts[name]["total"]
             row[f"{variant}_seconds"] = round(time.monotonic() - t0, 1)
             if variant == BASELINE:
+                # The trainer's tasks and validation set serve as they are; only the train split is
+                # read again, without augmentation, to fit the trivial predictor.
                 train_set = build_dataset(cfg, cfg.dataset.train_split, train=False)
-                val_set = build_dataset(cfg, cfg.dataset.val_split, train=False)
-                trivial = evaluate_trivial(build_tasks(cfg, train_set.info), train_set, val_set, cfg.test.batch_size)
+                trivial = evaluate_trivial(trainer.tasks, train_set, trainer.val_set, cfg.test.batch_size)
                 row["trivial"] = trivial[name][key]
         row["delta"] = delta_mtl(
             {name: {row["metric"]: row[VARIANT]}},
