@@ -3,12 +3,15 @@ whole backbone) and what all tasks share (the filter bank)."""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 CATEGORIES = ("modulators", "batchnorm", "downsample", "backbone", "fusion", "head")
 
 
 def _category(name: str, task: str) -> str | None:
+    """What part of ``task`` the parameter, buffer or module ``name`` (dotted, model-relative) is, or
+    None when it is not ``task``'s. These name patterns are the one place that knows which tensors
+    belong to which task (the model store saves a task's tensors by them)."""
     dotted = f".{name}."
     if f".heads.{task}." in dotted:
         return "head"
@@ -21,6 +24,17 @@ def _category(name: str, task: str) -> str | None:
     if f".per_task.{task}." in dotted:
         return "downsample" if ".downsample." in dotted else "batchnorm"
     return None
+
+
+def owned_by(name: str, task: str) -> bool:
+    """Whether the parameter, buffer or module ``name`` belongs to ``task`` alone."""
+    return _category(name, task) is not None
+
+
+def task_state(model: nn.Module, task: str) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``task`` (modulators, BatchNorm with its statistics, downsample,
+    fusion, head, or a whole backbone path), by state-dict name."""
+    return {k: v for k, v in model.state_dict().items() if owned_by(k, task)}
 
 
 def parameter_breakdown(model: nn.Module, task: str) -> dict[str, int]:

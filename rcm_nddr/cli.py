@@ -20,6 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.folder import DatasetError
     from .engine.trainer import NonFiniteLossError, RunExistsError
     from .nn.backbone import WeightsError
+    from .predict import PredictError
     from .registry import RegistryError
     from .store import StoreError
 
@@ -31,6 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RegistryError,
         RunExistsError,
         NonFiniteLossError,
+        PredictError,
         StoreError,
         FileNotFoundError,
     )
@@ -76,8 +78,8 @@ def _train(args: argparse.Namespace) -> int:
     from .engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    trainer.fit()
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, replace=args.replace)
+    trainer.run()
     log.info("run written to %s, checkpoints in %s", trainer.paths.run, trainer.paths.checkpoints)
     return 0
 
@@ -86,6 +88,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over even if the run has checkpoints")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="retrain tasks the store already registers, starting over (refused while other tasks read them)",
+    )
     p.set_defaults(func=_train)
     return p
 
@@ -212,7 +219,7 @@ def _store_show(args: argparse.Namespace) -> int:
 def _store_verify(args: argparse.Namespace) -> int:
     from .store import ModelStore
 
-    problems = ModelStore(args.store).verify()
+    problems = ModelStore(args.store).verify(probes=not args.sha_only)
     for problem in problems:
         print(f"problem: {problem}")
     print(f"{len(problems)} problem(s) in {args.store}" if problems else "ok")
@@ -233,7 +240,7 @@ def _add_store_args(sub: argparse._SubParsersAction) -> None:
     for name, func, help_text in (
         ("list", _store_list, "one line per task: type, group, sources, parameters, primary metric"),
         ("show", _store_show, "everything store.yaml records"),
-        ("verify", _store_verify, "recheck every sha256; exit 1 naming each problem"),
+        ("verify", _store_verify, "recheck every sha256 and rerun every probe; exit 1 naming each problem"),
         ("remove", _store_remove, "remove a task no other task reads"),
     ):
         p = commands.add_parser(name, help=help_text)
@@ -241,6 +248,8 @@ def _add_store_args(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
         if name == "show":
             p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+        if name == "verify":
+            p.add_argument("--sha-only", action="store_true", help="check the sha256s only, run no probe")
         if name == "remove":
             p.add_argument("name", metavar="NAME", help="task to remove")
 
@@ -288,6 +297,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_arguments(sub.add_parser("bench", help="benchmarks: speed and peak memory (bench decomp)"))
 
     _add_store_args(sub)
+    from . import predict
+
+    predict.add_arguments(
+        sub.add_parser("predict", help="run stored tasks on images: PNG visualizations and .npy outputs per task")
+    )
     _add_train_args(sub.add_parser("train", help="train the task group of a config (= python train.py)"))
     _add_test_args(sub.add_parser("test", help="evaluate a trained task group (= python test.py)"))
     return p

@@ -4,10 +4,13 @@ prediction}`` at input size."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 
+import torch
 from torch import Tensor, nn
 
+from .accounting import owned_by
 from .nn.backbone import STAGES
 from .task import Task
 
@@ -20,7 +23,13 @@ class MultiTaskNet(nn.Module):
     decoder (reads the last stage and ``layer1``). With ``raw=False`` (the default) the outputs are
     post-processed by the task plug-ins (class maps, unit normals, probabilities); training uses
     ``raw=True``. ``fusion`` (e.g. NDDRFusion, or None) maps ``(stage, {task: features})`` to fused
-    features after every stage; the tasks it reads are run too, even when only their readers are asked for.
+    features after every stage; the tasks it reads are run too, even when only their readers are
+    asked for, and they need no head.
+
+    ``frozen`` names tasks of the backbone and fusion that are never trained here (older tasks of a
+    model store read by a new group): their parameters do not require gradients, their modules stay in
+    eval mode whatever ``train()`` says (no BatchNorm statistic updates), and they run under
+    ``torch.no_grad()``.
     """
 
     def __init__(
@@ -29,6 +38,7 @@ class MultiTaskNet(nn.Module):
         backbone: nn.Module,
         heads: Mapping[str, nn.Module],
         fusion: nn.Module | None = None,
+        frozen: Iterable[str] = (),
     ) -> None:
         super().__init__()
         if set(tasks) != set(heads):
@@ -38,21 +48,67 @@ class MultiTaskNet(nn.Module):
         self.backbone = backbone
         self.fusion = fusion
         self.heads = nn.ModuleDict(heads)
+        self.frozen: set[str] = set()
+        self.freeze(frozen)
+
+    def freeze(self, tasks: Iterable[str]) -> None:
+        """Freeze ``tasks`` (see the class docstring); a frozen task cannot also have a head here."""
+        tasks = set(tasks)
+        headed = sorted(tasks & set(self.heads))
+        if headed:
+            raise ValueError(f"tasks {headed} have heads in this model and cannot be frozen sources")
+        self.frozen |= tasks
+        for name, p in self.named_parameters():
+            if any(owned_by(name, t) for t in tasks):
+                p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MultiTaskNet:
+        super().train(mode)
+        if self.frozen:
+            for name, module in self.named_modules():
+                if any(owned_by(name, t) for t in self.frozen):
+                    module.eval()
+        return self
+
+    def _run_stage(self, features: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        """One stage and its fusion; frozen tasks first, without autograd (they read no live task)."""
+        frozen = [t for t in features if t in self.frozen]
+        live = [t for t in features if t not in self.frozen]
+        out: dict[str, Tensor] = {}
+        for group, context in ((frozen, torch.no_grad()), (live, nullcontext())):
+            if group:
+                with context:
+                    out.update(self.backbone.forward_stage({t: features[t] for t in group}, stage))
+        if self.fusion is None:
+            return out
+        fused = dict(out)
+        for group, context in ((frozen, torch.no_grad()), (live, nullcontext())):
+            if group:
+                with context:
+                    fused.update({t: f for t, f in self.fusion(stage, out, tasks=group).items() if t in group})
+        return fused
 
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None, raw: bool = False) -> dict[str, Tensor]:
         names = self.task_names if tasks is None else list(tasks)
         unknown = [t for t in names if t not in self.heads]
         if unknown:
             raise KeyError(f"unknown tasks {unknown}; this model has {self.task_names}")
-        run = names if self.fusion is None else self.fusion.required(names)
+        fusion = self.fusion
+        run = names if fusion is None else fusion.required(names)
+        shortcut = [] if fusion is None else [t for t in names if fusion.has_shortcut(t)]
+        kept: dict[str, list[Tensor]] = {t: [] for t in shortcut}
         features = dict.fromkeys(run, images)
         low: dict[str, Tensor] = {}
         for stage in STAGES:
-            features = self.backbone.forward_stage(features, stage)
-            if self.fusion is not None:
-                features = self.fusion(stage, features)
+            features = self._run_stage(features, stage)
             if stage == "layer1":
                 low = features
+            for t in shortcut:
+                if stage in fusion.stages[t]:
+                    kept[t].append(features[t])
+        for t in shortcut:
+            features[t] = fusion.shortcut(t, kept[t])
         size = images.shape[-2:]
         outputs = {t: self.heads[t](features[t], low[t], size) for t in names}
         if raw:

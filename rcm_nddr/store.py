@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import Tensor
 
@@ -31,7 +32,21 @@ TASKS_DIR = "tasks"
 
 # Task names become file names, and a dot would let "x.probe" collide with the probe of task "x".
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
-_RECORD_INPUT_KEYS = {"name", "type", "sources", "config", "parameters", "metrics", "group", "files"}
+_RECORD_INPUT_KEYS = {
+    "name",
+    "type",
+    "sources",
+    "config",
+    "parameters",
+    "metrics",
+    "group",
+    "files",
+    "model",
+    "dataset",
+}
+#: relative tolerance of ``verify``'s probe check for outputs that are not bit-identical (another CPU or
+#: BLAS may round differently); any change to a stored file is caught by its sha256 first
+PROBE_RTOL = 1e-4
 
 
 class StoreError(Exception):
@@ -46,7 +61,9 @@ class TaskRecord:
     share it), ``sources`` the tasks whose features it reads through NDDR, ``files`` maps paths
     relative to the store to their sha256, ``parameters`` is the task's parameter breakdown by
     category, and ``metrics`` may name its primary metric under ``primary`` (e.g.
-    ``{"primary": "mIoU", "mIoU": 33.1}``)."""
+    ``{"primary": "mIoU", "mIoU": 33.1}``). ``model`` describes the task's modules (NFF, head, NDDR
+    stages, task options, plug-ins) and ``dataset`` its dataset (name, class names), so ``load_model``
+    rebuilds it from the store alone."""
 
     name: str
     type: str
@@ -56,6 +73,8 @@ class TaskRecord:
     files: dict[str, str] = field(default_factory=dict)
     parameters: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tensors_file(self) -> str:
@@ -177,6 +196,8 @@ def _parse_task(doc: Any, where: str) -> TaskRecord:
         files=dict(files),
         parameters=dict(parameters),
         metrics=dict(_expect(doc, "metrics", dict, where)),
+        model=dict(_expect(doc, "model", dict, where, optional=True) or {}),
+        dataset=dict(_expect(doc, "dataset", dict, where, optional=True) or {}),
     )
 
 
@@ -193,8 +214,12 @@ def _parse_store(doc: Any, path: Path) -> dict[str, Any]:
     backbone = _expect(doc, "backbone", dict, str(path))
     where = f"{path}: backbone"
     _expect(backbone, "arch", str, where)
+    _expect(backbone, "reparam", str, where)
+    _expect(backbone, "ri", bool, where)
+    _expect(backbone, "output_stride", int, where)
     _expect(backbone, "weights", str, where)
     _expect(backbone, "weights_sha256", str, where, optional=True)
+    _expect(backbone, "source_bank_sha256", str, where, optional=True)
     _expect(backbone, "filter_bank_sha256", str, where)
     _expect(doc, "decomposition_sha256", str, str(path), optional=True)
     tasks_doc = _expect(doc, "tasks", list, str(path))
@@ -212,6 +237,23 @@ def _parse_store(doc: Any, path: Path) -> dict[str, Any]:
         "decomposition_sha256": doc.get("decomposition_sha256"),
         "tasks": tasks,
     }
+
+
+def _compare_probe(output: Tensor, recorded: Tensor, name: str, path: Path) -> str | None:
+    """None when ``output`` equals the recorded probe output (bit for bit, or within rounding)."""
+    if output.shape != recorded.shape:
+        shapes = f"{tuple(output.shape)} on its probe, {path} records {tuple(recorded.shape)}"
+        return f"task '{name}': outputs of shape {shapes}"
+    if torch.equal(output, recorded):
+        return None
+    diff = (output - recorded).abs().max().item()
+    scale = recorded.abs().max().item()
+    if diff <= PROBE_RTOL * max(scale, 1e-12):
+        log.info("task '%s': probe outputs within rounding of %s (max abs diff %.3g)", name, path, diff)
+        return None
+    return (
+        f"task '{name}': its outputs on the probe input differ from {path} (max abs diff {diff:.4g}, scale {scale:.4g})"
+    )
 
 
 def _record_from_input(record: TaskRecord | Mapping[str, Any], index: int) -> TaskRecord:
@@ -239,6 +281,8 @@ def _record_from_input(record: TaskRecord | Mapping[str, Any], index: int) -> Ta
         config=_plain(dict(record.get("config") or {}), f"{where}.config"),
         parameters=parameters,
         metrics=_plain(dict(record.get("metrics") or {}), f"{where}.metrics"),
+        model=_plain(dict(record.get("model") or {}), f"{where}.model"),
+        dataset=_plain(dict(record.get("dataset") or {}), f"{where}.dataset"),
     )
 
 
@@ -276,38 +320,142 @@ class ModelStore:
         filter_bank: Mapping[str, Tensor],
         decomposition_file: str | Path | None = None,
         weights_sha256: str | None = None,
+        reparam: str = "rc",
+        ri: bool = False,
+        output_stride: int = 16,
+        source_bank_sha256: str | None = None,
     ) -> ModelStore:
-        """A new store holding ``filter_bank`` (and the RI decomposition, copied in when given).
+        """A new store holding ``filter_bank`` (the bank as the convs use it: rotated by the RI
+        eigenvectors when ``ri``), and the RI decomposition, copied in when given.
 
         ``weights_source`` describes where the bank's weights came from; when it names an existing
         file and ``weights_sha256`` is not given, that file's sha256 is recorded."""
         store = cls(path)
+        with store._locked():
+            if store.exists:
+                raise StoreError(f"a model store already exists at {store.path} ({STORE_FILE} is there)")
+            store._create_locked(
+                arch,
+                weights_source,
+                filter_bank,
+                decomposition_file,
+                weights_sha256,
+                reparam,
+                ri,
+                output_stride,
+                source_bank_sha256,
+            )
+        return store
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | Path,
+        arch: str,
+        weights_source: str,
+        filter_bank: Mapping[str, Tensor],
+        decomposition_file: str | Path | None = None,
+        reparam: str = "rc",
+        ri: bool = False,
+        output_stride: int = 16,
+        source_bank_sha256: str | None = None,
+    ) -> ModelStore:
+        """The store at ``path``, created with this bank when it does not exist yet (under the lock, so
+        two runs starting together agree on one bank). An existing store must hold the same backbone
+        (arch, ``reparam``, ``ri``, output stride) and a bit-identical bank, or it is refused with both
+        sha256s named: a store holds one filter bank."""
+        store = cls(path)
+        bank = _cpu_tensors(filter_bank, "filter bank")
+        with store._locked():
+            if not store.exists:
+                store._create_locked(
+                    arch,
+                    weights_source,
+                    bank,
+                    decomposition_file,
+                    None,
+                    reparam,
+                    ri,
+                    output_stride,
+                    source_bank_sha256,
+                )
+                return store
+            b = store._read()["backbone"]
+        store.check_backbone(arch, reparam, ri, output_stride, weights_source, source_bank_sha256)
+        actual = filter_bank_sha256(bank)
+        if actual != b["filter_bank_sha256"]:
+            raise StoreError(
+                f"the filter bank from backbone.weights={weights_source} has sha256 {actual}, but the store "
+                f"{store.path} holds filter bank sha256 {b['filter_bank_sha256']} (made from {b['weights']}); "
+                "a store holds one filter bank: train into another store, or use the store's weights"
+            )
+        return store
+
+    def check_backbone(
+        self,
+        arch: str,
+        reparam: str,
+        ri: bool,
+        output_stride: int,
+        weights_source: str,
+        source_bank_sha256: str | None = None,
+    ) -> None:
+        """Refuse a backbone other than the store's: arch, ``reparam``, ``ri``, output stride, and the
+        sha256 of the pretrained conv weights the bank was made from (both sha256s named)."""
+        b = self._read()["backbone"]
+        asked = {"arch": arch, "reparam": reparam, "ri": ri, "output_stride": output_stride}
+        for key, value in asked.items():
+            if b.get(key) != value:
+                raise StoreError(
+                    f"{self.store_file} holds a backbone with {key}={b.get(key)!r}, this run asks for {value!r}; "
+                    "a store holds one filter bank: train into another store, or match the store's backbone"
+                )
+        recorded = b.get("source_bank_sha256")
+        if source_bank_sha256 is not None and recorded is not None and source_bank_sha256 != recorded:
+            raise StoreError(
+                f"the filter bank from backbone.weights={weights_source} has sha256 {source_bank_sha256}, but the "
+                f"store {self.path} was made from a bank with sha256 {recorded} ({b['weights']}); a store holds "
+                "one filter bank: train into another store, or use the store's weights"
+            )
+
+    def _create_locked(
+        self,
+        arch: str,
+        weights_source: str,
+        filter_bank: Mapping[str, Tensor],
+        decomposition_file: str | Path | None,
+        weights_sha256: str | None,
+        reparam: str,
+        ri: bool,
+        output_stride: int,
+        source_bank_sha256: str | None = None,
+    ) -> None:
         bank = _cpu_tensors(filter_bank, "filter bank")
         if decomposition_file is not None and not Path(decomposition_file).is_file():
             raise StoreError(f"decomposition file {decomposition_file} does not exist")
         if weights_sha256 is None and Path(weights_source).is_file():
             weights_sha256 = file_sha256(weights_source)
-        with store._locked():
-            if store.exists:
-                raise StoreError(f"a model store already exists at {store.path} ({STORE_FILE} is there)")
-            _save_tensors(store.path / BANK_FILE, bank)
-            decomposition_sha256 = None
-            if decomposition_file is not None:
-                decomposition_sha256 = store._copy_decomposition(Path(decomposition_file))
-            doc = {
-                "schema_version": SCHEMA_VERSION,
-                "backbone": {
-                    "arch": arch,
-                    "weights": str(weights_source),
-                    "weights_sha256": weights_sha256,
-                    "filter_bank_sha256": filter_bank_sha256(bank),
-                },
-                "decomposition_sha256": decomposition_sha256,
-                "tasks": [],
-            }
-            store._write(doc)
-        log.info("model store created at %s (%s, %d bank tensors)", store.path, arch, len(bank))
-        return store
+        _save_tensors(self.path / BANK_FILE, bank)
+        decomposition_sha256 = None
+        if decomposition_file is not None:
+            decomposition_sha256 = self._copy_decomposition(Path(decomposition_file))
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "backbone": {
+                "arch": arch,
+                "reparam": reparam,
+                "ri": bool(ri),
+                "output_stride": int(output_stride),
+                "weights": str(weights_source),
+                "weights_sha256": weights_sha256,
+                "source_bank_sha256": source_bank_sha256,
+                "filter_bank_sha256": filter_bank_sha256(bank),
+            },
+            "decomposition_sha256": decomposition_sha256,
+            "tasks": [],
+        }
+        self._write(doc)
+        log.info("model store created at %s (%s, %s, %d bank tensors)", self.path, arch, reparam, len(bank))
 
     def add_decomposition(self, decomposition_file: str | Path) -> str:
         """Record the RI decomposition (copied to ``ri.safetensors`` unless it is that file already);
@@ -406,9 +554,71 @@ class ModelStore:
         if actual != expected:
             raise StoreError(f"sha256 mismatch for {path}: {actual}, {self.store_file} records {expected}")
 
-    def verify(self) -> list[str]:
+    def load_model(self, tasks: Sequence[str] | None = None, device: str | torch.device | None = None):
+        """A MultiTaskNet computing ``tasks`` (default: every task, in store order): called on a batch of
+        ImageNet-normalized images it returns ``{task: prediction}`` post-processed at input resolution
+        (``raw=True`` for the heads' outputs). The tasks they read through NDDR are added as sources
+        (without heads). Every file is sha256-checked; the module is in eval mode with no parameter
+        requiring a gradient, on ``device`` (default CPU; ``"auto"``: CUDA when available)."""
+        with self._locked(shared=True):
+            doc = self._read()
+            return self._assemble(doc, list(tasks) if tasks is not None else None, {}, device)
+
+    def compute_probes(
+        self,
+        records: Sequence[TaskRecord | Mapping[str, Any]],
+        tensors: Mapping[str, Mapping[str, Tensor]],
+    ) -> dict[str, dict[str, Tensor]]:
+        """The probe of each task of a group about to be registered (``records`` and ``tensors`` as for
+        ``register_group``): its raw outputs on the fixed probe input, computed on the CPU exactly as
+        ``load_model`` will compute them once the group is registered. ``store verify`` runs them again."""
+        from .assembly import probe_input, probe_outputs
+
+        new = [_record_from_input(r, i) for i, r in enumerate(records)]
+        with self._locked(shared=True):
+            doc = self._read()
+            model = self._assemble(doc, [r.name for r in new], {r.name: (r, tensors[r.name]) for r in new})
+        images = probe_input()
+        outputs = probe_outputs(model, [r.name for r in new], images)
+        return {name: {"input": images, "output": out} for name, out in outputs.items()}
+
+    def _assemble(
+        self,
+        doc: Mapping[str, Any],
+        names: list[str] | None,
+        extra: Mapping[str, tuple[TaskRecord, Mapping[str, Tensor]]],
+        device: str | torch.device | None = None,
+    ):
+        """``load_model`` over the store's records plus ``extra`` records and tensors not written yet."""
+        from .assembly import AssemblyError, TaskSpec, assemble, closure
+        from .registry import RegistryError
+
+        records = [t for t in doc["tasks"] if t.name not in extra] + [r for r, _ in extra.values()]
+        if names is None:
+            names = [r.name for r in records]
+        if not names:
+            raise StoreError(f"{self.store_file} registers no tasks yet")
+        known = {r.name: r for r in records}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise StoreError(f"no task(s) {unknown} in {self.store_file}; registered: {list(known) or 'none'}")
+        try:
+            needed = closure({r.name: TaskSpec.from_record(r) for r in records}, names)
+            tensors = {
+                n: extra[n][1] if n in extra else self._load_checked(known[n], known[n].tensors_file) for n in needed
+            }
+            model = assemble(doc["backbone"], self.filter_bank(), records, names, tensors)
+        except (AssemblyError, RegistryError) as exc:
+            raise StoreError(f"{self.store_file}: {exc}") from exc
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return model.to(device or "cpu")
+
+    def verify(self, probes: bool = True) -> list[str]:
         """Every problem found: files missing, sha256 mismatches (bank, decomposition, task files and
-        probes). Empty when the store is intact. A store.yaml that cannot be read raises StoreError."""
+        probes) and, with ``probes``, tasks whose outputs on their probe input differ from the recorded
+        ones (beyond rounding: relative tolerance ``PROBE_RTOL``). Empty when the store is intact. A
+        store.yaml that cannot be read raises StoreError."""
         with self._locked(shared=True):
             doc = self._read()
             problems = []
@@ -422,6 +632,34 @@ class ModelStore:
             for record in doc["tasks"]:
                 for relative, sha in record.files.items():
                     problems += self._file_problems(self.path / relative, sha)
+            # Probes run only on intact files: a changed file is already named by its sha256.
+            if probes and not problems:
+                problems += self._probe_problems(doc)
+        return problems
+
+    def _probe_problems(self, doc: Mapping[str, Any]) -> list[str]:
+        """Run every task with a probe on its probe input and compare with the recorded outputs."""
+        from .assembly import probe_outputs
+
+        with_probe = [r for r in doc["tasks"] if r.probe_file in r.files]
+        if not with_probe:
+            return []
+        try:
+            model = self._assemble(doc, [r.name for r in with_probe], {})
+        except StoreError as exc:
+            return [f"the tasks could not be loaded to run their probes: {exc}"]
+        problems = []
+        for record in with_probe:
+            probe = _load_tensors(self.path / record.probe_file)
+            if set(probe) != {"input", "output"}:
+                problems.append(
+                    f"{self.path / record.probe_file}: expected tensors 'input' and 'output', got {sorted(probe)}"
+                )
+                continue
+            output = probe_outputs(model, [record.name], probe["input"])[record.name]
+            problem = _compare_probe(output, probe["output"], record.name, self.path / record.probe_file)
+            if problem:
+                problems.append(problem)
         return problems
 
     def _file_problems(self, path: Path, expected: str) -> list[str]:

@@ -10,7 +10,7 @@ from helpers import tiny_run
 
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.data.synthetic import generate
-from rcm_nddr.engine.builders import build_fusion
+from rcm_nddr.engine.builders import plan_group
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn.nddr import NDDRFusion, NDDRLayer
 
@@ -140,15 +140,16 @@ def test_fused_rc_group_trains_end_to_end_with_fusion_accounted(tmp_path, synth)
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("fusion.shortcut=true", "fusion.shortcut"),
-        ("fusion.sources=[semseg]", "fusion.sources"),
+        ("fusion.sources=[semseg]", "fusion.sources"),  # a task of the group itself, not a stored one
+        ("fusion.sources=[parts]", "fusion.sources"),  # not in the (empty) store
         ("fusion.stages=[layer1, layer9]", "fusion.stages"),
+        ("fusion.stages=[]", "fusion.stages"),
     ],
 )
-def test_unsupported_fusion_settings_are_refused_naming_the_key(tmp_path, override, key):
+def test_bad_fusion_settings_are_refused_naming_the_key(tmp_path, override, key):
     cfg = load_config(None, ["tasks=[semseg, depth]", "fusion.type=nddr", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        build_fusion(cfg, cfg.tasks, RESNET18_CHANNELS)
+        plan_group(cfg, [])
 
 
 def test_task_names_that_clash_with_fusion_attributes_are_refused():

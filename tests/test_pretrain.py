@@ -101,6 +101,7 @@ def test_single_task_baseline_owns_a_whole_backbone():
 def test_rc_ri_nff_run_makes_its_decomposition_and_refuses_another_banks(tmp_path, synth):
     from decomp import DecompositionError, load_decomposition
     from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
+    from rcm_nddr.store import StoreError
 
     bank = tmp_path / "bank.pth"
     torch.manual_seed(0)
@@ -125,9 +126,14 @@ def test_rc_ri_nff_run_makes_its_decomposition_and_refuses_another_banks(tmp_pat
     trainer.fit()
 
     torch.manual_seed(1)
-    torch.save(resnet_backbone("resnet18").state_dict(), bank)  # another bank, same decomposition file
-    with pytest.raises(DecompositionError, match=sha):
+    torch.save(resnet_backbone("resnet18").state_dict(), bank)  # another bank
+    other = filter_bank_sha256(bank_weights(resnet_backbone("resnet18", weights=str(bank))))
+    # the store holds the first bank: refused naming both banks' sha256
+    with pytest.raises(StoreError, match=f"{other}.*{sha}"):
         Trainer(load_config(None, overrides), overwrite=True, progress=False)
+    # a new store with the first bank's decomposition file: refused by the file
+    with pytest.raises(DecompositionError, match=sha):
+        Trainer(load_config(None, [*overrides, f"store={tmp_path / 'rc2'}"]), progress=False)
 
 
 def test_ri_decomposition_is_made_for_the_exact_bank_even_with_random_weights(tmp_path, synth):
@@ -141,4 +147,6 @@ def test_ri_decomposition_is_made_for_the_exact_bank_even_with_random_weights(tm
     ]
     trainer = Trainer(load_config(None, overrides), progress=False)  # would refuse a decomposition of another bank
     assert (tmp_path / "rc" / "ri.safetensors").is_file()
-    assert trainer.model.backbone.conv1.nff
+    from torch.nn.utils import parametrize
+
+    assert parametrize.is_parametrized(trainer.model.backbone.conv1.modulators["sal"])  # NFF

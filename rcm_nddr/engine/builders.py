@@ -6,20 +6,23 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..assembly import AssemblyError, TaskSpec, build_network, dataset_description, load_task_tensors, plugin_paths
 from ..config import Config, ConfigError, OptimizerConfig, SchedulerConfig
 from ..data.transforms import build_transforms
 from ..model import MultiTaskNet
-from ..nn.backbone import STAGES, ResNetBackbone, SharedBackbone, TaskBackbones, resnet_backbone
+from ..nn.backbone import STAGES, ResNetBackbone, SharedBackbone, resnet_backbone
 from ..nn.filter_bank import bank_weights, filter_bank_sha256
 from ..nn.heads import DeepLabV3PlusHead
-from ..nn.nddr import NDDRFusion
 from ..nn.rc import RCResNet
 from ..registry import DATASETS, TASKS, RegistryError, discover
+from ..store import ModelStore, StoreError, TaskRecord, file_sha256
 from ..task import DatasetInfo, Task
 
 log = logging.getLogger(__name__)
@@ -80,22 +83,11 @@ def loss_weights(cfg: Config, tasks: dict[str, Task]) -> dict[str, float]:
     return {name: float(cfg.loss.get(name, {}).get("weight", task.default_loss_weight)) for name, task in tasks.items()}
 
 
-def build_backbone(cfg: Config, task_names: list[str], shared: bool = False) -> nn.Module:
-    """The multi-task backbone of ``backbone.reparam``: ``none`` gives every task its own fully trained
-    ResNet (or one shared ResNet with ``shared``, for pretraining); ``rc`` a frozen filter bank from
-    ``backbone.weights`` with per-task modulators, RI from ``backbone.decomposition`` when ``ri``."""
+def pretrained_backbone(cfg: Config) -> ResNetBackbone:
+    """The plain backbone of ``backbone.weights``: the filter bank's source and the starting point of a
+    new task's BatchNorm and downsample copies (or, with ``reparam: none``, of its whole backbone)."""
     b = cfg.backbone
-
-    def plain() -> ResNetBackbone:
-        return resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
-
-    if b.reparam == "rc":
-        net = plain()
-        decomposition = load_ri(cfg, net) if b.ri else None
-        return RCResNet(net, task_names, decomposition, nff=b.nff)
-    if shared:
-        return SharedBackbone(plain())
-    return TaskBackbones({name: plain() for name in task_names})
+    return resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
 
 
 def decomposition_path(cfg: Config) -> Path:
@@ -105,55 +97,224 @@ def decomposition_path(cfg: Config) -> Path:
     return Path(cfg.store) / "ri.safetensors"
 
 
-def load_ri(cfg: Config, net: ResNetBackbone) -> dict[str, torch.Tensor]:
-    """The eigenvectors U of every reparameterized conv, from ``decomposition_path(cfg)`` (made from
-    the train split when the file is missing), checked against this filter bank's sha256."""
+def load_ri(
+    cfg: Config, net: ResNetBackbone, store: ModelStore | None = None
+) -> tuple[dict[str, torch.Tensor] | None, Path | None]:
+    """The eigenvectors U of every reparameterized conv (None without ``rc`` + ``ri``) and their file.
+
+    A store that records a decomposition provides it (a config naming a different existing file is
+    refused with both sha256s); otherwise ``decomposition_path(cfg)``, made from the train split when
+    missing. The file must belong to this bank (sha256)."""
     from decomp import load_decomposition, make_decomposition
 
-    path = decomposition_path(cfg)
-    if not path.is_file():
-        log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
-        make_decomposition(cfg, path, backbone=net)
+    b = cfg.backbone
+    if b.reparam != "rc" or not b.ri:
+        return None, None
+    stored = store.decomposition_path if store is not None and store.exists else None
+    if stored is not None:
+        named = Path(b.decomposition) if b.decomposition is not None else None
+        if named is not None and named.is_file() and named.resolve() != stored.resolve():
+            named_sha, stored_sha = file_sha256(named), file_sha256(stored)
+            if named_sha != stored_sha:
+                raise StoreError(
+                    f"{cfg.source}: key 'backbone.decomposition': {named} (sha256 {named_sha}) is not the "
+                    f"decomposition of the store {stored} (sha256 {stored_sha}); a store holds one decomposition"
+                )
+        path = stored
+    else:
+        path = decomposition_path(cfg)
+        if not path.is_file():
+            log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
+            make_decomposition(cfg, path, backbone=net)
     layers, _ = load_decomposition(path, expected_bank_sha256=filter_bank_sha256(bank_weights(net)))
-    return {name: d.U for name, d in layers.items()}
+    return {name: d.U for name, d in layers.items()}, path
 
 
-def build_fusion(cfg: Config, task_names: list[str], stage_channels: dict[str, int]) -> NDDRFusion | None:
-    """``fusion.type: nddr``: every task of the group reads all the group's tasks (itself first, then
-    the others in config order) at ``fusion.stages``; None for ``fusion.type: none``."""
-    f = cfg.fusion
+def bank_as_used(cfg: Config, net: ResNetBackbone, decomposition: dict[str, torch.Tensor] | None) -> dict:
+    """The filter bank the convs compute with: the pretrained conv weights, rotated to ``U^T W`` by RI."""
+    if cfg.backbone.reparam == "rc":
+        return RCResNet(net, [], decomposition).filter_bank()
+    return {name: w.detach() for name, w in bank_weights(net).items()}
+
+
+def open_store(
+    cfg: Config,
+    net: ResNetBackbone,
+    decomposition: dict[str, torch.Tensor] | None,
+    decomposition_file: Path | None,
+    create: bool = True,
+) -> ModelStore:
+    """The config's model store, created with this bank when missing (``create``); an existing store
+    with another backbone or bank is refused with both sha256s named."""
+    b = cfg.backbone
+    store = ModelStore(cfg.store)
+    if not create and not store.exists:
+        raise StoreError(f"no model store at {store.path}: train this config first (python train.py --config ...)")
+    return ModelStore.open_or_create(
+        cfg.store,
+        b.arch,
+        b.weights,
+        bank_as_used(cfg, net, decomposition),
+        decomposition_file=decomposition_file,
+        reparam=b.reparam,
+        ri=b.reparam == "rc" and b.ri,
+        output_stride=b.output_stride,
+        source_bank_sha256=filter_bank_sha256(bank_weights(net)),
+    )
+
+
+def check_store_backbone(cfg: Config, store: ModelStore, net: ResNetBackbone) -> None:
+    """The cheap checks of an existing store against the config, before any decomposition is computed."""
+    if store.exists:
+        b = cfg.backbone
+        store.check_backbone(
+            b.arch,
+            b.reparam,
+            b.reparam == "rc" and b.ri,
+            b.output_stride,
+            b.weights,
+            filter_bank_sha256(bank_weights(net)),
+        )
+
+
+@dataclass
+class GroupPlan:
+    """How a group joins its store: ``sources[t]`` lists the tasks new task t reads through NDDR besides
+    itself (stored tasks in store order, then its group mates; empty: no fusion) and ``frozen`` the
+    stored tasks the group needs, directly or through their own sources (loaded frozen)."""
+
+    sources: dict[str, list[str]] = field(default_factory=dict)
+    frozen: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sources": self.sources, "frozen": self.frozen}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GroupPlan:
+        return cls({k: list(v) for k, v in data["sources"].items()}, list(data["frozen"]))
+
+
+def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) -> GroupPlan:
+    """The sources and frozen tasks of the config's group in a store holding ``records``.
+
+    A task name already registered is refused unless ``replace``, itself refused while a task outside the
+    group reads it. ``fusion.sources: all`` reads every stored task (but those being replaced), a list
+    reads those tasks; tasks of one group always read each other."""
+    f, names = cfg.fusion, list(cfg.tasks)
+    by_name = {r.name: r for r in records}
+    taken = [n for n in names if n in by_name]
+    if taken and not replace:
+        listed = ", ".join(f"'{n}' (group {by_name[n].group})" for n in taken)
+        raise StoreError(
+            f"the store {cfg.store} already registers {listed}; retrain it with --replace, or train into another store"
+        )
+    readers = sorted({r.name for r in records if r.name not in names and set(r.sources) & set(taken)})
+    if readers:
+        raise StoreError(
+            f"cannot replace {taken} in the store {cfg.store}: task(s) {readers} read them through NDDR "
+            "(remove those first)"
+        )
+    available = [r.name for r in records if r.name not in names]
     if f.type == "none":
-        return None
-    if f.shortcut:
-        raise ConfigError(f"{cfg.source}: key 'fusion.shortcut': the NDDR shortcut is not implemented; set it to false")
-    # Sources already in the model store (older groups, read one-way) come with the store; until then
-    # the only sources are the group's own tasks.
-    if f.sources != "all":
-        raise ConfigError(f"{cfg.source}: key 'fusion.sources': expected 'all' (the group's tasks), got {f.sources!r}")
+        return GroupPlan()
+    if f.sources == "all":
+        older = available
+    else:
+        unknown = [s for s in f.sources if s not in available]
+        if unknown:
+            raise ConfigError(
+                f"{cfg.source}: key 'fusion.sources': {unknown} are not tasks of the store {cfg.store} "
+                f"this group could read (available: {available or 'none'}; the group's own tasks always read "
+                "each other)"
+            )
+        older = [n for n in available if n in f.sources]
     bad = [s for s in f.stages if s not in STAGES]
-    if bad or len(set(f.stages)) != len(f.stages):
+    if bad or not f.stages or len(set(f.stages)) != len(f.stages):
         raise ConfigError(
             f"{cfg.source}: key 'fusion.stages': expected distinct stages out of {list(STAGES)}, got {f.stages}"
         )
-    sources = {t: [t, *(o for o in task_names if o != t)] for t in task_names}
-    return NDDRFusion(sources, stage_channels, f.stages, alpha=f.alpha, beta=f.beta)
+    sources = {t: [*older, *(o for o in names if o != t)] for t in names}
+    for t, read in sources.items():
+        if not read:
+            log.warning("fusion.type is nddr but task %s has no other task to read: it gets no NDDR layers", t)
+    frozen_set = set(older)
+    for name in list(older):  # close over the stored tasks' own sources
+        for s in by_name[name].sources:
+            if s not in frozen_set:
+                frozen_set.add(s)
+                older.append(s)
+    frozen = [r.name for r in records if r.name in frozen_set]
+    return GroupPlan({t: s for t, s in sources.items() if s}, frozen)
 
 
-def build_model(cfg: Config, tasks: dict[str, Task], shared: bool = False) -> MultiTaskNet:
-    """The config's backbone, its fusion (``fusion.type``) and one DeepLabv3+ head per task."""
-    backbone = build_backbone(cfg, list(tasks), shared=shared)
-    fusion = build_fusion(cfg, list(tasks), backbone.stage_channels)
-    heads = {
-        name: DeepLabV3PlusHead(
-            high_channels=backbone.stage_channels["layer4"],
-            low_channels=backbone.stage_channels["layer1"],
-            out_channels=task.out_channels,
-            channels=cfg.head.channels,
-            output_stride=cfg.backbone.output_stride,
+def config_spec(cfg: Config, name: str, task: Task, sources: list[str]) -> TaskSpec:
+    """The description of a new task of the config's group (what its store record keeps)."""
+    f = cfg.fusion
+    return TaskSpec(
+        name=name,
+        type=name,
+        nff=cfg.backbone.reparam == "rc" and cfg.backbone.nff,
+        head_channels=cfg.head.channels,
+        sources=list(sources),
+        fusion={"stages": list(f.stages), "alpha": f.alpha, "beta": f.beta, "shortcut": f.shortcut} if sources else {},
+        options={k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"},
+        plugins=plugin_paths(cfg.plugins),
+        dataset=dataset_description(task.info),
+    )
+
+
+def build_model(
+    cfg: Config,
+    tasks: dict[str, Task],
+    shared: bool = False,
+    store: ModelStore | None = None,
+    plan: GroupPlan | None = None,
+    net: ResNetBackbone | None = None,
+    decomposition: dict[str, torch.Tensor] | None = None,
+    for_checkpoint: bool = False,
+) -> MultiTaskNet:
+    """The config's group: its backbone (``backbone.reparam``), NDDR fusion per ``plan`` and one
+    DeepLabv3+ head per task. With a ``store``, its filter bank replaces the config's and the stored tasks
+    of ``plan.frozen`` are loaded frozen. ``shared`` trains one plain backbone shared by the tasks
+    (pretraining); ``net`` and ``decomposition`` default to those of ``backbone.weights``.
+    ``for_checkpoint``: a checkpoint's state dict will be loaded over every weight, so no RI is made."""
+    net = pretrained_backbone(cfg) if net is None else net
+    if shared:
+        backbone = SharedBackbone(net)
+        heads = {name: _head(cfg, backbone, task) for name, task in tasks.items()}
+        return MultiTaskNet(tasks, backbone, heads)
+    if decomposition is None and cfg.backbone.reparam == "rc" and cfg.backbone.ri and not for_checkpoint:
+        decomposition, _ = load_ri(cfg, net, store)
+    plan = plan or GroupPlan()
+    records = store.tasks if store is not None and store.exists else []
+    by_name = {r.name: r for r in records}
+    missing = [n for n in plan.frozen if n not in by_name]
+    if missing:
+        raise StoreError(f"the store {cfg.store} no longer registers {missing}, which this group reads")
+    specs = [TaskSpec.from_record(by_name[n]) for n in plan.frozen]
+    specs += [config_spec(cfg, name, task, plan.sources.get(name, [])) for name, task in tasks.items()]
+    bank = store.filter_bank() if store is not None and store.exists else None
+    try:
+        model = build_network(
+            cfg.backbone.reparam, net, specs, tasks, frozen=plan.frozen, decomposition=decomposition, bank=bank
         )
-        for name, task in tasks.items()
-    }
-    return MultiTaskNet(tasks, backbone, heads, fusion)
+        if plan.frozen:
+            load_task_tensors(model, {n: store.load_task_tensors(n) for n in plan.frozen})
+    except AssemblyError as exc:
+        raise StoreError(f"{store.store_file if store is not None else cfg.source}: {exc}") from exc
+    if cfg.head.type != "deeplabv3plus":  # the only head type; the schema allows nothing else
+        raise ConfigError(f"{cfg.source}: key 'head.type': unknown head {cfg.head.type!r}")
+    return model
+
+
+def _head(cfg: Config, backbone: nn.Module, task: Task) -> DeepLabV3PlusHead:
+    return DeepLabV3PlusHead(
+        high_channels=backbone.stage_channels["layer4"],
+        low_channels=backbone.stage_channels["layer1"],
+        out_channels=task.out_channels,
+        channels=cfg.head.channels,
+        output_stride=cfg.backbone.output_stride,
+    )
 
 
 _OPTIMIZERS: dict[str, Callable[[list[dict], OptimizerConfig], torch.optim.Optimizer]] = {

@@ -74,15 +74,20 @@ def delta_mtl(
     results: Mapping[str, Mapping[str, float]],
     baselines: Mapping[str, Mapping[str, float]],
     primaries: Mapping[str, tuple[str, bool]],
+    floor: float | None = None,
 ) -> float:
     """Delta_MTL in percent: ``100/T * sum_t (-1)^{l_t} (M_t - B_t) / B_t`` over the primary metric of
-    each task, l_t = 1 when lower is better. Positive means better than the baselines."""
+    each task, l_t = 1 when lower is better. Positive means better than the baselines.
+
+    A baseline of 0 is an error, unless ``floor`` is given: then ``|B_t|`` is at least ``floor`` (for
+    model selection against an untrained first validation, where e.g. an mIoU of 0 happens)."""
     terms = []
     for name, (key, higher) in primaries.items():
         m, b = results[name][key], baselines[name][key]
-        if b == 0:
+        scale = abs(b) if floor is None else max(abs(b), floor)
+        if scale == 0:
             raise ValueError(f"Delta_MTL: baseline {key} of task {name!r} is 0")
-        terms.append((m - b) / abs(b) * (1.0 if higher else -1.0))
+        terms.append((m - b) / scale * (1.0 if higher else -1.0))
     return 100.0 * sum(terms) / len(terms)
 
 

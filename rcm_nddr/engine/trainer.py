@@ -14,15 +14,23 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from ..accounting import format_breakdown, parameter_breakdown
+from ..accounting import format_breakdown, owned_by, parameter_breakdown
 from ..config import Config, check_paths, save_config
+from ..store import ModelStore, TaskRecord
 from .builders import (
+    GroupPlan,
     build_dataset,
     build_model,
     build_optimizer,
     build_scheduler,
     build_tasks,
+    check_store_backbone,
+    config_spec,
+    load_ri,
     loss_weights,
+    open_store,
+    plan_group,
+    pretrained_backbone,
     resolve_device,
 )
 from .checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -69,9 +77,15 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Trains the config's task group. ``fit()`` runs to ``train.max_iters`` (or stops early at
-    ``stop_after`` iterations with a checkpoint, to be continued with ``resume=True``).
-    ``shared_backbone`` trains one plain backbone shared by the group's tasks (pretraining)."""
+    """Trains the config's task group into its model store. ``fit()`` runs to ``train.max_iters`` (or
+    stops early at ``stop_after`` iterations with a checkpoint, to be continued with ``resume=True``);
+    ``register()`` then adds the group to the store; ``run()`` does both.
+
+    The store is created by the first run that names it (with this run's filter bank); in an existing
+    store the bank is the store's (a config with another backbone or bank is refused), and the stored
+    tasks the group reads through NDDR are loaded frozen. A task name the store already registers is
+    refused unless ``replace``. ``shared_backbone`` trains one plain backbone shared by the group's
+    tasks (pretraining), which registers nothing."""
 
     def __init__(
         self,
@@ -80,12 +94,13 @@ class Trainer:
         overwrite: bool = False,
         progress: bool = True,
         shared_backbone: bool = False,
+        replace: bool = False,
     ) -> None:
         check_paths(cfg)
         self.cfg = cfg
         self.progress = progress
         self.paths = RunPaths.of(cfg)
-        if not resume and self.paths.last.exists() and not overwrite:
+        if not resume and self.paths.last.exists() and not (overwrite or replace):  # replacing = starting over
             raise RunExistsError(
                 f"{self.paths.checkpoints} already holds checkpoints of a run of {cfg.group_name!r}; "
                 "continue it with --resume, or start over with --overwrite"
@@ -99,10 +114,25 @@ class Trainer:
         self.tasks = build_tasks(cfg, self.train_set.info)
         self.weights = loss_weights(cfg, self.tasks)
         self.primaries = primary_metrics(self.tasks)
+        self.replace = replace
+        saved = load_checkpoint(self.paths.last) if resume else None
+        net = pretrained_backbone(cfg)
+        self.store: ModelStore | None = None
+        self.plan = GroupPlan()
+        if shared_backbone:
+            model = build_model(cfg, self.tasks, shared=True, net=net)
+        else:
+            store = ModelStore(cfg.store)
+            check_store_backbone(cfg, store, net)
+            decomposition, decomposition_file = load_ri(cfg, net, store)
+            self.store = open_store(cfg, net, decomposition, decomposition_file)
+            if saved is not None and "plan" in saved:  # what the run started with, whatever was added since
+                self.plan = GroupPlan.from_dict(saved["plan"])
+            else:
+                self.plan = plan_group(cfg, self.store.tasks, replace)
+            model = build_model(cfg, self.tasks, store=self.store, plan=self.plan, net=net, decomposition=decomposition)
         # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
-        self.model = build_model(cfg, self.tasks, shared=shared_backbone).to(
-            self.device, memory_format=torch.channels_last
-        )
+        self.model = model.to(self.device, memory_format=torch.channels_last)
         t = cfg.train
         self.max_iters = t.max_iters or t.epochs * math.ceil(len(self.train_set) / t.batch_size)
         self.checkpoint_every = t.checkpoint_every or t.val_every
@@ -112,16 +142,17 @@ class Trainer:
         self.best_score: float | None = None
         self.reference: dict[str, dict[str, float]] | None = None
         self.last_metrics: dict[str, dict[str, float]] | None = None
-        if resume:
-            self._restore(load_checkpoint(self.paths.last))
+        if saved is not None:
+            self._restore(saved)
         self.paths.run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.paths.run / "config.yaml")
         self.parameter_counts = {name: parameter_breakdown(self.model, name) for name in self.tasks}
         atomic_write_text(self.paths.run / "parameters.json", to_json(self.parameter_counts, indent=2))
         log.info(
-            "group %s: tasks %s, %d train / %d val samples, %d iterations on %s; parameters per task:\n%s",
+            "group %s: tasks %s%s, %d train / %d val samples, %d iterations on %s; parameters per task:\n%s",
             cfg.group_name,
             list(self.tasks),
+            f" reading stored tasks {self.plan.frozen} (frozen)" if self.plan.frozen else "",
             len(self.train_set),
             len(self.val_set),
             self.max_iters,
@@ -142,6 +173,7 @@ class Trainer:
             "reference": self.reference,
             "last_metrics": self.last_metrics,
             "group": self.cfg.group_name,
+            "plan": self.plan.to_dict(),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -277,7 +309,7 @@ class Trainer:
             self.reference = metrics
         # One score for a group: Delta_MTL against the first validation (for one task: its primary metric's
         # relative change), so "best" is defined the same way for one task or several.
-        score = delta_mtl(metrics, self.reference, self.primaries)
+        score = delta_mtl(metrics, self.reference, self.primaries, floor=1e-6)
         summary = ", ".join(f"{n} {k} {metrics[n][k]:.3f}" for n, (k, _) in self.primaries.items())
         log.info("iteration %d: %s", self.iteration, summary)
         self.last_metrics = metrics
@@ -290,5 +322,62 @@ class Trainer:
                     "model": self.model.state_dict(),
                     "metrics": metrics,
                     "group": self.cfg.group_name,
+                    "plan": self.plan.to_dict(),
                 },
             )
+
+    # ------------------------------------------------------------------ store
+
+    def run(self) -> list[TaskRecord]:
+        """``fit()`` to the end, then ``register()``."""
+        self.fit()
+        return self.register()
+
+    def register(self) -> list[TaskRecord]:
+        """Add the trained group to the model store: each task's tensors (those of the ``test.checkpoint``
+        checkpoint: ``best`` or ``last``), its probe outputs, sources, config, parameter breakdown,
+        validation metrics and model description. Earlier tasks and their files are not touched."""
+        if self.store is None:
+            raise RuntimeError("a pretraining run registers nothing in a model store")
+        if self.iteration < self.max_iters:
+            raise RuntimeError(
+                f"group {self.cfg.group_name!r} is trained to iteration {self.iteration} of {self.max_iters}; "
+                "finish it (--resume) before registering it"
+            )
+        which = self.cfg.test.checkpoint
+        if which == "best" and self.paths.best.is_file():
+            saved = load_checkpoint(self.paths.best)
+            state, metrics, iteration = saved["model"], saved["metrics"], saved["iteration"]
+        else:
+            state, metrics, iteration = self.model.state_dict(), self.last_metrics, self.iteration
+        tensors = {t: {k: v for k, v in state.items() if owned_by(k, t)} for t in self.tasks}
+        records = []
+        for name, task in self.tasks.items():
+            spec = config_spec(self.cfg, name, task, self.plan.sources.get(name, []))
+            key, _ = self.primaries[name]
+            records.append(
+                {
+                    "name": name,
+                    "type": spec.type,
+                    "sources": spec.sources,
+                    "config": self.cfg.to_dict(),
+                    "parameters": self.parameter_counts[name],
+                    "metrics": {
+                        "primary": key,
+                        "split": self.cfg.dataset.val_split,
+                        "checkpoint": f"{which} (iteration {iteration})",
+                        **(metrics or {}).get(name, {}),
+                    },
+                    "model": spec.model_description(),
+                    "dataset": spec.dataset,
+                }
+            )
+        probes = self.store.compute_probes(records, tensors)
+        registered = self.store.register_group(records, tensors, probes, replace=self.replace)
+        log.info(
+            "registered %s in the store %s (group %d)",
+            ", ".join(r.name for r in registered),
+            self.store.path,
+            registered[0].group,
+        )
+        return registered

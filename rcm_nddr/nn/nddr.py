@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -40,12 +41,44 @@ class NDDRLayer(nn.Module):
         return self.relu(self.bn(self.conv(torch.cat(list(sources), dim=1))))
 
 
+class NDDRShortcut(nn.Module):
+    """The NDDR-shortcut of one task: its NDDR outputs of every fusion stage resized to the last stage's
+    size, concatenated, and mapped back to the last stage's channels by ``1x1 conv -> BN -> ReLU``.
+
+    The conv starts as the identity on the last stage's block and zero on the others, so the shortcut
+    begins by passing the last stage through (like the NDDR layers, it starts from what the network
+    computed without it) and learns how much of the earlier stages to add."""
+
+    def __init__(self, channels: Sequence[int]) -> None:
+        super().__init__()
+        out = channels[-1]
+        self.conv = nn.Conv2d(sum(channels), out, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, sum(channels[:-1]) :, 0, 0].copy_(torch.eye(out))
+
+    def forward(self, stage_features: Sequence[Tensor]) -> Tensor:
+        size = stage_features[-1].shape[-2:]
+        resized = [
+            x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for x in stage_features
+        ]
+        return self.relu(self.bn(self.conv(torch.cat(resized, dim=1))))
+
+
+SHORTCUT = "shortcut"
+
+
 class NDDRFusion(nn.ModuleDict):
-    """The NDDR layers of a model, ``self[task][stage]``, so their parameters are named
-    ``fusion.<task>.<stage>.*`` under a MultiTaskNet (what the parameter accounting reads).
+    """The NDDR layers of a model, ``self[task][stage]`` (and ``self[task]["shortcut"]`` with the
+    shortcut), so their parameters are named ``fusion.<task>.<stage>.*`` under a MultiTaskNet (what the
+    parameter accounting and the model store read).
 
     ``tasks_sources[t]`` lists the tasks t reads, t first. A task that is only ever a source (an older
-    task under one-way fusion) gets no layer and passes through unchanged.
+    task under one-way fusion) gets no layer and passes through unchanged. Tasks added later with
+    ``add_task`` may fuse at other stages than ``stages``.
     """
 
     def __init__(
@@ -55,24 +88,53 @@ class NDDRFusion(nn.ModuleDict):
         stages: Sequence[str],
         alpha: float = 0.9,
         beta: float | None = None,
+        shortcut: bool = False,
     ) -> None:
         super().__init__()
-        unknown = [s for s in stages if s not in stage_channels]
-        if unknown:
-            raise ValueError(f"NDDR stages {unknown} are not stages of the backbone {list(stage_channels)}")
+        self.stage_channels = dict(stage_channels)
+        self.sources: dict[str, list[str]] = {}
+        self.stages: dict[str, list[str]] = {}
         for task, sources in tasks_sources.items():
-            if not sources or sources[0] != task:
-                raise ValueError(f"the sources of task {task!r} must start with the task itself, got {list(sources)}")
+            self.add_task(task, sources, stages, alpha, beta, shortcut)
+
+    def add_task(
+        self,
+        task: str,
+        sources: Sequence[str],
+        stages: Sequence[str],
+        alpha: float = 0.9,
+        beta: float | None = None,
+        shortcut: bool = False,
+    ) -> None:
+        """NDDR layers for ``task`` reading ``sources`` (``task`` first) after each of ``stages``."""
+        unknown = [s for s in stages if s not in self.stage_channels]
+        if unknown:
+            raise ValueError(f"NDDR stages {unknown} are not stages of the backbone {list(self.stage_channels)}")
+        if not stages:
+            raise ValueError(f"task {task!r}: NDDR fusion needs at least one stage")
+        if not sources or sources[0] != task:
+            raise ValueError(f"the sources of task {task!r} must start with the task itself, got {list(sources)}")
+        if task in self.sources:
+            raise ValueError(f"task {task!r} already has NDDR layers")
         # Tasks are ModuleDict keys, which live beside this object's attributes and methods.
-        clashes = [t for t in tasks_sources if t in ("sources", "stages") or hasattr(self, t)]
-        if clashes:
-            raise ValueError(f"task names {clashes} clash with NDDRFusion attributes; rename the tasks")
-        self.sources: dict[str, list[str]] = {t: list(s) for t, s in tasks_sources.items()}
-        self.stages = list(stages)
-        for task, sources in self.sources.items():
-            self[task] = nn.ModuleDict(
-                {s: NDDRLayer(stage_channels[s], len(sources), alpha, beta) for s in self.stages}
-            )
+        if task in ("sources", "stages", "stage_channels") or hasattr(self, task):
+            raise ValueError(f"task name {task!r} clashes with an NDDRFusion attribute; rename the task")
+        ordered = [s for s in self.stage_channels if s in stages]  # forward order
+        layers: dict[str, nn.Module] = {
+            s: NDDRLayer(self.stage_channels[s], len(sources), alpha, beta) for s in ordered
+        }
+        if shortcut:
+            layers[SHORTCUT] = NDDRShortcut([self.stage_channels[s] for s in ordered])
+        self[task] = nn.ModuleDict(layers)
+        self.sources[task] = list(sources)
+        self.stages[task] = ordered
+
+    def has_shortcut(self, task: str) -> bool:
+        return task in self.sources and SHORTCUT in self[task]
+
+    def shortcut(self, task: str, stage_features: Sequence[Tensor]) -> Tensor:
+        """Task ``task``'s shortcut over its NDDR outputs, one per fusion stage in forward order."""
+        return self[task][SHORTCUT](stage_features)
 
     def required(self, tasks: Sequence[str]) -> list[str]:
         """``tasks`` followed by every task they read, directly or through other sources."""
@@ -81,14 +143,14 @@ class NDDRFusion(nn.ModuleDict):
             out += [s for s in self.sources.get(task, []) if s not in out]
         return out
 
-    def forward(self, stage: str, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Fuse ``{task: stage features}`` after ``stage``. Every layer reads the pre-fusion features,
-        so the result does not depend on the order of the tasks."""
+    def forward(
+        self, stage: str, features: Mapping[str, Tensor], tasks: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Fuse ``{task: stage features}`` after ``stage`` for ``tasks`` (default: all of ``features``).
+        Every layer reads the pre-fusion features, so the result does not depend on the order of the tasks."""
         out = dict(features)
-        if stage not in self.stages:
-            return out
-        for task in features:
-            if task not in self.sources:
+        for task in features if tasks is None else tasks:
+            if stage not in self.stages.get(task, ()):
                 continue
             missing = [s for s in self.sources[task] if s not in features]
             if missing:

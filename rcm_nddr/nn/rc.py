@@ -67,16 +67,18 @@ class RCConv2d(nn.Module):
             bank, init = weight, None
         return cls(bank, tasks, conv.stride, conv.padding, conv.dilation, init, nff)
 
-    def add_task(self, task: str) -> None:
-        """A new modulator for ``task``: RI/RC initialization, weight-normalized when NFF."""
+    def add_task(self, task: str, nff: bool | None = None) -> None:
+        """A new modulator for ``task``: RI/RC initialization, weight-normalized when ``nff`` (default:
+        the layer's ``nff``; tasks sharing one bank may differ)."""
         if task in self.modulators:
             raise ValueError(f"task {task!r} already has a modulator")
+        nff = self.nff if nff is None else nff
         modulator = nn.Conv2d(self.out_channels, self.out_channels, 1, bias=False)
         modulator.to(self.filter_bank.device)
         if self.modulator_init is not None:
             with torch.no_grad():
                 modulator.weight.copy_(self.modulator_init.view_as(modulator.weight))
-        if self.nff:
+        if nff:
             modulator = weight_norm(modulator, name="weight", dim=0)
         self.modulators[task] = modulator
 
@@ -166,12 +168,34 @@ class RCResNet(nn.Module):
                 blocks.append(RCBlock(block, tasks, block_u, nff))
             setattr(self, layer_name, nn.ModuleList(blocks))
 
-    def add_task(self, task: str) -> None:
-        """Give a new task its own modulators, BatchNorm and downsample copies (initialized as at build)."""
+    def add_task(self, task: str, nff: bool | None = None) -> None:
+        """Give a new task its own modulators (weight-normalized when ``nff``, default: as at build),
+        BatchNorm and downsample copies, initialized as at build."""
         for module in self.modules():
-            if isinstance(module, (RCConv2d, TaskModules)):
+            if isinstance(module, RCConv2d):
+                module.add_task(task, nff)
+            elif isinstance(module, TaskModules):
                 module.add_task(task)
         self.tasks.append(task)
+
+    def filter_bank(self) -> dict[str, Tensor]:
+        """The shared bank as used by the convs, by conv name (``conv1``, ``layer1.0.conv1`` ...)."""
+        return {name: m.filter_bank for name, m in self.named_modules() if isinstance(m, RCConv2d)}
+
+    @torch.no_grad()
+    def load_filter_bank(self, bank: Mapping[str, Tensor]) -> None:
+        """Replace the bank (e.g. by a model store's): same conv names and shapes, copied bit for bit."""
+        convs = {name: m for name, m in self.named_modules() if isinstance(m, RCConv2d)}
+        if set(bank) != set(convs):
+            missing, unexpected = sorted(set(convs) - set(bank)), sorted(set(bank) - set(convs))
+            raise ValueError(f"filter bank does not fit this backbone: missing {missing}, unexpected {unexpected}")
+        for name, conv in convs.items():
+            if bank[name].shape != conv.filter_bank.shape:
+                raise ValueError(
+                    f"filter bank tensor {name!r} has shape {tuple(bank[name].shape)}, "
+                    f"expected {tuple(conv.filter_bank.shape)}"
+                )
+            conv.filter_bank.copy_(bank[name])
 
     def forward_task_stage(self, x: Tensor, stage: str, task: str) -> Tensor:
         if stage == "stem":

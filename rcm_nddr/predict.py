@@ -1,0 +1,299 @@
+"""``rcm-nddr predict``: run a trained multi-task model of a store on image files and write, per task,
+a PNG visualization (``<out>/<task>/<stem>.png``) and the raw post-processed prediction
+(``<out>/<task>/<stem>.npy``) of every image."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+#: file name extensions read as images (compared case-insensitively)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class PredictError(Exception):
+    """Bad input to ``predict``: a missing or unreadable image, clashing output names, an unknown task or
+    device; the message names the path or value and what was expected."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _check_unique_stems(images: Sequence[Path]) -> None:
+    """Two different files with the same stem would write the same output files."""
+    seen: dict[str, Path] = {}
+    for path in images:
+        other = seen.setdefault(path.stem, path)
+        if other is not path and other.resolve() != path.resolve():
+            raise PredictError(
+                f"{other} and {path} would both write outputs named '{path.stem}'; rename one of them or "
+                "predict them in separate runs with different --out"
+            )
+
+
+def collect_images(items: Sequence[str | Path]) -> list[Path]:
+    """The image files named by ``items``, in order: a file is taken as given, a directory contributes
+    its image files sorted by name (not recursively; hidden files are skipped). The same file named
+    twice is kept once; two different files with the same stem are an error."""
+    extensions = " ".join(IMAGE_EXTENSIONS)
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            entries = sorted(p for p in path.iterdir() if p.is_file() and _is_image(p) and not p.name.startswith("."))
+            if not entries:
+                raise PredictError(f"directory {path} holds no image files (expected files ending in {extensions})")
+            found.extend(entries)
+        elif path.is_file():
+            if not _is_image(path):
+                raise PredictError(f"{path} is not an image file: expected a name ending in {extensions}")
+            found.append(path)
+        elif path.exists():
+            raise PredictError(f"{path} is neither a regular file nor a directory; expected an image or a folder")
+        else:
+            raise PredictError(f"{path} does not exist; expected an image file or a directory of images")
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    images = list(unique.values())
+    _check_unique_stems(images)
+    return images
+
+
+def load_image(path: str | Path) -> Tensor:
+    """An image file -> float32 3 x H x W, RGB, ImageNet-normalized (EXIF orientation applied)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from .data.folder import IMAGENET_MEAN, IMAGENET_STD
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError as exc:
+        raise PredictError(f"image {path} does not exist") from exc
+    except Exception as exc:  # PIL raises many types (OSError, ValueError, SyntaxError, DecompressionBombError)
+        raise PredictError(f"cannot read image {path}: {exc}; expected an image file Pillow can decode") from exc
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((image - mean) / std).contiguous()
+
+
+def _batches(images: Sequence[Path], batch_size: int) -> Iterator[tuple[list[Path], list[Tensor]]]:
+    """Consecutive images of equal size, at most ``batch_size`` at a time."""
+    paths: list[Path] = []
+    tensors: list[Tensor] = []
+    for path in images:
+        image = load_image(path)
+        if tensors and (len(tensors) == batch_size or tensors[0].shape != image.shape):
+            yield paths, tensors
+            paths, tensors = [], []
+        paths.append(path)
+        tensors.append(image)
+    if tensors:
+        yield paths, tensors
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _save_npy(path: Path, value: Tensor) -> None:
+    import numpy as np
+    import torch
+
+    from .engine.checkpoint import atomic_write
+
+    if value.dtype == torch.bfloat16:  # numpy has no bfloat16
+        value = value.float()
+    array = value.numpy()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save(tmp) would append ".npy" to the temporary name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def _save_png(path: Path, rgb: Tensor) -> None:
+    from PIL import Image
+
+    from .engine.checkpoint import atomic_write
+
+    image = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _check_output(task: str, prediction: object, batch: int, size: tuple[int, int]) -> None:
+    import torch
+
+    if not isinstance(prediction, torch.Tensor):
+        raise RuntimeError(f"model output for task {task!r} is a {type(prediction).__name__}, expected a tensor")
+    if prediction.ndim < 3 or prediction.shape[0] != batch or tuple(prediction.shape[-2:]) != size:
+        raise RuntimeError(
+            f"model output for task {task!r} has shape {tuple(prediction.shape)}; expected {batch} predictions "
+            f"at the input resolution {size[0]}x{size[1]}"
+        )
+
+
+def predict(
+    model: nn.Module,
+    images: Sequence[str | Path],
+    out: str | Path,
+    device: torch.device,
+    batch_size: int = 1,
+    progress: bool = True,
+    tasks: Sequence[str] | None = None,
+) -> dict[str, list[Path]]:
+    """Run ``model`` on every image and write ``out/<task>/<stem>.png`` (the task's visualization) and
+    ``out/<task>/<stem>.npy`` (the post-processed prediction without batch dim, on CPU, dtype unchanged)
+    for each of ``tasks`` (default: ``model.task_names``). Consecutive images of equal size are batched,
+    up to ``batch_size``. Every file is written atomically. Returns the written files per task."""
+    import torch
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    images = [Path(p) for p in images]
+    _check_unique_stems(images)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"--out {out} exists and is not a directory; expected a directory for the outputs")
+    names = list(model.task_names if tasks is None else tasks)
+    missing = [name for name in names if name not in model.tasks]
+    if missing:
+        raise PredictError(f"the model has no task {', '.join(missing)}; it predicts: {', '.join(model.task_names)}")
+    if model.training:
+        log.warning("the model is in training mode; predictions use batch statistics")
+    written: dict[str, list[Path]] = {name: [] for name in names}
+    with torch.inference_mode(), tqdm(total=len(images), unit="image", desc="predict", disable=not progress) as bar:
+        for paths, tensors in _batches(images, batch_size):
+            size = (tensors[0].shape[1], tensors[0].shape[2])
+            outputs = model(torch.stack(tensors).to(device))
+            for name in names:
+                if name not in outputs:
+                    raise RuntimeError(f"the model returned no output for task {name!r}; it returned {sorted(outputs)}")
+                prediction = outputs[name]
+                _check_output(name, prediction, len(paths), size)
+                prediction = prediction.detach().to("cpu")
+                for path, value in zip(paths, prediction, strict=True):
+                    rgb = model.tasks[name].visualize(value)
+                    if rgb.dtype != torch.uint8 or rgb.ndim != 3 or rgb.shape[0] != 3:
+                        raise RuntimeError(
+                            f"task {name!r} visualized a prediction as {rgb.dtype} {tuple(rgb.shape)}, "
+                            "expected uint8 3 x H x W"
+                        )
+                    png, npy = out / name / f"{path.stem}.png", out / name / f"{path.stem}.npy"
+                    _save_png(png, rgb.detach().to("cpu"))
+                    _save_npy(npy, value)
+                    written[name] += [png, npy]
+            bar.update(len(paths))
+    return written
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def device_name(text: str) -> str:
+    """argparse type of ``--device``: auto, cpu, cuda or cuda:N."""
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _resolve_device(name: str) -> torch.device:
+    import torch
+
+    from .config import ConfigError
+    from .engine.builders import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except ConfigError as exc:
+        raise PredictError(f"--device {name}: no CUDA device is available; use --device cpu or auto") from exc
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PredictError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def _requested_tasks(requested: Sequence[str] | None, available: Sequence[str], store: Path) -> list[str] | None:
+    """``--tasks`` without repeats, checked against the store's tasks (None: all of them)."""
+    if not available:
+        raise PredictError(f"model store {store} holds no tasks; train and register one first")
+    if requested is None:
+        return None
+    names = list(dict.fromkeys(requested))
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise PredictError(f"--tasks {' '.join(unknown)}: not in model store {store}; it holds: {', '.join(available)}")
+    return names
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load the store's model, predict every image and log where the outputs went."""
+    from .store import ModelStore
+
+    images = collect_images(args.images)
+    device = _resolve_device(args.device)
+    store = ModelStore(args.store)
+    requested = _requested_tasks(args.tasks, [t.name for t in store.tasks], store.path)
+    model = store.load_model(tasks=requested, device=device)
+    names = requested if requested is not None else list(model.task_names)
+    log.info("predicting %s for %d image(s) on %s", ", ".join(names), len(images), device)
+    start = time.perf_counter()
+    written = predict(
+        model, images, Path(args.out), device, batch_size=args.batch_size, progress=not args.quiet, tasks=names
+    )
+    files = sum(len(paths) for paths in written.values())
+    log.info(
+        "%d image(s) x %d task(s): %d files (.png and .npy) written to %s in %.1f s",
+        len(images),
+        len(names),
+        files,
+        args.out,
+        time.perf_counter() - start,
+    )
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``predict`` command's arguments, on ``p``."""
+    from .cli import positive_int
+
+    p.add_argument("--store", required=True, help="model store directory (holds store.yaml)")
+    p.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="FILE_OR_DIR",
+        help=f"image files, or directories whose image files ({' '.join(IMAGE_EXTENSIONS)}) are all read "
+        "(not recursively); every image must have a distinct file name stem",
+    )
+    p.add_argument("--out", required=True, help="output directory: <out>/<task>/<stem>.png and .npy")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to predict (default: every task of the store)")
+    p.add_argument(
+        "--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: auto = cuda if present)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=4, help="images per forward pass, of equal size (default: 4)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=main)
