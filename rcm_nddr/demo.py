@@ -1,22 +1,29 @@
-"""The main job, offline on a CPU: generate SYNTH_MT when missing, pretrain a filter bank on it (or
-reuse it), then for every task with both a ``<task>_single_task.yaml`` and a ``<task>_RC_RI_NFF.yaml``
-config train the fully fine-tuned single-task baseline and the reparameterized task (frozen bank,
-response-initialized, weight-normalized modulators), and print a table: the primary metric of the
-trivial predictor, the baseline and RC_RI_NFF, the trainable parameters of each, and Delta_MTL."""
+"""The main job, offline on a CPU: the incremental story on SYNTH_MT.
+
+Generate SYNTH_MT when missing, pretrain a filter bank on it (or reuse it), then train the tasks of the
+incremental sequence (``configs/synthetic/incremental/*.yaml``, in name order) into one model store: a
+first group of two tasks fused by NDDR, then one task per step, each reading every task before it
+one-way, with ``store verify`` (sha256s and probe outputs of every stored task) after each step. For
+comparison every task is also trained as its fully fine-tuned single-task baseline
+(``<task>_single_task.yaml``) and as a reparameterized task alone (``<task>_RC_RI_NFF.yaml``). The
+table gives each task's primary metric for the trivial predictor and the three variants, Delta_MTL
+against the baselines, and the trainable parameters each variant adds per task."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
-from .config import load_config
+from .config import Config, load_config
 from .data.synthetic import generate
 from .engine.builders import build_dataset
 from .engine.checkpoint import atomic_write_text
 from .engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
 from .engine.trainer import Trainer
 from .pretrain import pretrain
+from .store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,8 @@ DEFAULT_SIZE = (128, 128)
 #: training iterations of each task in the demo (the configs' own schedules are longer)
 DEFAULT_ITERS = 100
 DEFAULT_PRETRAIN_ITERS = 200
-BASELINE, VARIANT = "single_task", "RC_RI_NFF"
+BASELINE, VARIANT, FUSED = "single_task", "RC_RI_NFF", "RC_RI_NFF_NDDR"
+INCREMENTAL = "incremental"
 
 
 def default_configs() -> Path:
@@ -48,24 +56,37 @@ def run_demo(
     pretrain_iters: int = DEFAULT_PRETRAIN_ITERS,
     progress: bool = True,
 ) -> dict:
-    """Run the demo; return ``{"rows": [...], "delta_mtl": ...}`` (also written to
+    """Run the demo; return ``{"rows": [...], "delta_mtl": {...}, "steps": [...]}`` (also written to
     ``<out>/demo_results.json``, and the table to ``<out>/demo_results.md``)."""
     start = time.monotonic()
     out = Path(out)
     configs = Path(configs) if configs is not None else default_configs()
-    names = sorted(
-        p.name.removesuffix(f"_{BASELINE}.yaml")
-        for p in configs.glob(f"*_{BASELINE}.yaml")
-        if (configs / p.name.replace(BASELINE, VARIANT)).is_file()
-    )
-    if not names or not (configs / "pretrain.yaml").is_file():
-        raise FileNotFoundError(f"{configs} needs pretrain.yaml and pairs of *_{BASELINE}.yaml / *_{VARIANT}.yaml")
-    generate(data, n_train, n_val, size=size, seed=0, progress=progress)
+    steps = sorted((configs / INCREMENTAL).glob("*.yaml"))
+    if not steps or not (configs / "pretrain.yaml").is_file():
+        raise FileNotFoundError(f"{configs} needs pretrain.yaml and the incremental sequence in {INCREMENTAL}/*.yaml")
     # On a CPU a sample loads in ~2 ms, ~1% of a training step: worker processes would only compete
     # with the model for the cores.
     common = [f"dataset.root={data}", f"dataset.crop=[{size[0]}, {size[1]}]", "train.num_workers=0"]
-
     bank = out / "resnet18_bank.pth"
+    schedule = [
+        f"train.max_iters={max_iters}",
+        "train.epochs=null",
+        f"train.val_every={max_iters}",
+        f"backbone.weights={bank}",
+        f"backbone.decomposition={out / 'resnet18_bank_ri.safetensors'}",
+    ]
+
+    def config(path: Path, store: str) -> Config:
+        return load_config(path, [*common, *schedule, f"store={out / store}"])
+
+    sequence = [config(p, INCREMENTAL) for p in steps]
+    names = [t for cfg in sequence for t in cfg.tasks]
+    for name in names:
+        for variant in (BASELINE, VARIANT):
+            if not (configs / f"{name}_{variant}.yaml").is_file():
+                raise FileNotFoundError(f"{configs / f'{name}_{variant}.yaml'} is missing (task {name} of {steps})")
+
+    generate(data, n_train, n_val, size=size, seed=0, progress=progress)
     if bank.is_file():
         log.info("reusing the pretrained filter bank %s", bank)
     else:
@@ -75,33 +96,22 @@ def run_demo(
         )
         pretrain(cfg, bank, overwrite=True, progress=progress)
     log.info("filter bank ready (%.0f s)", time.monotonic() - start)
+    for store in (BASELINE, VARIANT, INCREMENTAL):  # the demo's own stores start empty on every run
+        shutil.rmtree(out / store, ignore_errors=True)
 
-    schedule = [f"train.max_iters={max_iters}", "train.epochs=null", f"train.val_every={max_iters}"]
-    rows = []
-    results: dict[str, dict] = {BASELINE: {}, VARIANT: {}}
+    rows = {name: {"task": name} for name in names}
     for name in names:
-        row: dict = {"task": name}
+        row = rows[name]
         for variant in (BASELINE, VARIANT):
-            cfg = load_config(
-                configs / f"{name}_{variant}.yaml",
-                [
-                    *common,
-                    *schedule,
-                    f"store={out / variant}",
-                    f"backbone.weights={bank}",
-                    f"backbone.decomposition={out / 'resnet18_bank_ri.safetensors'}",
-                ],
-            )
+            cfg = config(configs / f"{name}_{variant}.yaml", variant)
             t0 = time.monotonic()
             trainer = Trainer(cfg, overwrite=True, progress=progress)
-            # One validation, at the end: the final metrics are those of the best (= last) checkpoint,
-            # which is what test.py would report.
-            metrics = trainer.fit()
-            results[variant].update(metrics)
-            primaries = primary_metrics(trainer.tasks)
-            key, higher = primaries[name]
+            # One validation, at the end: the registered (best = last) checkpoint's metrics, which is what
+            # test.py would report.
+            trainer.run()
+            key, higher = primary_metrics(trainer.tasks)[name]
             row.update(metric=key, higher_is_better=higher)
-            row[variant] = metrics[name][key]
+            row[variant] = trainer.last_metrics[name][key]
             row[f"{variant}_parameters"] = trainer.parameter_counts[name]["total"]
             row[f"{variant}_seconds"] = round(time.monotonic() - t0, 1)
             if variant == BASELINE:
@@ -110,19 +120,41 @@ def run_demo(
                 train_set = build_dataset(cfg, cfg.dataset.train_split, train=False)
                 trivial = evaluate_trivial(trainer.tasks, train_set, trainer.val_set, cfg.test.batch_size)
                 row["trivial"] = trivial[name][key]
-        row["delta"] = delta_mtl(
-            {name: {row["metric"]: row[VARIANT]}},
-            {name: {row["metric"]: row[BASELINE]}},
-            {name: (row["metric"], row["higher_is_better"])},
+
+    store = ModelStore(out / INCREMENTAL)
+    step_log = []
+    for path, cfg in zip(steps, sequence, strict=True):
+        t0 = time.monotonic()
+        trainer = Trainer(cfg, overwrite=True, progress=progress)
+        records = trainer.run()
+        problems = store.verify()
+        if problems:
+            raise StoreError(f"store verify after {path.name}: " + "; ".join(problems))
+        stored = [t.name for t in store.tasks]
+        log.info("step %s: %s registered; store verify: ok (%d tasks: %s)", path.name, cfg.tasks, len(stored), stored)
+        step_log.append(
+            {
+                "config": path.name,
+                "tasks": cfg.tasks,
+                "reads": trainer.plan.frozen,
+                "seconds": round(time.monotonic() - t0, 1),
+                "verified": stored,
+            }
         )
-        rows.append(row)
-    overall = delta_mtl(
-        {r["task"]: {r["metric"]: r[VARIANT]} for r in rows},
-        {r["task"]: {r["metric"]: r[BASELINE]} for r in rows},
-        {r["task"]: (r["metric"], r["higher_is_better"]) for r in rows},
-    )
-    summary = {"rows": rows, "delta_mtl": overall, "seconds": round(time.monotonic() - start)}
-    table = format_table(rows, overall)
+        for record in records:
+            row = rows[record.name]
+            row[FUSED] = record.metrics[row["metric"]]
+            row[f"{FUSED}_parameters"] = record.trainable_parameters
+            row["reads"] = record.sources
+
+    rows_list = [rows[n] for n in names]
+    overall = {}
+    for variant in (VARIANT, FUSED):
+        for r in rows_list:
+            r[f"delta_{variant}"] = _delta([r], variant)
+        overall[variant] = _delta(rows_list, variant)
+    summary = {"rows": rows_list, "delta_mtl": overall, "steps": step_log, "seconds": round(time.monotonic() - start)}
+    table = format_table(rows_list, overall)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo_results.json", to_json(summary, indent=2))
     atomic_write_text(out / "demo_results.md", table + "\n")
@@ -131,17 +163,30 @@ def run_demo(
     return summary
 
 
-def format_table(rows: list[dict], overall: float) -> str:
+def _delta(rows: list[dict], variant: str) -> float:
+    """Delta_MTL of ``variant`` against the single-task baselines over ``rows``."""
+    return delta_mtl(
+        {r["task"]: {r["metric"]: r[variant]} for r in rows},
+        {r["task"]: {r["metric"]: r[BASELINE]} for r in rows},
+        {r["task"]: (r["metric"], r["higher_is_better"]) for r in rows},
+    )
+
+
+def format_table(rows: list[dict], overall: dict[str, float]) -> str:
     lines = [
-        f"| task | metric | trivial | {BASELINE} | {VARIANT} | Delta (%) | trainable params {BASELINE} | "
-        f"trainable params {VARIANT} |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| task | reads | metric | trivial | {BASELINE} | {VARIANT} | {FUSED} | Delta {VARIANT} (%) | "
+        f"Delta {FUSED} (%) | params {BASELINE} | params {VARIANT} | params {FUSED} |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         arrow = "higher is better" if r["higher_is_better"] else "lower is better"
         lines.append(
-            f"| {r['task']} | {r['metric']} ({arrow}) | {r['trivial']:.4g} | {r[BASELINE]:.4g} | {r[VARIANT]:.4g} | "
-            f"{r['delta']:+.1f} | {r[f'{BASELINE}_parameters']:,} | {r[f'{VARIANT}_parameters']:,} |"
+            f"| {r['task']} | {', '.join(r['reads']) or '-'} | {r['metric']} ({arrow}) | {r['trivial']:.4g} | "
+            f"{r[BASELINE]:.4g} | {r[VARIANT]:.4g} | {r[FUSED]:.4g} | {r[f'delta_{VARIANT}']:+.1f} | "
+            f"{r[f'delta_{FUSED}']:+.1f} | {r[f'{BASELINE}_parameters']:,} | {r[f'{VARIANT}_parameters']:,} | "
+            f"{r[f'{FUSED}_parameters']:,} |"
         )
-    lines.append(f"\nDelta_MTL of {VARIANT} against the single-task baselines: {overall:+.2f}%")
+    lines.append("")
+    for variant, value in overall.items():
+        lines.append(f"Delta_MTL of {variant} against the single-task baselines: {value:+.2f}%")
     return "\n".join(lines)

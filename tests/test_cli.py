@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcm_nddr import cli
+from rcm_nddr import ModelStore, cli
 from rcm_nddr.config import load_config
 from rcm_nddr.demo import run_demo
 from rcm_nddr.engine.trainer import Trainer
@@ -47,7 +47,7 @@ def test_plugins_key_errors_name_the_key(tmp_path):
         Trainer(cfg, progress=False)
 
 
-def test_tiny_demo_runs_every_shipped_task(tmp_path, capsys):
+def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     summary = run_demo(
         out=tmp_path / "demo",
         data=tmp_path / "SYNTH_MT",
@@ -58,20 +58,43 @@ def test_tiny_demo_runs_every_shipped_task(tmp_path, capsys):
         pretrain_iters=1,
         progress=False,
     )
-    configs = REPO / "configs" / "synthetic"
-    shipped = sorted(p.name.removesuffix("_single_task.yaml") for p in configs.glob("*_single_task.yaml"))
+    configs = REPO / "configs" / "synthetic" / "incremental"
+    sequence = [load_config(p).tasks for p in sorted(configs.glob("*.yaml"))]
+    assert len(sequence[0]) == 2 and all(len(tasks) == 1 for tasks in sequence[1:])
     rows = summary["rows"]
-    assert sorted(r["task"] for r in rows) == shipped
+    names = [t for tasks in sequence for t in tasks]
+    assert [r["task"] for r in rows] == names
     for r in rows:
         assert r["RC_RI_NFF_parameters"] < r["single_task_parameters"] / 2  # the bank is shared, not owned
-        assert {"trivial", "single_task", "RC_RI_NFF", "delta"} <= set(r)
+        assert r["RC_RI_NFF_NDDR_parameters"] > r["RC_RI_NFF_parameters"]  # plus its NDDR layers
+        assert {"trivial", "single_task", "RC_RI_NFF", "RC_RI_NFF_NDDR", "delta_RC_RI_NFF_NDDR"} <= set(r)
+        group_mates = [t for tasks in sequence if r["task"] in tasks for t in tasks if t != r["task"]]
+        older = [t for tasks in sequence[: next(k for k, g in enumerate(sequence) if r["task"] in g)] for t in tasks]
+        assert sorted(r["reads"]) == sorted(older + group_mates)
+    assert [s["verified"] for s in summary["steps"]] == [names[: 2 + k] for k in range(len(sequence))]
+    store = ModelStore(tmp_path / "demo" / "incremental")
+    assert [t.name for t in store.tasks] == names and store.verify() == []
     assert (tmp_path / "demo" / "resnet18_bank.pth").is_file()
     assert (tmp_path / "demo" / "resnet18_bank_ri.safetensors").is_file()
     table = capsys.readouterr().out
-    assert table.startswith("| task | metric | trivial | single_task | RC_RI_NFF")
-    assert f"{summary['delta_mtl']:+.2f}%" in table
+    assert table.startswith("| task | reads | metric | trivial | single_task | RC_RI_NFF | RC_RI_NFF_NDDR")
+    assert f"{summary['delta_mtl']['RC_RI_NFF_NDDR']:+.2f}%" in table
     assert (tmp_path / "demo" / "demo_results.md").read_text().strip() == table.strip()
     assert json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"] == rows
+    # a second run starts its stores afresh and reuses the bank
+    assert (
+        run_demo(
+            out=tmp_path / "demo",
+            data=tmp_path / "SYNTH_MT",
+            n_train=4,
+            n_val=2,
+            size=(48, 48),
+            max_iters=1,
+            pretrain_iters=1,
+            progress=False,
+        )["rows"][0]["task"]
+        == names[0]
+    )
 
 
 @pytest.mark.cuda

@@ -272,3 +272,16 @@ def test_plain_baselines_register_in_a_store_of_their_own(tmp_path, synth, bank)
     assert torch.equal(predictions(store, "edge")["edge"], trained)
     assert ModelStore(store).backbone["reparam"] == "none"
     assert ModelStore(store).verify() == []
+
+
+def test_test_py_evaluates_a_group_that_reads_stored_tasks(tmp_path, synth, bank):
+    from rcm_nddr.engine.tester import run_test
+
+    store = tmp_path / "store"
+    train(store, synth, bank, "[semseg]")
+    trainer = train(store, synth, bank, "[depth]", "fusion.type=nddr")
+    train(store, synth, bank, "[edge]", "fusion.type=nddr")  # added later: the depth run's network is unchanged
+    cfg = load_config(None, overrides(store, synth, bank, "[depth]", "fusion.type=nddr"))
+    metrics = run_test(cfg, progress=False)
+    assert metrics["depth"]["rmse"] == pytest.approx(trainer.last_metrics["depth"]["rmse"], rel=1e-5)
+    assert ModelStore(store).task("depth").metrics["rmse"] == pytest.approx(metrics["depth"]["rmse"], rel=1e-5)

@@ -125,7 +125,10 @@ def load_ri(
         path = decomposition_path(cfg)
         if not path.is_file():
             log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
-            make_decomposition(cfg, path, backbone=net)
+            # Its data loader draws from the global RNG: without the fork, a run that makes the file would
+            # initialize its tasks differently from the same run finding it.
+            with torch.random.fork_rng(devices=[]):
+                make_decomposition(cfg, path, backbone=net)
     layers, _ = load_decomposition(path, expected_bank_sha256=filter_bank_sha256(bank_weights(net)))
     return {name: d.U for name, d in layers.items()}, path
 
