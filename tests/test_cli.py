@@ -48,16 +48,8 @@ def test_plugins_key_errors_name_the_key(tmp_path):
 
 
 def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
-    summary = run_demo(
-        out=tmp_path / "demo",
-        data=tmp_path / "SYNTH_MT",
-        n_train=4,
-        n_val=2,
-        size=(48, 48),
-        max_iters=1,
-        pretrain_iters=1,
-        progress=False,
-    )
+    tiny = dict(n_train=4, n_val=2, size=(48, 48), max_iters=1, pretrain_iters=1, progress=False)
+    summary = run_demo(out=tmp_path / "demo", data=tmp_path / "SYNTH_MT", **tiny)
     configs = REPO / "configs" / "synthetic" / "incremental"
     sequence = [load_config(p).tasks for p in sorted(configs.glob("*.yaml"))]
     assert len(sequence[0]) == 2 and all(len(tasks) == 1 for tasks in sequence[1:])
@@ -82,19 +74,8 @@ def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     assert (tmp_path / "demo" / "demo_results.md").read_text().strip() == table.strip()
     assert json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"] == rows
     # a second run starts its stores afresh and reuses the bank
-    assert (
-        run_demo(
-            out=tmp_path / "demo",
-            data=tmp_path / "SYNTH_MT",
-            n_train=4,
-            n_val=2,
-            size=(48, 48),
-            max_iters=1,
-            pretrain_iters=1,
-            progress=False,
-        )["rows"][0]["task"]
-        == names[0]
-    )
+    again = run_demo(out=tmp_path / "demo", data=tmp_path / "SYNTH_MT", **tiny)
+    assert [r["task"] for r in again["rows"]] == names and [t.name for t in store.tasks] == names
 
 
 @pytest.mark.cuda

@@ -159,3 +159,21 @@ def test_task_names_that_clash_with_fusion_attributes_are_refused():
         NDDRFusion({"stages": ["stages"]}, {"layer1": 4}, ["layer1"])
     with pytest.raises(ValueError, match="clash"):
         NDDRFusion({"forward": ["forward"]}, {"layer1": 4}, ["layer1"])
+
+
+def test_a_group_reading_a_stored_task_also_loads_what_that_task_reads():
+    from rcm_nddr.store import TaskRecord
+
+    records = [
+        TaskRecord("semseg", "semseg", group=1),
+        TaskRecord("edge", "edge", group=2),
+        TaskRecord("depth", "depth", group=3, sources=["edge"]),
+        TaskRecord("normals", "normals", group=4, sources=["depth"]),
+    ]
+    cfg = load_config(None, ["tasks=[sal, parts]", "fusion.type=nddr", "fusion.sources=[normals]"])
+    plan = plan_group(cfg, records)
+    assert plan.sources == {"sal": ["normals", "parts"], "parts": ["normals", "sal"]}
+    assert plan.frozen == ["edge", "depth", "normals"]  # store order; semseg is read by nobody here
+    everything = plan_group(load_config(None, ["tasks=[sal]", "fusion.type=nddr"]), records)
+    assert everything.sources == {"sal": ["semseg", "edge", "depth", "normals"]}
+    assert plan_group(load_config(None, ["tasks=[sal]", "fusion.type=none"]), records).frozen == []

@@ -240,13 +240,10 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
     for t, read in sources.items():
         if not read:
             log.warning("fusion.type is nddr but task %s has no other task to read: it gets no NDDR layers", t)
-    frozen_set = set(older)
-    for name in list(older):  # close over the stored tasks' own sources
-        for s in by_name[name].sources:
-            if s not in frozen_set:
-                frozen_set.add(s)
-                older.append(s)
-    frozen = [r.name for r in records if r.name in frozen_set]
+    needed = list(older)
+    for name in needed:  # grows while iterating: the stored tasks' own sources, and theirs
+        needed += [s for s in by_name[name].sources if s not in needed]
+    frozen = [r.name for r in records if r.name in needed]
     return GroupPlan({t: s for t, s in sources.items() if s}, frozen)
 
 
