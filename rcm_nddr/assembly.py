@@ -160,17 +160,19 @@ def build_network(
                 shortcut=bool(f.get("shortcut", False)),
             )
     by_name = {s.name: s for s in specs}
-    heads = {
-        name: DeepLabV3PlusHead(
-            high_channels=backbone.stage_channels["layer4"],
-            low_channels=backbone.stage_channels["layer1"],
-            out_channels=task.out_channels,
-            channels=by_name[name].head_channels,
-            output_stride=backbone.output_stride,
-        )
-        for name, task in heads_for.items()
-    }
+    heads = {name: build_head(backbone, task, by_name[name].head_channels) for name, task in heads_for.items()}
     return MultiTaskNet(dict(heads_for), backbone, heads, fusion, frozen=frozen)
+
+
+def build_head(backbone: nn.Module, task: Task, channels: int) -> DeepLabV3PlusHead:
+    """A DeepLabv3+ head for ``task`` on ``backbone``'s last and stride-4 stages."""
+    return DeepLabV3PlusHead(
+        high_channels=backbone.stage_channels["layer4"],
+        low_channels=backbone.stage_channels["layer1"],
+        out_channels=task.out_channels,
+        channels=channels,
+        output_stride=backbone.output_stride,
+    )
 
 
 def load_task_tensors(model: MultiTaskNet, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:

@@ -285,3 +285,11 @@ def test_test_py_evaluates_a_group_that_reads_stored_tasks(tmp_path, synth, bank
     metrics = run_test(cfg, progress=False)
     assert metrics["depth"]["rmse"] == pytest.approx(trainer.last_metrics["depth"]["rmse"], rel=1e-5)
     assert ModelStore(store).task("depth").metrics["rmse"] == pytest.approx(metrics["depth"]["rmse"], rel=1e-5)
+
+
+def test_a_refused_config_leaves_no_store_behind(tmp_path, synth, bank):
+    store = tmp_path / "store"
+    cfg = load_config(None, overrides(store, synth, bank, "[depth]", "fusion.type=nddr", "fusion.sources=[semseg]"))
+    with pytest.raises(Exception, match=r"fusion\.sources.*\['semseg'\]"):
+        Trainer(cfg, progress=False)
+    assert not (store / "store.yaml").exists() and not (store / "filter_bank.safetensors").exists()

@@ -13,13 +13,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..assembly import AssemblyError, TaskSpec, build_network, dataset_description, load_task_tensors, plugin_paths
+from ..assembly import (
+    AssemblyError,
+    TaskSpec,
+    build_head,
+    build_network,
+    dataset_description,
+    load_task_tensors,
+    plugin_paths,
+)
 from ..config import Config, ConfigError, OptimizerConfig, SchedulerConfig
 from ..data.transforms import build_transforms
 from ..model import MultiTaskNet
 from ..nn.backbone import STAGES, ResNetBackbone, SharedBackbone, resnet_backbone
 from ..nn.filter_bank import bank_weights, filter_bank_sha256
-from ..nn.heads import DeepLabV3PlusHead
 from ..nn.rc import RCResNet
 from ..registry import DATASETS, TASKS, RegistryError, discover
 from ..store import ModelStore, StoreError, TaskRecord, file_sha256
@@ -145,14 +152,10 @@ def open_store(
     net: ResNetBackbone,
     decomposition: dict[str, torch.Tensor] | None,
     decomposition_file: Path | None,
-    create: bool = True,
 ) -> ModelStore:
-    """The config's model store, created with this bank when missing (``create``); an existing store
-    with another backbone or bank is refused with both sha256s named."""
+    """The config's model store, created with this bank when missing; an existing store with another
+    backbone or bank is refused with both sha256s named."""
     b = cfg.backbone
-    store = ModelStore(cfg.store)
-    if not create and not store.exists:
-        raise StoreError(f"no model store at {store.path}: train this config first (python train.py --config ...)")
     return ModelStore.open_or_create(
         cfg.store,
         b.arch,
@@ -281,7 +284,7 @@ def build_model(
     net = pretrained_backbone(cfg) if net is None else net
     if shared:
         backbone = SharedBackbone(net)
-        heads = {name: _head(cfg, backbone, task) for name, task in tasks.items()}
+        heads = {name: build_head(backbone, task, cfg.head.channels) for name, task in tasks.items()}
         return MultiTaskNet(tasks, backbone, heads)
     if decomposition is None and cfg.backbone.reparam == "rc" and cfg.backbone.ri and not for_checkpoint:
         decomposition, _ = load_ri(cfg, net, store)
@@ -302,19 +305,7 @@ def build_model(
             load_task_tensors(model, {n: store.load_task_tensors(n) for n in plan.frozen})
     except AssemblyError as exc:
         raise StoreError(f"{store.store_file if store is not None else cfg.source}: {exc}") from exc
-    if cfg.head.type != "deeplabv3plus":  # the only head type; the schema allows nothing else
-        raise ConfigError(f"{cfg.source}: key 'head.type': unknown head {cfg.head.type!r}")
     return model
-
-
-def _head(cfg: Config, backbone: nn.Module, task: Task) -> DeepLabV3PlusHead:
-    return DeepLabV3PlusHead(
-        high_channels=backbone.stage_channels["layer4"],
-        low_channels=backbone.stage_channels["layer1"],
-        out_channels=task.out_channels,
-        channels=cfg.head.channels,
-        output_stride=cfg.backbone.output_stride,
-    )
 
 
 _OPTIMIZERS: dict[str, Callable[[list[dict], OptimizerConfig], torch.optim.Optimizer]] = {

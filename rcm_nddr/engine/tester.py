@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, check_paths
 from ..store import ModelStore
-from .builders import GroupPlan, build_dataset, build_model, build_tasks, pretrained_backbone, resolve_device
+from .builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint
 from .evaluate import evaluate, primary_metrics, to_json
 from .trainer import RunPaths
@@ -46,9 +46,7 @@ def run_test(
     # The network the run trained: its group, and the stored tasks it read (from the store, frozen).
     store = ModelStore(cfg.store)
     plan = GroupPlan.from_dict(state["plan"]) if "plan" in state else GroupPlan()
-    model = build_model(
-        cfg, tasks, store=store if store.exists else None, plan=plan, net=pretrained_backbone(cfg), for_checkpoint=True
-    )
+    model = build_model(cfg, tasks, store=store if store.exists else None, plan=plan, for_checkpoint=True)
     model.load_state_dict(state["model"])
     # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
     model.to(device, memory_format=torch.channels_last)

@@ -122,14 +122,15 @@ class Trainer:
         if shared_backbone:
             model = build_model(cfg, self.tasks, shared=True, net=net)
         else:
+            # Every check before anything is written: a refused config leaves no store behind.
             store = ModelStore(cfg.store)
             check_store_backbone(cfg, store, net)
-            decomposition, decomposition_file = load_ri(cfg, net, store)
-            self.store = open_store(cfg, net, decomposition, decomposition_file)
             if saved is not None and "plan" in saved:  # what the run started with, whatever was added since
                 self.plan = GroupPlan.from_dict(saved["plan"])
             else:
-                self.plan = plan_group(cfg, self.store.tasks, replace)
+                self.plan = plan_group(cfg, store.tasks if store.exists else [], replace)
+            decomposition, decomposition_file = load_ri(cfg, net, store)
+            self.store = open_store(cfg, net, decomposition, decomposition_file)
             model = build_model(cfg, self.tasks, store=self.store, plan=self.plan, net=net, decomposition=decomposition)
         # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
         self.model = model.to(self.device, memory_format=torch.channels_last)
