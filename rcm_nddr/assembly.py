@@ -8,7 +8,7 @@ configs nor the datasets the tasks were trained with."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from .accounting import owned_by
 from .model import MultiTaskNet
 from .nn.backbone import ResNetBackbone, TaskBackbones, resnet_backbone
 from .nn.heads import DeepLabV3PlusHead
-from .nn.nddr import NDDRFusion
+from .nn.nddr import NDDRFusion, transitive_sources
 from .nn.rc import RCResNet
 from .registry import TASKS, discover
 from .task import DatasetInfo, Task
@@ -98,16 +98,6 @@ def dataset_description(info: DatasetInfo) -> dict[str, Any]:
 def plugin_paths(plugins: Iterable[str]) -> list[str]:
     """Plug-ins as recorded: ``.py`` paths made absolute so a store loads from any working directory."""
     return [str(Path(p).expanduser().resolve()) if p.endswith(".py") or "/" in p else p for p in plugins]
-
-
-def closure(specs: Mapping[str, TaskSpec], names: Sequence[str]) -> list[str]:
-    """``names`` and every task they read, directly or through other sources."""
-    out = list(names)
-    for name in out:  # grows while iterating
-        if name not in specs:
-            raise AssemblyError(f"task '{name}' is read through NDDR but is not available")
-        out += [s for s in specs[name].sources if s not in out]
-    return out
 
 
 def skeleton(arch: str, output_stride: int) -> ResNetBackbone:
@@ -224,20 +214,23 @@ def assemble(
     bank: Mapping[str, Tensor],
     records: Sequence[Any],
     names: Sequence[str],
-    tensors: Mapping[str, Mapping[str, Tensor]],
+    load_tensors: Callable[[str], Mapping[str, Tensor]],
 ) -> MultiTaskNet:
-    """The inference network of ``names`` from store records (in store order) and their tensors:
-    heads for ``names``, every task they read as a frozen source, the bank as stored; eval mode, no
-    parameter requires a gradient."""
+    """The inference network of ``names`` from store records (in store order), with each needed task's
+    tensors from ``load_tensors(name)``: heads for ``names``, every task they read as a frozen source,
+    the bank as stored; eval mode, no parameter requires a gradient."""
     specs = {r.name: TaskSpec.from_record(r) for r in records}
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise AssemblyError(f"unknown task(s) {unknown}; available: {list(specs)}")
-    needed = set(closure(specs, names))
+    needed = transitive_sources(names, {n: spec.sources for n, spec in specs.items()})
+    missing = [n for n in needed if n not in specs]
+    if missing:
+        raise AssemblyError(f"task(s) {missing} are read through NDDR but are not available")
     ordered = [specs[r.name] for r in records if r.name in needed]
     heads_for = {n: specs[n].build_task() for n in names}
     plain = skeleton(backbone["arch"], backbone["output_stride"])
-    model = build_network(backbone["reparam"], plain, ordered, heads_for, frozen=needed - set(names), bank=bank)
-    load_task_tensors(model, {n: tensors[n] for n in needed})
+    model = build_network(backbone["reparam"], plain, ordered, heads_for, frozen=set(needed) - set(names), bank=bank)
+    load_task_tensors(model, {n: load_tensors(n) for n in needed})
     model.requires_grad_(False)
     return model.eval()

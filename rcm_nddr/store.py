@@ -256,6 +256,33 @@ def _compare_probe(output: Tensor, recorded: Tensor, name: str, path: Path) -> s
     )
 
 
+def _check_backbone(
+    b: Mapping[str, Any],
+    store: ModelStore,
+    arch: str,
+    reparam: str,
+    ri: bool,
+    output_stride: int,
+    weights_source: str,
+    source_bank_sha256: str | None,
+) -> None:
+    """Refuse a backbone other than ``b`` (the store's): ``ModelStore.check_backbone``."""
+    asked = {"arch": arch, "reparam": reparam, "ri": ri, "output_stride": output_stride}
+    for key, value in asked.items():
+        if b.get(key) != value:
+            raise StoreError(
+                f"{store.store_file} holds a backbone with {key}={b.get(key)!r}, this run asks for {value!r}; "
+                "a store holds one filter bank: train into another store, or match the store's backbone"
+            )
+    recorded = b.get("source_bank_sha256")
+    if source_bank_sha256 is not None and recorded is not None and source_bank_sha256 != recorded:
+        raise StoreError(
+            f"the filter bank from backbone.weights={weights_source} has sha256 {source_bank_sha256}, but the "
+            f"store {store.path} was made from a bank with sha256 {recorded} ({b['weights']}); a store holds "
+            "one filter bank: train into another store, or use the store's weights"
+        )
+
+
 def _record_from_input(record: TaskRecord | Mapping[str, Any], index: int) -> TaskRecord:
     where = f"register_group: records[{index}]"
     if isinstance(record, TaskRecord):
@@ -324,64 +351,51 @@ class ModelStore:
         ri: bool = False,
         output_stride: int = 16,
         source_bank_sha256: str | None = None,
+        exist_ok: bool = False,
     ) -> ModelStore:
         """A new store holding ``filter_bank`` (the bank as the convs use it: rotated by the RI
         eigenvectors when ``ri``), and the RI decomposition, copied in when given.
 
         ``weights_source`` describes where the bank's weights came from; when it names an existing
-        file and ``weights_sha256`` is not given, that file's sha256 is recorded."""
-        store = cls(path)
-        with store._locked():
-            if store.exists:
-                raise StoreError(f"a model store already exists at {store.path} ({STORE_FILE} is there)")
-            store._create_locked(
-                arch,
-                weights_source,
-                filter_bank,
-                decomposition_file,
-                weights_sha256,
-                reparam,
-                ri,
-                output_stride,
-                source_bank_sha256,
-            )
-        return store
-
-    @classmethod
-    def open_or_create(
-        cls,
-        path: str | Path,
-        arch: str,
-        weights_source: str,
-        filter_bank: Mapping[str, Tensor],
-        decomposition_file: str | Path | None = None,
-        reparam: str = "rc",
-        ri: bool = False,
-        output_stride: int = 16,
-        source_bank_sha256: str | None = None,
-    ) -> ModelStore:
-        """The store at ``path``, created with this bank when it does not exist yet (under the lock, so
-        two runs starting together agree on one bank). An existing store must hold the same backbone
-        (arch, ``reparam``, ``ri``, output stride) and a bit-identical bank, or it is refused with both
-        sha256s named: a store holds one filter bank."""
+        file and ``weights_sha256`` is not given, that file's sha256 is recorded. An existing store is
+        an error unless ``exist_ok``: then it must hold the same backbone (arch, ``reparam``, ``ri``,
+        output stride) and a bit-identical bank, or it is refused with both sha256s named (a store holds
+        one filter bank). Creation happens under the lock, so two runs starting together agree on one
+        bank."""
         store = cls(path)
         bank = _cpu_tensors(filter_bank, "filter bank")
         with store._locked():
             if not store.exists:
-                store._create_locked(
-                    arch,
-                    weights_source,
-                    bank,
-                    decomposition_file,
-                    None,
-                    reparam,
-                    ri,
-                    output_stride,
-                    source_bank_sha256,
-                )
+                if decomposition_file is not None and not Path(decomposition_file).is_file():
+                    raise StoreError(f"decomposition file {decomposition_file} does not exist")
+                if weights_sha256 is None and Path(weights_source).is_file():
+                    weights_sha256 = file_sha256(weights_source)
+                _save_tensors(store.path / BANK_FILE, bank)
+                decomposition_sha256 = None
+                if decomposition_file is not None:
+                    decomposition_sha256 = store._copy_decomposition(Path(decomposition_file))
+                doc = {
+                    "schema_version": SCHEMA_VERSION,
+                    "backbone": {
+                        "arch": arch,
+                        "reparam": reparam,
+                        "ri": bool(ri),
+                        "output_stride": int(output_stride),
+                        "weights": str(weights_source),
+                        "weights_sha256": weights_sha256,
+                        "source_bank_sha256": source_bank_sha256,
+                        "filter_bank_sha256": filter_bank_sha256(bank),
+                    },
+                    "decomposition_sha256": decomposition_sha256,
+                    "tasks": [],
+                }
+                store._write(doc)
+                log.info("model store created at %s (%s, %s, %d bank tensors)", store.path, arch, reparam, len(bank))
                 return store
+            if not exist_ok:
+                raise StoreError(f"a model store already exists at {store.path} ({STORE_FILE} is there)")
             b = store._read()["backbone"]
-        store.check_backbone(arch, reparam, ri, output_stride, weights_source, source_bank_sha256)
+        _check_backbone(b, store, arch, reparam, ri, output_stride, weights_source, source_bank_sha256)
         actual = filter_bank_sha256(bank)
         if actual != b["filter_bank_sha256"]:
             raise StoreError(
@@ -403,59 +417,7 @@ class ModelStore:
         """Refuse a backbone other than the store's: arch, ``reparam``, ``ri``, output stride, and the
         sha256 of the pretrained conv weights the bank was made from (both sha256s named)."""
         b = self._read()["backbone"]
-        asked = {"arch": arch, "reparam": reparam, "ri": ri, "output_stride": output_stride}
-        for key, value in asked.items():
-            if b.get(key) != value:
-                raise StoreError(
-                    f"{self.store_file} holds a backbone with {key}={b.get(key)!r}, this run asks for {value!r}; "
-                    "a store holds one filter bank: train into another store, or match the store's backbone"
-                )
-        recorded = b.get("source_bank_sha256")
-        if source_bank_sha256 is not None and recorded is not None and source_bank_sha256 != recorded:
-            raise StoreError(
-                f"the filter bank from backbone.weights={weights_source} has sha256 {source_bank_sha256}, but the "
-                f"store {self.path} was made from a bank with sha256 {recorded} ({b['weights']}); a store holds "
-                "one filter bank: train into another store, or use the store's weights"
-            )
-
-    def _create_locked(
-        self,
-        arch: str,
-        weights_source: str,
-        filter_bank: Mapping[str, Tensor],
-        decomposition_file: str | Path | None,
-        weights_sha256: str | None,
-        reparam: str,
-        ri: bool,
-        output_stride: int,
-        source_bank_sha256: str | None = None,
-    ) -> None:
-        bank = _cpu_tensors(filter_bank, "filter bank")
-        if decomposition_file is not None and not Path(decomposition_file).is_file():
-            raise StoreError(f"decomposition file {decomposition_file} does not exist")
-        if weights_sha256 is None and Path(weights_source).is_file():
-            weights_sha256 = file_sha256(weights_source)
-        _save_tensors(self.path / BANK_FILE, bank)
-        decomposition_sha256 = None
-        if decomposition_file is not None:
-            decomposition_sha256 = self._copy_decomposition(Path(decomposition_file))
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "backbone": {
-                "arch": arch,
-                "reparam": reparam,
-                "ri": bool(ri),
-                "output_stride": int(output_stride),
-                "weights": str(weights_source),
-                "weights_sha256": weights_sha256,
-                "source_bank_sha256": source_bank_sha256,
-                "filter_bank_sha256": filter_bank_sha256(bank),
-            },
-            "decomposition_sha256": decomposition_sha256,
-            "tasks": [],
-        }
-        self._write(doc)
-        log.info("model store created at %s (%s, %s, %d bank tensors)", self.path, arch, reparam, len(bank))
+        _check_backbone(b, self, arch, reparam, ri, output_stride, weights_source, source_bank_sha256)
 
     def add_decomposition(self, decomposition_file: str | Path) -> str:
         """Record the RI decomposition (copied to ``ri.safetensors`` unless it is that file already);
@@ -590,7 +552,7 @@ class ModelStore:
         device: str | torch.device | None = None,
     ):
         """``load_model`` over the store's records plus ``extra`` records and tensors not written yet."""
-        from .assembly import AssemblyError, TaskSpec, assemble, closure
+        from .assembly import AssemblyError, assemble
         from .registry import RegistryError
 
         records = [t for t in doc["tasks"] if t.name not in extra] + [r for r, _ in extra.values()]
@@ -602,12 +564,12 @@ class ModelStore:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise StoreError(f"no task(s) {unknown} in {self.store_file}; registered: {list(known) or 'none'}")
+
+        def load(name: str) -> Mapping[str, Tensor]:
+            return extra[name][1] if name in extra else self._load_checked(known[name], known[name].tensors_file)
+
         try:
-            needed = closure({r.name: TaskSpec.from_record(r) for r in records}, names)
-            tensors = {
-                n: extra[n][1] if n in extra else self._load_checked(known[n], known[n].tensors_file) for n in needed
-            }
-            model = assemble(doc["backbone"], self.filter_bank(), records, names, tensors)
+            model = assemble(doc["backbone"], self.filter_bank(), records, names, load)
         except (AssemblyError, RegistryError) as exc:
             raise StoreError(f"{self.store_file}: {exc}") from exc
         if device == "auto":

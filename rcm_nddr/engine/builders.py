@@ -27,6 +27,7 @@ from ..data.transforms import build_transforms
 from ..model import MultiTaskNet
 from ..nn.backbone import STAGES, ResNetBackbone, SharedBackbone, resnet_backbone
 from ..nn.filter_bank import bank_weights, filter_bank_sha256
+from ..nn.nddr import transitive_sources
 from ..nn.rc import RCResNet
 from ..registry import DATASETS, TASKS, RegistryError, discover
 from ..store import ModelStore, StoreError, TaskRecord, file_sha256
@@ -156,7 +157,7 @@ def open_store(
     """The config's model store, created with this bank when missing; an existing store with another
     backbone or bank is refused with both sha256s named."""
     b = cfg.backbone
-    return ModelStore.open_or_create(
+    return ModelStore.create(
         cfg.store,
         b.arch,
         b.weights,
@@ -166,6 +167,7 @@ def open_store(
         ri=b.reparam == "rc" and b.ri,
         output_stride=b.output_stride,
         source_bank_sha256=filter_bank_sha256(bank_weights(net)),
+        exist_ok=True,
     )
 
 
@@ -243,9 +245,7 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
     for t, read in sources.items():
         if not read:
             log.warning("fusion.type is nddr but task %s has no other task to read: it gets no NDDR layers", t)
-    needed = list(older)
-    for name in needed:  # grows while iterating: the stored tasks' own sources, and theirs
-        needed += [s for s in by_name[name].sources if s not in needed]
+    needed = transitive_sources(older, {r.name: r.sources for r in records})
     frozen = [r.name for r in records if r.name in needed]
     return GroupPlan({t: s for t, s in sources.items() if s}, frozen)
 

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def transitive_sources(tasks: Sequence[str], sources: Mapping[str, Sequence[str]]) -> list[str]:
+    """``tasks`` followed by every task they read through NDDR, directly or through other sources
+    (``sources[t]``: the tasks t reads; a task missing from ``sources`` reads nothing)."""
+    out = list(tasks)
+    for task in out:  # grows while iterating: a breadth-first closure
+        out += [s for s in sources.get(task, ()) if s not in out]
+    return out
+
+
 class NDDRLayer(nn.Module):
     """One task's NDDR layer at one stage: ``ReLU(BN(W [x_own, x_s1, x_s2, ...]))`` with ``W`` a bias-free
     1x1 conv from ``n_sources * channels`` to ``channels``.
@@ -138,10 +147,7 @@ class NDDRFusion(nn.ModuleDict):
 
     def required(self, tasks: Sequence[str]) -> list[str]:
         """``tasks`` followed by every task they read, directly or through other sources."""
-        out = list(tasks)
-        for task in out:  # grows while iterating: a breadth-first closure
-            out += [s for s in self.sources.get(task, []) if s not in out]
-        return out
+        return transitive_sources(tasks, self.sources)
 
     def forward(
         self, stage: str, features: Mapping[str, Tensor], tasks: Sequence[str] | None = None
