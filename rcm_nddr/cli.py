@@ -18,8 +18,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from .config import ConfigError
     from .data.folder import DatasetError
+    from .engine.saved import PredictionError
     from .engine.trainer import NonFiniteLossError, RunExistsError
     from .nn.backbone import WeightsError
+    from .offline_eval import EvaluateError
     from .predict import PredictError
     from .registry import RegistryError
     from .store import StoreError
@@ -33,6 +35,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RunExistsError,
         NonFiniteLossError,
         PredictError,
+        PredictionError,
+        EvaluateError,
         StoreError,
         FileNotFoundError,
     )
@@ -111,7 +115,13 @@ def _test(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_test(
-        cfg, split=args.split, checkpoint=args.checkpoint, log_performance=args.log_performance, progress=not args.quiet
+        cfg,
+        split=args.split,
+        checkpoint=args.checkpoint,
+        log_performance=args.log_performance,
+        progress=not args.quiet,
+        save_predictions=args.save_predictions,
+        baselines=args.baselines,
     )
     return 0
 
@@ -121,6 +131,16 @@ def _add_test_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to evaluate (default: dataset.val_split)")
     p.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint (default: test.checkpoint)")
     p.add_argument("--log-performance", metavar="CSV", help="append one row per task to this CSV file")
+    p.add_argument(
+        "--save-predictions",
+        metavar="DIR",
+        help="also write every prediction to DIR/<task>/<sample id>.png|.npy (what `rcm-nddr evaluate` reads)",
+    )
+    p.add_argument(
+        "--baselines",
+        metavar="STORE_OR_JSON",
+        help="single-task results (a model store or a JSON file) for Delta_MTL (default: test.baselines)",
+    )
     p.set_defaults(func=_test)
     return p
 
@@ -301,6 +321,11 @@ def parser() -> argparse.ArgumentParser:
 
     predict.add_arguments(
         sub.add_parser("predict", help="run stored tasks on images: PNG visualizations and .npy outputs per task")
+    )
+    from . import offline_eval
+
+    offline_eval.add_arguments(
+        sub.add_parser("evaluate", help="score saved predictions (.png/.npy files) against a dataset split")
     )
     _add_train_args(sub.add_parser("train", help="train the task group of a config (= python train.py)"))
     _add_test_args(sub.add_parser("test", help="evaluate a trained task group (= python test.py)"))

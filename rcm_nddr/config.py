@@ -29,6 +29,8 @@ class DatasetConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
     #: random horizontal flips in training (normals' x component negated)
     flip: bool = True
+    #: keyword options of the dataset class (e.g. ``classes: 7`` for Cityscapes); an unknown one is an error
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +106,8 @@ class TestConfig:
     batch_size: int = 8
     #: ``best`` or ``last`` checkpoint of the run
     checkpoint: Literal["best", "last"] = "best"
+    #: single-task results for Delta_MTL: a model store or a JSON file ({task: {metric: value}})
+    baselines: str | None = None
 
 
 @dataclass

@@ -67,6 +67,10 @@ class Task(ABC):
     target_key: ClassVar[str]
     #: the weight of this task's loss in the RCM/ASTMT protocol (the config may override it)
     default_loss_weight: ClassVar[float] = 1.0
+    #: how a saved prediction is stored (``test.py --save-predictions``, ``rcm-nddr evaluate``):
+    #: ``.npy`` (float32, H x W for one channel, H x W x C otherwise) or ``.png`` (uint8 map of
+    #: 0-based class indices, for predictions that are H x W integer class maps)
+    prediction_suffix: ClassVar[str] = ".npy"
 
     def __init__(self, name: str, info: DatasetInfo) -> None:
         self.name = name

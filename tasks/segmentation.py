@@ -154,6 +154,7 @@ class SegmentationTask(Task):
     """
 
     target_key: ClassVar[str]
+    prediction_suffix = ".png"
 
     def __init__(self, name: str, info: DatasetInfo) -> None:
         super().__init__(name, info)

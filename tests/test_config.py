@@ -97,3 +97,39 @@ def test_saved_config_round_trips(tmp_path):
     assert data["loss"]["edge"] == {"weight": 50, "pos_weight": 0.9}
     again = load_config(out)
     assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("folder", "dataset", "crop", "tasks"),
+    [
+        ("NYUD", "nyud", (425, 560), {"semseg", "depth", "normals", "edge"}),
+        ("PascalContext", "pascal", (512, 512), {"semseg", "human_parts", "normals", "sal", "edge"}),
+    ],
+)
+def test_real_dataset_configs_follow_the_rcm_protocol(folder, dataset, crop, tasks):
+    variants = {
+        "single_task": ("none", None, None, "none"),
+        "RC": ("rc", False, False, "none"),
+        "RC_RI": ("rc", True, False, "none"),
+        "RC_RI_NFF": ("rc", True, True, "none"),
+        "RC_RI_NFF_NDDR": ("rc", True, True, "nddr"),
+    }
+    weights = {"semseg": 1, "human_parts": 2, "depth": 1, "normals": 10, "edge": 50, "sal": 5}
+    files = {p.stem for p in (REPO / "configs" / folder).glob("*.yaml")}
+    assert files == {f"{t}_{v}" for t in tasks for v in variants}
+    for task in tasks:
+        for variant, (reparam, ri, nff, fusion) in variants.items():
+            cfg = load_config(REPO / "configs" / folder / f"{task}_{variant}.yaml")
+            assert cfg.tasks == [task] and cfg.dataset.name == dataset and cfg.dataset.crop == crop
+            assert cfg.dataset.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0] and cfg.dataset.flip
+            assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum) == ("sgd", 0.005, 0.9)
+            assert cfg.optimizer.weight_decay == 1e-4 and (cfg.scheduler.name, cfg.scheduler.power) == ("poly", 0.9)
+            assert cfg.train.batch_size == 8 and cfg.head.channels == 256 and cfg.backbone.arch == "resnet18"
+            assert cfg.backbone.reparam == reparam and cfg.fusion.type == fusion
+            if reparam == "rc":
+                assert (cfg.backbone.ri, cfg.backbone.nff) == (ri, nff)
+            assert cfg.loss[task]["weight"] == weights[task]
+            expected_iters = 19875 if folder == "NYUD" else (13020 if task == "human_parts" else 37500)
+            assert cfg.train.max_iters == expected_iters
+            if fusion == "nddr":
+                assert (cfg.fusion.lr_mult, cfg.fusion.alpha, cfg.fusion.sources) == (100, 0.9, "all")

@@ -233,7 +233,8 @@ class NYUDMT(MultiTaskFolder):
         return DatasetInfo(
             name="NYUD-MT",
             classes={"semseg": list(NYUD_CLASSES)},
-            extra={"depth_unit": "m", "ignore_index": IGNORE_INDEX},
+            # the boundary benchmark's matching tolerance for NYUD, a fraction of the image diagonal
+            extra={"depth_unit": "m", "ignore_index": IGNORE_INDEX, "edge_max_dist": 0.011},
         )
 
 

@@ -63,11 +63,21 @@ def build_dataset(cfg: Config, split: str, train: bool):
     except RegistryError as exc:
         raise ConfigError(f"{cfg.source}: key 'dataset.name': {exc}") from exc
     targets = sorted({cls.target_key for cls in task_classes(cfg).values()})
+    options = dict(cfg.dataset.options)
+    try:
+        inspect.signature(dataset_cls).bind(cfg.dataset.root, split, targets, None, **options)
+    except TypeError as exc:
+        known = [p.name for p in inspect.signature(dataset_cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        raise ConfigError(
+            f"{cfg.source}: key 'dataset.options': {exc} (options of dataset {cfg.dataset.name!r}: "
+            f"{', '.join(known) or 'none'})"
+        ) from exc
     return dataset_cls(
         root=cfg.dataset.root,
         split=split,
         targets=targets,
         transform=build_transforms(train, cfg.dataset.crop, cfg.dataset.scales, cfg.dataset.flip),
+        **options,
     )
 
 

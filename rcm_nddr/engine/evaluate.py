@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
-from ..task import Task
+from ..task import Metric, Task
+from .saved import sample_sizes, unpad
 
 
 def autocast(device: torch.device, amp: bool):
@@ -42,7 +43,11 @@ def evaluate(
     on_batch: Callable[[dict, dict[str, Tensor]], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run ``model`` over ``loader`` and return ``{task: metrics}``. ``on_batch(batch, predictions)``
-    sees every batch with the post-processed predictions (for saving or visualizing them)."""
+    sees every batch with the post-processed predictions (for saving or visualizing them).
+
+    Metrics see each sample at its original size: the padding the validation transform adds for
+    batching (bottom/right, ``meta.size`` gives the original) is cropped from predictions and targets,
+    so scores equal those of the same predictions saved and scored by ``rcm-nddr evaluate``."""
     was_training = model.training
     model.eval()
     metrics = {name: task.metric() for name, task in tasks.items()}
@@ -52,13 +57,27 @@ def evaluate(
             with autocast(device, amp):
                 outputs = model(images, tasks=list(tasks), raw=True)
             predictions = {name: tasks[name].postprocess(out.float()).cpu() for name, out in outputs.items()}
-            for name, task in tasks.items():
-                metrics[name].update(predictions[name], batch[task.target_key])
+            update_unpadded(metrics, tasks, predictions, batch)
             if on_batch is not None:
                 on_batch(batch, predictions)
     finally:
         model.train(was_training)
     return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def update_unpadded(
+    metrics: Mapping[str, Metric], tasks: Mapping[str, Task], predictions: Mapping[str, Tensor], batch: Mapping
+) -> None:
+    """Update each task's metric with a batch, each sample cropped to its original size (``meta.size``)."""
+    sizes = sample_sizes(batch) if "meta" in batch else []
+    padded_size = tuple(batch["image"].shape[-2:])
+    for name, task in tasks.items():
+        target = batch[task.target_key]
+        if all(size == padded_size for size in sizes):
+            metrics[name].update(predictions[name], target)
+            continue
+        for i, size in enumerate(sizes):
+            metrics[name].update(unpad(predictions[name][i : i + 1], size), unpad(target[i : i + 1], size))
 
 
 def primary_metrics(tasks: Mapping[str, Task]) -> dict[str, tuple[str, bool]]:
@@ -104,9 +123,8 @@ def evaluate_trivial(
             predictors[name].fit(batch[task.target_key])
     metrics = {name: task.metric() for name, task in tasks.items()}
     for batch in DataLoader(val_set, batch_size=batch_size):
-        for name, task in tasks.items():
-            target = batch[task.target_key]
-            metrics[name].update(predictors[name].predict(target), target)
+        predictions = {name: predictors[name].predict(batch[task.target_key]) for name, task in tasks.items()}
+        update_unpadded(metrics, tasks, predictions, batch)
     return {name: metric.compute() for name, metric in metrics.items()}
 
 

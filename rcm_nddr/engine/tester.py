@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config, check_paths
+from ..config import Config, ConfigError, check_paths
 from ..store import ModelStore
 from .builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint
-from .evaluate import evaluate, primary_metrics, to_json
+from .evaluate import delta_mtl, evaluate, primary_metrics, to_json
+from .saved import PredictionWriter
 from .trainer import RunPaths
 
 log = logging.getLogger(__name__)
@@ -27,10 +31,19 @@ def run_test(
     checkpoint: str | None = None,
     log_performance: str | Path | None = None,
     progress: bool = True,
+    save_predictions: str | Path | None = None,
+    baselines: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate the run's ``best`` (or ``last``) checkpoint; write ``test_metrics.json`` in the run
-    directory and append one CSV row per task to ``log_performance`` (header when the file is new)."""
+    directory and append one CSV row per task to ``log_performance`` (header when the file is new).
+
+    ``save_predictions``: also write every prediction to ``<dir>/<task>/<sample id>.png|.npy`` (the
+    layout ``rcm-nddr evaluate`` reads). ``baselines`` (default ``test.baselines``): a model store or a
+    JSON file with single-task results; Delta_MTL against them is logged and written to the JSON."""
     check_paths(cfg)
+    baselines = baselines if baselines is not None else cfg.test.baselines
+    # read the baselines first: a wrong path should fail before a long evaluation, not after
+    baseline_metrics = load_baselines(baselines, cfg.tasks) if baselines else None
     split = split or cfg.dataset.val_split
     which = checkpoint or cfg.test.checkpoint
     paths = RunPaths.of(cfg)
@@ -56,8 +69,9 @@ def run_test(
         num_workers=cfg.train.num_workers,
         pin_memory=device.type == "cuda",
     )
-    metrics = evaluate(model, loader, tasks, device, cfg.train.amp, progress)
-    result = {
+    writer = PredictionWriter(save_predictions, tasks) if save_predictions is not None else None
+    metrics = evaluate(model, loader, tasks, device, cfg.train.amp, progress, on_batch=writer)
+    result: dict[str, Any] = {
         "config": cfg.source,
         "group": cfg.group_name,
         "split": split,
@@ -65,10 +79,20 @@ def run_test(
         "iteration": state["iteration"],
         "metrics": metrics,
     }
-    atomic_write_text(paths.run / "test_metrics.json", to_json(result, indent=2))
     primaries = primary_metrics(tasks)
     for name, values in metrics.items():
         log.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in values.items() if "/" not in k))
+    if baseline_metrics is not None:
+        result["delta_mtl"] = delta_report(metrics, baseline_metrics, primaries, str(baselines))
+        log.info(
+            "Delta_MTL vs %s: %+.2f%% (%s)",
+            baselines,
+            result["delta_mtl"]["value"],
+            ", ".join(f"{k} {v:+.2f}%" for k, v in result["delta_mtl"]["per_task"].items()),
+        )
+    if writer is not None:
+        log.info("%d predictions per task written to %s", writer.count, save_predictions)
+    atomic_write_text(paths.run / "test_metrics.json", to_json(result, indent=2))
     if log_performance is not None:
         append_csv(
             log_performance,
@@ -100,3 +124,54 @@ def append_csv(path: str | Path, rows: list[dict[str, object]]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def load_baselines(source: str | Path, task_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Single-task results of ``task_names`` from a model store (each record's metrics) or a JSON file:
+    ``{task: {metric: value}}``, or a ``test_metrics.json`` (its ``metrics``)."""
+    source = Path(source)
+    if (source / "store.yaml").is_file():
+        records = {record.name: record.metrics for record in ModelStore(source).tasks}
+        what = f"model store {source}"
+    elif source.is_file():
+        try:
+            data = json.loads(source.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"baselines file {source}: not readable JSON ({exc})") from exc
+        if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+            data = data["metrics"]
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ConfigError(
+                f"baselines file {source}: expected a JSON object {{task: {{metric: value}}}} "
+                "or a test_metrics.json written by test.py"
+            )
+        records, what = data, f"baselines file {source}"
+    else:
+        raise ConfigError(f"baselines {source}: neither a model store (no store.yaml) nor a JSON file")
+    missing = [name for name in task_names if name not in records]
+    if missing:
+        raise ConfigError(
+            f"{what} has no result for task(s) {', '.join(missing)} (it has: {', '.join(records) or 'none'})"
+        )
+    return {name: dict(records[name]) for name in task_names}
+
+
+def delta_report(
+    metrics: Mapping[str, Mapping[str, float]],
+    baselines: Mapping[str, Mapping[str, Any]],
+    primaries: Mapping[str, tuple[str, bool]],
+    source: str,
+) -> dict[str, Any]:
+    """Delta_MTL over the group and each task's own term (percent), with what it was computed from."""
+    for name, (key, _) in primaries.items():
+        value = baselines[name].get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"baselines {source}: task {name!r} has no numeric {key!r} (its primary metric)")
+    per_task = {name: delta_mtl(metrics, baselines, {name: primaries[name]}) for name in primaries}
+    return {
+        "value": delta_mtl(metrics, baselines, primaries),
+        "per_task": per_task,
+        "primary": {name: key for name, (key, _) in primaries.items()},
+        "baselines": {name: baselines[name][key] for name, (key, _) in primaries.items()},
+        "source": source,
+    }

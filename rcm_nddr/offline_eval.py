@@ -1,0 +1,139 @@
+"""``rcm-nddr evaluate``: score predictions saved as files against a dataset split with a task's metric,
+without the model (the files ``test.py --save-predictions`` writes, or another code's outputs in
+the same layout; see ``rcm_nddr.engine.saved``)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+class EvaluateError(Exception):
+    """Bad ``rcm-nddr evaluate`` arguments: an unknown dataset, task or option."""
+
+
+def parse_options(items: list[str], flag: str) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict, values parsed as YAML (``7`` is an int, ``0.01`` a float)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise EvaluateError(f"{flag} {item!r}: expected key=value, e.g. {flag} classes=7")
+        try:
+            options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise EvaluateError(f"{flag} {item!r}: value is not valid YAML ({exc})") from exc
+    return options
+
+
+def _bind(cls: type, args: tuple, options: dict[str, Any], what: str, flag: str) -> None:
+    try:
+        inspect.signature(cls).bind(*args, **options)
+    except TypeError as exc:
+        known = [p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        raise EvaluateError(f"{flag}: {exc} (options of {what}: {', '.join(known) or 'none'})") from exc
+
+
+def evaluate_folder(
+    dataset_name: str,
+    root: str,
+    split: str,
+    task_name: str,
+    pred: str,
+    dataset_options: dict[str, Any] | None = None,
+    task_options: dict[str, Any] | None = None,
+    plugins: list[str] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the dataset split and the task (task name = task type), score the folder, and return
+    ``{dataset, root, split, task, pred, samples, metrics}``."""
+    from .engine.saved import evaluate_saved
+    from .registry import DATASETS, TASKS, RegistryError, discover
+
+    discover(plugins or [])
+    try:
+        dataset_cls, task_cls = DATASETS.get(dataset_name), TASKS.get(task_name)
+    except RegistryError as exc:
+        raise EvaluateError(str(exc)) from exc
+    dataset_options, task_options = dict(dataset_options or {}), dict(task_options or {})
+    _bind(dataset_cls, (root, split, [task_cls.target_key]), dataset_options, f"dataset {dataset_name!r}", "--option")
+    dataset = dataset_cls(root, split, [task_cls.target_key], **dataset_options)
+    _bind(task_cls, (task_name, dataset.info), task_options, f"task type {task_name!r}", "--task-option")
+    try:
+        task = task_cls(task_name, dataset.info, **task_options)
+    except ValueError as exc:
+        raise EvaluateError(f"--task-option: {exc}") from exc
+    metrics = evaluate_saved(dataset, task, pred, num_workers=num_workers, progress=progress)
+    return {
+        "dataset": dataset_name,
+        "root": str(root),
+        "split": split,
+        "task": task_name,
+        "pred": str(pred),
+        "samples": len(dataset),
+        "metrics": metrics,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    from .engine.evaluate import to_json
+
+    result = evaluate_folder(
+        args.dataset,
+        args.root,
+        args.split,
+        args.task,
+        args.pred,
+        dataset_options=parse_options(args.option, "--option"),
+        task_options=parse_options(args.task_option, "--task-option"),
+        plugins=args.plugin,
+        num_workers=args.workers,
+        progress=not args.quiet and not args.json,
+    )
+    if args.json:
+        sys.stdout.write(to_json(result, indent=2) + "\n")
+        return 0
+    metrics = result["metrics"]
+    header = f"{result['task']} on {result['dataset']} {result['split']} ({result['samples']} samples, {args.pred})"
+    lines = [header] + [f"  {key:<16} {value:.4f}" for key, value in metrics.items() if "/" not in key]
+    per_class = {k: v for k, v in metrics.items() if "/" in k}
+    if per_class:
+        lines.append("  " + json.dumps({k: round(v, 4) for k, v in per_class.items()}))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="dataset name: synthetic, nyud, pascal, cityscapes, or a plug-in")
+    p.add_argument("--root", required=True, help="the dataset's root folder")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--task", required=True, help="task type: semseg, depth, normals, edge, sal, human_parts, parts")
+    p.add_argument(
+        "--pred",
+        required=True,
+        help="folder of predictions named like the ground truth: <id>.png (class maps) or <id>.npy; "
+        "a folder holding <task>/ subfolders (what test.py --save-predictions writes) works too",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="dataset option, e.g. classes=7")
+    p.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option, e.g. max_dist=0.011 or matching=distance for edge",
+    )
+    p.add_argument("--plugin", action="append", default=[], help="module or .py file registering task types")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=main)
