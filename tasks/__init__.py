@@ -1,5 +1,6 @@
-"""Built-in task plug-ins. Importing this package registers semseg, parts, depth, normals, edge, sal."""
+"""Built-in task plug-ins. Importing this package registers semseg, parts, human_parts, depth, normals,
+edge, sal."""
 
-from tasks import depth, edge, normals, parts, sal, semseg
+from tasks import depth, edge, human_parts, normals, parts, sal, semseg
 
-__all__ = ["depth", "edge", "normals", "parts", "sal", "semseg"]
+__all__ = ["depth", "edge", "human_parts", "normals", "parts", "sal", "semseg"]

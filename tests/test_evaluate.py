@@ -137,7 +137,9 @@ def test_known_errors_give_hand_computed_scores(tmp_path, layout):
     depth = evaluate_folder("synthetic", str(layout), "val", "depth", str(tmp_path / "depth"), progress=False)
     assert depth["metrics"]["rmse"] == pytest.approx(1.0, rel=1e-6)
     # normals rotated by 90 degrees about an axis perpendicular to each of them: every angle is 90
-    write_predictions(layout, tmp_path / "normals", "normals", change=lambda n: torch.cross(n, _perpendicular(n), dim=0))
+    write_predictions(
+        layout, tmp_path / "normals", "normals", change=lambda n: torch.cross(n, _perpendicular(n), dim=0)
+    )
     normals = evaluate_folder("synthetic", str(layout), "val", "normals", str(tmp_path / "normals"), progress=False)
     assert normals["metrics"]["mean"] == pytest.approx(90.0, abs=1e-3)
     assert normals["metrics"]["22.5"] == 0.0

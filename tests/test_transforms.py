@@ -16,7 +16,16 @@ from rcm_nddr.data.transforms import (
     horizontal_flip,
 )
 
-PAD_VALUES = {"image": 0.0, "semseg": 255, "parts": 255, "depth": 0.0, "normals": 0.0, "edge": 255.0, "sal": 255.0}
+PAD_VALUES = {
+    "image": 0.0,
+    "semseg": 255,
+    "parts": 255,
+    "human_parts": 255,
+    "depth": 0.0,
+    "normals": 0.0,
+    "edge": 255.0,
+    "sal": 255.0,
+}
 
 
 def make_sample(h: int = 12, w: int = 16, seed: int = 0) -> dict:
@@ -37,6 +46,7 @@ def make_sample(h: int = 12, w: int = 16, seed: int = 0) -> dict:
         "normals": normals,
         "edge": (torch.rand(1, h, w, generator=g) < 0.2).float(),
         "sal": (torch.rand(1, h, w, generator=g) < 0.5).float(),
+        "human_parts": torch.randint(0, 7, (h, w), generator=g),
         "meta": {"id": "000007", "size": (h, w)},
     }
 

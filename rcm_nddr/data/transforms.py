@@ -59,6 +59,7 @@ KEY_RULES: dict[str, KeyRule] = {
     "image": KeyRule(InterpolationMode.BILINEAR, pad_value=0.0),
     "semseg": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
     "parts": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
+    "human_parts": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
     "depth": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=0.0, on_scale=_depth_on_scale),
     "normals": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=0.0, on_flip=_normals_on_flip),
     "edge": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255.0),

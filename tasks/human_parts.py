@@ -1,0 +1,20 @@
+"""Human part segmentation (PASCAL-MT): the semseg machinery on the ``human_parts`` target."""
+
+from __future__ import annotations
+
+from rcm_nddr.registry import TASKS
+from tasks.segmentation import SegmentationTask
+
+
+@TASKS.register("human_parts")
+class HumanPartsTask(SegmentationTask):
+    """Per-pixel human part classes from ``classes["human_parts"]`` (on PASCAL-MT: background, head,
+    torso, upper_arm, lower_arm, upper_leg, lower_leg); target int64 H x W, 255 = ignore.
+
+    Images without any person are all 255 in the target and so have no valid pixel; the metric skips
+    them, as in the ASTMT protocol. Metric keys as for semseg: ``mIoU`` (primary, higher is better),
+    ``pixel_acc``, ``IoU/<class>``.
+    """
+
+    target_key = "human_parts"
+    default_loss_weight = 2.0
