@@ -13,7 +13,7 @@ from helpers import tiny_run
 from PIL import Image
 
 from rcm_nddr import cli
-from rcm_nddr.config import ConfigError, load_config
+from rcm_nddr.config import ConfigError, load_config, save_config
 from rcm_nddr.data import MultiTaskFolder
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_dataset
@@ -291,18 +291,6 @@ def test_metrics_do_not_see_the_validation_padding(layout):
     assert naive.compute() != pytest.approx(reference["edge"].compute())
 
 
-def _overrides_of(cfg) -> list[str]:
-    return [
-        f"tasks=[{', '.join(cfg.tasks)}]",
-        f"store={cfg.store}",
-        f"dataset.root={cfg.dataset.root}",
-        "head.channels=8",
-        "train.device=cpu",
-        "train.num_workers=0",
-        "test.batch_size=2",
-    ]
-
-
 def test_delta_mtl_against_baselines_from_json_and_from_a_store(tmp_path, trained):
     cfg, _ = trained
     metrics = run_test(cfg, checkpoint="last", progress=False)
@@ -345,8 +333,9 @@ def test_test_py_command_line_saves_predictions_and_reports_delta(tmp_path, trai
     cfg, _ = trained
     metrics = run_test(cfg, checkpoint="last", progress=False)
     (tmp_path / "b.json").write_text(json.dumps(metrics))
-    args = ["--config", "/dev/null", "--checkpoint", "last", "--quiet"]
-    args += [a for o in _overrides_of(cfg) for a in ("--set", o)]
+    config = tmp_path / "run.yaml"
+    save_config(cfg, config)
+    args = ["--config", str(config), "--checkpoint", "last", "--quiet"]
     code = cli.test_main([*args, "--save-predictions", str(tmp_path / "p"), "--baselines", str(tmp_path / "b.json")])
     assert code == 0
     assert {p.name for p in (tmp_path / "p").iterdir()} == set(cfg.tasks)

@@ -80,12 +80,26 @@ def test_unknown_option_is_a_type_error(name):
 
 
 def test_edge_options():
-    task = make_task("edge", pos_weight=0.8, max_dist=0.02)
+    task = make_task("edge", pos_weight=0.8, max_dist=0.02, matching="distance")
     assert (task.pos_weight, task.max_dist, task.metric().max_dist) == (0.8, 0.02, 0.02)
+    assert task.metric().matching == "distance"
+    default = make_task("edge")
+    assert (default.max_dist, default.matching, default.metric().matching) == (0.011, "bipartite", "bipartite")
     with pytest.raises(ValueError, match="pos_weight"):
         make_task("edge", pos_weight=1.5)
     with pytest.raises(ValueError, match="max_dist"):
         make_task("edge", max_dist=-0.1)
+    with pytest.raises(ValueError, match="task 'edge'.*matching.*'bipartite', 'distance'.*'nearest'"):
+        make_task("edge", matching="nearest")
+
+
+def test_edge_max_dist_comes_from_the_dataset_unless_given():
+    pascal = DatasetInfo("pascal", extra={"edge_max_dist": 0.0075})
+    assert TASKS.get("edge")("edge", pascal).metric().max_dist == 0.0075
+    assert TASKS.get("edge")("edge", pascal, max_dist=0.02).metric().max_dist == 0.02
+    assert TASKS.get("edge")("edge", pascal, max_dist=0).max_dist == 0.0  # 0 is given, not missing
+    with pytest.raises(ValueError, match="task 'e'.*max_dist"):
+        TASKS.get("edge")("e", DatasetInfo("bad", extra={"edge_max_dist": "far"}))
 
 
 # ---------------------------------------------------------------- losses
