@@ -5,7 +5,6 @@ the same layout; see ``rcm_nddr.engine.saved``)."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -34,14 +33,6 @@ def parse_options(items: list[str], flag: str) -> dict[str, Any]:
     return options
 
 
-def _bind(cls: type, args: tuple, options: dict[str, Any], what: str, flag: str) -> None:
-    try:
-        inspect.signature(cls).bind(*args, **options)
-    except TypeError as exc:
-        known = [p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        raise EvaluateError(f"{flag}: {exc} (options of {what}: {', '.join(known) or 'none'})") from exc
-
-
 def evaluate_folder(
     dataset_name: str,
     root: str,
@@ -57,7 +48,7 @@ def evaluate_folder(
     """Build the dataset split and the task (task name = task type), score the folder, and return
     ``{dataset, root, split, task, pred, samples, metrics}``."""
     from .engine.saved import evaluate_saved
-    from .registry import DATASETS, TASKS, RegistryError, discover
+    from .registry import DATASETS, TASKS, RegistryError, discover, options_error
 
     discover(plugins or [])
     try:
@@ -65,9 +56,13 @@ def evaluate_folder(
     except RegistryError as exc:
         raise EvaluateError(str(exc)) from exc
     dataset_options, task_options = dict(dataset_options or {}), dict(task_options or {})
-    _bind(dataset_cls, (root, split, [task_cls.target_key]), dataset_options, f"dataset {dataset_name!r}", "--option")
+    error = options_error(dataset_cls, (root, split, [task_cls.target_key], None), dataset_options)
+    if error:
+        raise EvaluateError(f"--option of dataset {dataset_name!r}: {error}")
     dataset = dataset_cls(root, split, [task_cls.target_key], **dataset_options)
-    _bind(task_cls, (task_name, dataset.info), task_options, f"task type {task_name!r}", "--task-option")
+    error = options_error(task_cls, (task_name, dataset.info), task_options)
+    if error:
+        raise EvaluateError(f"--task-option of task type {task_name!r}: {error}")
     try:
         task = task_cls(task_name, dataset.info, **task_options)
     except ValueError as exc:

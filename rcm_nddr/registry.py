@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,23 @@ def import_plugin(spec: str) -> None:
         importlib.import_module(spec)
     except ImportError as exc:
         raise RegistryError(f"plug-in module {spec!r} could not be imported: {exc}") from exc
+
+
+def options_error(component: Callable[..., Any], args: tuple[Any, ...], options: Mapping[str, Any]) -> str | None:
+    """Why ``component(*args, **options)`` cannot be called with these options (an unknown or missing
+    one), naming the options it takes; None when the call binds. Used to check config and command-line
+    options of task types and datasets before anything is built."""
+    signature = inspect.signature(component)
+    try:
+        signature.bind(*args, **options)
+    except TypeError as exc:
+        taken = [
+            p.name
+            for p in list(signature.parameters.values())[len(args) :]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        return f"{exc} (it takes: {', '.join(taken) or 'no options'})"
+    return None
 
 
 TASKS: Registry = Registry("task type", "rcm_nddr.tasks")

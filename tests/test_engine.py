@@ -104,7 +104,9 @@ def test_plugin_task_type_from_outside_the_package_trains(tmp_path, synth):
     bad = load_config(
         None, tiny(tmp_path, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scal=2")
     )
-    with pytest.raises(Exception, match=r"key 'loss.inverse_depth'.*scal.*options of task type 'inverse_depth': scale"):
+    with pytest.raises(
+        Exception, match=r"key 'loss.inverse_depth' of task type 'inverse_depth':.*scal.*it takes: scale"
+    ):
         Trainer(bad, overwrite=True, progress=False)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from ..nn.backbone import STAGES, ResNetBackbone, SharedBackbone, resnet_backbon
 from ..nn.filter_bank import bank_weights, filter_bank_sha256
 from ..nn.nddr import transitive_sources
 from ..nn.rc import RCResNet
-from ..registry import DATASETS, TASKS, RegistryError, discover
+from ..registry import DATASETS, TASKS, RegistryError, discover, options_error
 from ..store import ModelStore, StoreError, TaskRecord, file_sha256
 from ..task import DatasetInfo, Task
 
@@ -64,14 +63,9 @@ def build_dataset(cfg: Config, split: str, train: bool):
         raise ConfigError(f"{cfg.source}: key 'dataset.name': {exc}") from exc
     targets = sorted({cls.target_key for cls in task_classes(cfg).values()})
     options = dict(cfg.dataset.options)
-    try:
-        inspect.signature(dataset_cls).bind(cfg.dataset.root, split, targets, None, **options)
-    except TypeError as exc:
-        known = [p.name for p in inspect.signature(dataset_cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        raise ConfigError(
-            f"{cfg.source}: key 'dataset.options': {exc} (options of dataset {cfg.dataset.name!r}: "
-            f"{', '.join(known) or 'none'})"
-        ) from exc
+    error = options_error(dataset_cls, (cfg.dataset.root, split, targets, None), options)
+    if error:
+        raise ConfigError(f"{cfg.source}: key 'dataset.options' of dataset {cfg.dataset.name!r}: {error}")
     return dataset_cls(
         root=cfg.dataset.root,
         split=split,
@@ -86,13 +80,9 @@ def build_tasks(cfg: Config, info: DatasetInfo) -> dict[str, Task]:
     tasks = {}
     for name, cls in task_classes(cfg).items():
         options = {k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"}
-        try:
-            inspect.signature(cls).bind(name, info, **options)
-        except TypeError as exc:
-            raise ConfigError(
-                f"{cfg.source}: key 'loss.{name}': {exc} (options of task type {name!r}: "
-                f"{', '.join(list(inspect.signature(cls).parameters)[2:]) or 'none'})"
-            ) from exc
+        error = options_error(cls, (name, info), options)
+        if error:
+            raise ConfigError(f"{cfg.source}: key 'loss.{name}' of task type {name!r}: {error}")
         tasks[name] = cls(name, info, **options)
     return tasks
 
