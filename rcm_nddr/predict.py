@@ -116,20 +116,13 @@ def _batches(images: Sequence[Path], batch_size: int) -> Iterator[tuple[list[Pat
 
 
 def _save_npy(path: Path, value: Tensor) -> None:
-    import numpy as np
     import torch
 
-    from .engine.checkpoint import atomic_write
+    from .engine.checkpoint import atomic_save_npy
 
     if value.dtype == torch.bfloat16:  # numpy has no bfloat16
         value = value.float()
-    array = value.numpy()
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # np.save(tmp) would append ".npy" to the temporary name
-            np.save(f, array, allow_pickle=False)
-
-    atomic_write(path, write)
+    atomic_save_npy(path, value.numpy())
 
 
 def _save_png(path: Path, rgb: Tensor) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -36,6 +37,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` through ``atomic_write``, without pickling."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save(tmp) would append ".npy" to the temporary name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..task import Task
-from .checkpoint import atomic_write
+from .checkpoint import atomic_save_npy, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,7 @@ def save_prediction(task: Task, value: Tensor, path: str | Path) -> None:
         image = Image.fromarray(array, "L")
         atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     else:
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # np.save(tmp) would append ".npy" to the temporary name
-                np.save(f, array, allow_pickle=False)
-
-        atomic_write(path, write)
+        atomic_save_npy(path, array)
 
 
 def load_prediction(task: Task, path: str | Path) -> Tensor:
