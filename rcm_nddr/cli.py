@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -77,20 +78,47 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- train.py / test.py
 
 
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[None]:
+    """Under ``torchrun``: join the process group for the command, and let only rank 0 log below
+    warnings (one process prints progress, the others stay quiet)."""
+    from .engine import distributed
+
+    ctx = distributed.init_from_environment(device)
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        distributed.shutdown()
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine.trainer import Trainer
+    from .engine.trainer import RunPaths, Trainer, TrainingInterrupted
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, replace=args.replace)
-    trainer.run()
+    resume = args.resume or (args.auto_resume and RunPaths.of(cfg).last.is_file())
+    with _process_group(cfg.train.device):
+        trainer = Trainer(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet, replace=args.replace)
+        try:
+            trainer.run()
+        except TrainingInterrupted as stop:
+            log.warning("%s", stop)
+            return stop.exit_code
     log.info("run written to %s, checkpoints in %s", trainer.paths.run, trainer.paths.checkpoints)
     return 0
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    resume.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue from the last checkpoint when there is one, else start (for jobs that are requeued)",
+    )
     p.add_argument("--overwrite", action="store_true", help="start over even if the run has checkpoints")
     p.add_argument(
         "--replace",
@@ -114,15 +142,16 @@ def _test(args: argparse.Namespace) -> int:
     from .engine.tester import run_test
 
     cfg = load_config(args.config, args.overrides)
-    run_test(
-        cfg,
-        split=args.split,
-        checkpoint=args.checkpoint,
-        log_performance=args.log_performance,
-        progress=not args.quiet,
-        save_predictions=args.save_predictions,
-        baselines=args.baselines,
-    )
+    with _process_group(cfg.train.device):
+        run_test(
+            cfg,
+            split=args.split,
+            checkpoint=args.checkpoint,
+            log_performance=args.log_performance,
+            progress=not args.quiet,
+            save_predictions=args.save_predictions,
+            baselines=args.baselines,
+        )
     return 0
 
 

@@ -99,6 +99,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    #: in a distributed run: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each
+    #: process's slice
+    sync_bn: bool = False
 
 
 @dataclass

@@ -43,6 +43,7 @@ _RECORD_INPUT_KEYS = {
     "files",
     "model",
     "dataset",
+    "environment",
 }
 #: relative tolerance of ``verify``'s probe check for outputs that are not bit-identical (another CPU or
 #: BLAS may round differently); any change to a stored file is caught by its sha256 first
@@ -63,7 +64,8 @@ class TaskRecord:
     category, and ``metrics`` may name its primary metric under ``primary`` (e.g.
     ``{"primary": "mIoU", "mIoU": 33.1}``). ``model`` describes the task's modules (NFF, head, NDDR
     stages, task options, plug-ins) and ``dataset`` its dataset (name, class names), so ``load_model``
-    rebuilds it from the store alone."""
+    rebuilds it from the store alone. ``environment`` is the provenance of the run that trained it
+    (packages, devices, source commit, image, config sha256, seed, command line: its ``env.json``)."""
 
     name: str
     type: str
@@ -75,6 +77,7 @@ class TaskRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tensors_file(self) -> str:
@@ -116,7 +119,9 @@ def file_sha256(path: str | Path) -> str:
 def _plain(value: Any, where: str) -> Any:
     """``value`` as YAML/JSON-safe plain data (tuples become lists, paths strings, scalar tensors and
     numpy scalars numbers), so that store.yaml never needs a custom loader."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return str(value)  # also str subclasses (e.g. torch.__version__), which YAML cannot represent
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, Path):
         return str(value)
@@ -198,6 +203,7 @@ def _parse_task(doc: Any, where: str) -> TaskRecord:
         metrics=dict(_expect(doc, "metrics", dict, where)),
         model=dict(_expect(doc, "model", dict, where, optional=True) or {}),
         dataset=dict(_expect(doc, "dataset", dict, where, optional=True) or {}),
+        environment=dict(_expect(doc, "environment", dict, where, optional=True) or {}),
     )
 
 
@@ -310,6 +316,7 @@ def _record_from_input(record: TaskRecord | Mapping[str, Any], index: int) -> Ta
         metrics=_plain(dict(record.get("metrics") or {}), f"{where}.metrics"),
         model=_plain(dict(record.get("model") or {}), f"{where}.model"),
         dataset=_plain(dict(record.get("dataset") or {}), f"{where}.dataset"),
+        environment=_plain(dict(record.get("environment") or {}), f"{where}.environment"),
     )
 
 

@@ -23,11 +23,15 @@ class Metric(ABC):
     """A streaming metric accumulator over a whole evaluation set.
 
     ``primary`` names the key of ``compute()`` used for model selection and Delta_MTL, and
-    ``higher_is_better`` gives its direction.
+    ``higher_is_better`` gives its direction. ``state`` names the attributes that hold the accumulated
+    sums (tensors or numbers): accumulators of disjoint parts of a set (the processes of a distributed
+    run) are combined by adding them (``merge``). A metric whose state is not additive overrides
+    ``merge``; one with neither cannot be evaluated by several processes.
     """
 
     primary: ClassVar[str]
     higher_is_better: ClassVar[bool]
+    state: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def update(self, prediction: Tensor, target: Tensor) -> None:
@@ -39,6 +43,18 @@ class Metric(ABC):
 
     @abstractmethod
     def reset(self) -> None: ...
+
+    def merge(self, other: Metric) -> None:
+        """Add the accumulated state of ``other`` (same type and settings) to this one."""
+        if not self.state:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot combine the results of several processes: declare its additive "
+                "accumulators in `state` or override `merge`"
+            )
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        for name in self.state:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class TrivialPredictor(ABC):

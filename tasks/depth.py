@@ -72,6 +72,7 @@ class DepthMetric(Metric):
 
     primary = "rmse"
     higher_is_better = False
+    state = ("sums",)
 
     def __init__(self) -> None:
         self.reset()

@@ -111,6 +111,7 @@ class EdgeMetric(Metric):
 
     primary = "odsF"
     higher_is_better = True
+    state = ("ods", "gt_pixels", "ois", "images")
 
     def __init__(self, max_dist: float = DEFAULT_MAX_DIST, matching: str = "bipartite") -> None:
         if not max_dist >= 0:

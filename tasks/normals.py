@@ -57,6 +57,7 @@ class NormalsMetric(Metric):
 
     primary = "mean"
     higher_is_better = False
+    state = ("histogram", "sums")
 
     def __init__(self) -> None:
         self.reset()

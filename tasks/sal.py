@@ -37,6 +37,7 @@ class SalMetric(Metric):
 
     primary = "maxF"
     higher_is_better = True
+    state = ("sums", "images")
 
     def __init__(self) -> None:
         self.reset()

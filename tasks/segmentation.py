@@ -93,6 +93,7 @@ class ConfusionMatrixMetric(Metric):
 
     primary = "mIoU"
     higher_is_better = True
+    state = ("confusion",)
 
     def __init__(self, class_names: list[str]) -> None:
         self.class_names = list(class_names)

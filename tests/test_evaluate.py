@@ -21,6 +21,7 @@ from rcm_nddr.engine.saved import PredictionError, load_prediction, prediction_p
 from rcm_nddr.engine.tester import run_test
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.offline_eval import EvaluateError, evaluate_folder
+from rcm_nddr.provenance import config_sha256
 from rcm_nddr.registry import TASKS, discover
 
 TASK_NAMES = ("semseg", "parts", "depth", "normals", "edge", "sal")
@@ -338,9 +339,14 @@ def test_test_py_command_line_saves_predictions_and_reports_delta(tmp_path, trai
     args = ["--config", str(config), "--checkpoint", "last", "--quiet"]
     code = cli.test_main([*args, "--save-predictions", str(tmp_path / "p"), "--baselines", str(tmp_path / "b.json")])
     assert code == 0
-    assert {p.name for p in (tmp_path / "p").iterdir()} == set(cfg.tasks)
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {*cfg.tasks, "env.json"}
     report = json.loads((Path(cfg.store) / "runs" / cfg.group_name / "test_metrics.json").read_text())
     assert report["delta_mtl"]["value"] == pytest.approx(0.0, abs=1e-9)
+    # the environment that produced the predictions and the metrics, the same in both places
+    environment = json.loads((tmp_path / "p" / "env.json").read_text())
+    assert environment["config"]["sha256"] == report["environment"]["config"]["sha256"]
+    assert environment["config"]["sha256"] == config_sha256(load_config(config, []))
+    assert environment["seed"] == cfg.train.seed
 
 
 # ----------------------------------------------------------------------------- dataset options

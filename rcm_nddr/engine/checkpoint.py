@@ -35,6 +35,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files ``atomic_write`` leaves in ``directory`` when its process is killed
+    mid-write (the files they were replacing are intact); returns what was deleted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

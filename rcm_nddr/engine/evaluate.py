@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
 from ..task import Metric, Task
+from . import distributed
 from .saved import sample_sizes, unpad
 
 
@@ -45,6 +46,9 @@ def evaluate(
     """Run ``model`` over ``loader`` and return ``{task: metrics}``. ``on_batch(batch, predictions)``
     sees every batch with the post-processed predictions (for saving or visualizing them).
 
+    In a distributed run each process evaluates its shard (``eval_loader``) and the metric
+    accumulators of all processes are merged, so every rank returns the metrics of the whole set.
+
     Metrics see each sample at its original size: the padding the validation transform adds for
     batching (bottom/right, ``meta.size`` gives the original) is cropped from predictions and targets,
     so scores equal those of the same predictions saved and scored by ``rcm-nddr evaluate``."""
@@ -62,7 +66,34 @@ def evaluate(
                 on_batch(batch, predictions)
     finally:
         model.train(was_training)
-    return {name: metric.compute() for name, metric in metrics.items()}
+    return {name: metric.compute() for name, metric in merge_across_ranks(metrics).items()}
+
+
+def merge_across_ranks(metrics: dict[str, Metric]) -> dict[str, Metric]:
+    """Every rank's accumulators merged in rank order (the same on every rank; ``metrics`` itself in a
+    single process)."""
+    gathered = distributed.all_gather_objects(metrics)
+    if len(gathered) == 1:
+        return metrics
+    merged = gathered[0]
+    for other in gathered[1:]:
+        for name, metric in merged.items():
+            metric.merge(other[name])
+    return merged
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """An evaluation loader over ``dataset`` in order; in a distributed run, over this rank's shard."""
+    ctx = distributed.context()
+    sampler = distributed.ShardSampler(len(dataset), ctx.rank, ctx.world_size) if ctx.enabled else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def update_unpadded(

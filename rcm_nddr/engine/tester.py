@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
+from .. import provenance
 from ..config import Config, ConfigError, check_paths
 from ..store import ModelStore
+from . import distributed
 from .builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint
-from .evaluate import delta_mtl, evaluate, primary_metrics, to_json
+from .evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
 from .saved import PredictionWriter
 from .trainer import RunPaths
 
@@ -39,7 +40,11 @@ def run_test(
 
     ``save_predictions``: also write every prediction to ``<dir>/<task>/<sample id>.png|.npy`` (the
     layout ``rcm-nddr evaluate`` reads). ``baselines`` (default ``test.baselines``): a model store or a
-    JSON file with single-task results; Delta_MTL against them is logged and written to the JSON."""
+    JSON file with single-task results; Delta_MTL against them is logged and written to the JSON.
+    The JSON also records the run environment (``environment``, as in ``env.json``).
+
+    Under ``torchrun`` every process evaluates a shard of the split and the metrics are merged; rank 0
+    writes the JSON and the CSV, and each rank writes the predictions of its own samples."""
     check_paths(cfg)
     baselines = baselines if baselines is not None else cfg.test.baselines
     # read the baselines first: a wrong path should fail before a long evaluation, not after
@@ -55,7 +60,8 @@ def run_test(
     state = load_checkpoint(ckpt_path)
     dataset = build_dataset(cfg, split, train=False)
     tasks = build_tasks(cfg, dataset.info)
-    device = resolve_device(cfg.train.device)
+    ctx = distributed.context()
+    device = distributed.process_device(cfg.train.device, ctx) or resolve_device(cfg.train.device)
     # The network the run trained: its group, and the stored tasks it read (from the store, frozen).
     store = ModelStore(cfg.store)
     plan = GroupPlan.from_dict(state["plan"]) if "plan" in state else GroupPlan()
@@ -63,14 +69,13 @@ def run_test(
     model.load_state_dict(state["model"])
     # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
     model.to(device, memory_format=torch.channels_last)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.test.batch_size,
-        num_workers=cfg.train.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = eval_loader(dataset, cfg.test.batch_size, cfg.train.num_workers, device)
     writer = PredictionWriter(save_predictions, tasks) if save_predictions is not None else None
-    metrics = evaluate(model, loader, tasks, device, cfg.train.amp, progress, on_batch=writer)
+    metrics = evaluate(model, loader, tasks, device, cfg.train.amp, progress and ctx.is_main, on_batch=writer)
+    environment = provenance.collect(cfg)
+    written = sum(distributed.all_gather_objects(writer.count if writer is not None else 0))
+    if not ctx.is_main:
+        return metrics
     result: dict[str, Any] = {
         "config": cfg.source,
         "group": cfg.group_name,
@@ -78,6 +83,7 @@ def run_test(
         "checkpoint": str(ckpt_path),
         "iteration": state["iteration"],
         "metrics": metrics,
+        "environment": environment,
     }
     primaries = primary_metrics(tasks)
     for name, values in metrics.items():
@@ -91,7 +97,8 @@ def run_test(
             ", ".join(f"{k} {v:+.2f}%" for k, v in result["delta_mtl"]["per_task"].items()),
         )
     if writer is not None:
-        log.info("%d predictions per task written to %s", writer.count, save_predictions)
+        atomic_write_text(Path(save_predictions) / "env.json", to_json(environment, indent=2))
+        log.info("%d predictions per task written to %s", written, save_predictions)
     atomic_write_text(paths.run / "test_metrics.json", to_json(result, indent=2))
     if log_performance is not None:
         append_csv(

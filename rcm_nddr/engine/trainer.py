@@ -5,18 +5,24 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from .. import provenance
 from ..accounting import format_breakdown, owned_by, parameter_breakdown
-from ..config import Config, check_paths, save_config
+from ..config import Config, ConfigError, check_paths, save_config
 from ..store import ModelStore, TaskRecord
+from ..task import Metric
+from . import distributed
 from .builders import (
     GroupPlan,
     build_dataset,
@@ -33,8 +39,15 @@ from .builders import (
     pretrained_backbone,
     resolve_device,
 )
-from .checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .evaluate import autocast, delta_mtl, denormalize, evaluate, primary_metrics, to_json
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .evaluate import autocast, delta_mtl, denormalize, eval_loader, evaluate, primary_metrics, to_json
 from .sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
@@ -46,6 +59,32 @@ class NonFiniteLossError(RuntimeError):
 
 class RunExistsError(RuntimeError):
     """A fresh run would overwrite the checkpoints of an earlier run."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped training; a checkpoint of the last finished iteration was written, and
+    ``--resume`` continues from it. ``exit_code`` is 128 + the signal number, as for a killed process."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path) -> None:
+        self.signum = signum
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"{signal.Signals(signum).name} received: stopped after iteration {iteration}, checkpoint {checkpoint}; "
+            "continue with --resume"
+        )
+
+
+#: signals that stop training cleanly (a checkpoint, then exit); a second one stops at once
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which finishes the step, writes a
+    checkpoint and then shuts them down (a Ctrl-C reaches the whole process group)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -98,8 +137,16 @@ class Trainer:
     ) -> None:
         check_paths(cfg)
         self.cfg = cfg
-        self.progress = progress
+        self.dist = distributed.context()
+        self.is_main = self.dist.is_main
+        self.progress = progress and self.is_main
         self.paths = RunPaths.of(cfg)
+        t = cfg.train
+        if self.dist.enabled and t.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"{cfg.source}: key 'train.batch_size': {t.batch_size} is the global batch and must split evenly "
+                f"over the {self.dist.world_size} processes of this run"
+            )
         if not resume and self.paths.last.exists() and not (overwrite or replace):  # replacing = starting over
             raise RunExistsError(
                 f"{self.paths.checkpoints} already holds checkpoints of a run of {cfg.group_name!r}; "
@@ -107,14 +154,28 @@ class Trainer:
             )
         if resume and not self.paths.last.exists():
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.paths.last}")
-        seed_everything(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
+        seed_everything(t.seed)
+        self.device = distributed.process_device(t.device, self.dist) or resolve_device(t.device)
+        if self.dist.enabled and t.sync_bn and self.device.type != "cuda":
+            raise ConfigError(
+                f"{cfg.source}: key 'train.sync_bn': SyncBatchNorm needs CUDA devices, this run is on CPU"
+            )
         self.train_set = build_dataset(cfg, cfg.dataset.train_split, train=True)
         self.val_set = build_dataset(cfg, cfg.dataset.val_split, train=False)
         self.tasks = build_tasks(cfg, self.train_set.info)
         self.weights = loss_weights(cfg, self.tasks)
         self.primaries = primary_metrics(self.tasks)
+        if self.dist.enabled:
+            for name, task in self.tasks.items():
+                metric = task.metric()
+                if not metric.state and type(metric).merge is Metric.merge:
+                    raise ConfigError(
+                        f"task {name!r}: its metric {type(metric).__name__} cannot merge the results of several "
+                        "processes (declare `state` or override `merge`); train it with one process"
+                    )
         self.replace = replace
+        if self.is_main:
+            remove_stale_temporaries(self.paths.checkpoints)  # left by a process killed while writing
         saved = load_checkpoint(self.paths.last) if resume else None
         net = pretrained_backbone(cfg)
         self.store: ModelStore | None = None
@@ -129,12 +190,14 @@ class Trainer:
                 self.plan = GroupPlan.from_dict(saved["plan"])
             else:
                 self.plan = plan_group(cfg, store.tasks if store.exists else [], replace)
-            decomposition, decomposition_file = load_ri(cfg, net, store)
-            self.store = open_store(cfg, net, decomposition, decomposition_file)
+            with distributed.main_first():  # rank 0 makes the decomposition and the store; the others read them
+                decomposition, decomposition_file = load_ri(cfg, net, store)
+                self.store = open_store(cfg, net, decomposition, decomposition_file)
             model = build_model(cfg, self.tasks, store=self.store, plan=self.plan, net=net, decomposition=decomposition)
+        if self.dist.enabled and t.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        t = cfg.train
         self.max_iters = t.max_iters or t.epochs * math.ceil(len(self.train_set) / t.batch_size)
         self.checkpoint_every = t.checkpoint_every or t.val_every
         self.optimizer = build_optimizer(cfg, self.model)
@@ -143,14 +206,33 @@ class Trainer:
         self.best_score: float | None = None
         self.reference: dict[str, dict[str, float]] | None = None
         self.last_metrics: dict[str, dict[str, float]] | None = None
+        self._stop_signal: int | None = None
+        self._stop_requested = False
+        if self.dist.enabled:
+            # Every rank starts from the same weights (same seed); dropout and other draws differ per rank.
+            torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
         if saved is not None:
             self._restore(saved)
-        self.paths.run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.paths.run / "config.yaml")
+        # The module the step runs: DDP averages the gradients of the ranks. Buffers (BatchNorm statistics,
+        # the filter bank) are not broadcast every step; rank 0's are given to all before an evaluation.
+        self.step_module: torch.nn.Module = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+            if self.dist.enabled
+            else self.model
+        )
         self.parameter_counts = {name: parameter_breakdown(self.model, name) for name in self.tasks}
-        atomic_write_text(self.paths.run / "parameters.json", to_json(self.parameter_counts, indent=2))
+        self.environment = provenance.collect(cfg)
+        if self.is_main:
+            self.paths.run.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.paths.run / "config.yaml")
+            atomic_write_text(self.paths.run / "parameters.json", to_json(self.parameter_counts, indent=2))
+            atomic_write_text(self.paths.run / "env.json", to_json(self.environment, indent=2))
         log.info(
-            "group %s: tasks %s%s, %d train / %d val samples, %d iterations on %s; parameters per task:\n%s",
+            "group %s: tasks %s%s, %d train / %d val samples, %d iterations on %s%s; parameters per task:\n%s",
             cfg.group_name,
             list(self.tasks),
             f" reading stored tasks {self.plan.frozen} (frozen)" if self.plan.frozen else "",
@@ -158,6 +240,7 @@ class Trainer:
             len(self.val_set),
             self.max_iters,
             self.device,
+            f" x {self.dist.world_size} processes" if self.dist.enabled else "",
             format_breakdown(self.parameter_counts),
         )
 
@@ -169,7 +252,9 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
+            # every rank's generators (one entry per rank), so each rank resumes its own draws
+            "rng": distributed.all_gather_objects(rng_state()),
+            "world_size": self.dist.world_size,
             "best_score": self.best_score,
             "reference": self.reference,
             "last_metrics": self.last_metrics,
@@ -185,7 +270,19 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, dict):  # written by a version that saved one process's generators
+            rng = [rng]
+        if len(rng) == self.dist.world_size:
+            set_rng_state(rng[self.dist.rank])
+        else:
+            log.warning(
+                "%s was written by %d process(es), this run has %d: random draws (dropout) continue from fresh "
+                "seeds; the data order and augmentations are unaffected",
+                self.paths.last,
+                len(rng),
+                self.dist.world_size,
+            )
         self.iteration = state["iteration"]
         self.best_score = state["best_score"]
         self.reference = state["reference"]
@@ -193,81 +290,139 @@ class Trainer:
         log.info("resumed %s at iteration %d", self.paths.last, self.iteration)
 
     def _save_last(self) -> None:
-        save_checkpoint(self.paths.last, self._state())
+        state = self._state()  # a collective: every rank takes part, rank 0 writes
+        if self.is_main:
+            save_checkpoint(self.paths.last, state)
 
     # ------------------------------------------------------------------ loaders
 
     def _train_loader(self) -> DataLoader:
         t = self.cfg.train
-        sampler = ResumableSampler(len(self.train_set), t.seed, start=self.iteration * t.batch_size)
+        sampler = ResumableSampler(
+            len(self.train_set),
+            t.seed,
+            start=self.iteration * t.batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            batch_size=t.batch_size,
+        )
         return DataLoader(
             self.train_set,
-            batch_size=t.batch_size,
+            batch_size=t.batch_size // self.dist.world_size,  # train.batch_size is the global batch
             sampler=sampler,
             num_workers=t.num_workers,
             drop_last=True,
             pin_memory=self.device.type == "cuda",
             persistent_workers=t.num_workers > 0,
+            worker_init_fn=_ignore_stop_signals,
             # A private generator: creating the loader must not consume the global RNG, or a resumed
             # run would draw different dropout masks than an uninterrupted one.
             generator=torch.Generator().manual_seed(t.seed),
         )
 
     def val_loader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set,
-            batch_size=self.cfg.test.batch_size,
-            shuffle=False,
-            num_workers=self.cfg.train.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        """The validation split in order (this rank's shard in a distributed run)."""
+        return eval_loader(self.val_set, self.cfg.test.batch_size, self.cfg.train.num_workers, self.device)
 
     # ------------------------------------------------------------------ loop
 
     def fit(self, stop_after: int | None = None) -> dict[str, dict[str, float]] | None:
-        """Train until ``max_iters`` (or ``stop_after``); returns the last validation metrics."""
+        """Train until ``max_iters`` (or ``stop_after``); returns the last validation metrics.
+
+        SIGTERM or SIGINT (a preempted job, Ctrl-C) lets the current iteration finish, writes the
+        checkpoint ``--resume`` continues from and raises ``TrainingInterrupted``; a second signal
+        stops at once. In a distributed run the ranks agree on stopping at the same iteration."""
         from torch.utils.tensorboard import SummaryWriter
 
         end = self.max_iters if stop_after is None else min(stop_after, self.max_iters)
-        writer = SummaryWriter(self.paths.run)
+        writer = SummaryWriter(self.paths.run) if self.is_main else None
         self.model.train()
         bar = tqdm(total=end, initial=self.iteration, desc=f"train {self.cfg.group_name}", disable=not self.progress)
+        previous_handlers = self._catch_stop_signals()
         try:
             batches = iter(self._train_loader())
             while self.iteration < end:
-                losses = self._step(next(batches))
-                self.iteration += 1
-                bar.update(1)
-                if self.iteration % self.cfg.train.log_every == 0 or self.iteration == end:
-                    for name, value in losses.items():
-                        writer.add_scalar(f"loss/{name}", value, self.iteration)
-                    writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.iteration)
-                    bar.set_postfix(loss=f"{losses['total']:.4f}")
+                try:
+                    batch = next(batches)
+                except Exception:
+                    if self._stop_signal is None or self.dist.enabled:
+                        raise
+                    # the signal also reached the loader's workers (e.g. one that was still starting)
+                    log.warning("the data loader stopped after the %s", signal.Signals(self._stop_signal).name)
+                    self._stop_requested = True
+                else:
+                    losses = self._step(batch)
+                    self.iteration += 1
+                    bar.update(1)
+                    if writer is not None and (self.iteration % self.cfg.train.log_every == 0 or self.iteration == end):
+                        for name, value in losses.items():
+                            writer.add_scalar(f"loss/{name}", value, self.iteration)
+                        writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.iteration)
+                        bar.set_postfix(loss=f"{losses['total']:.4f}")
                 validate = self.iteration % self.cfg.train.val_every == 0 or self.iteration == self.max_iters
-                if validate:
+                if validate and not self._stop_requested:
                     self._validate(writer)
-                if validate or self.iteration % self.checkpoint_every == 0 or self.iteration == end:
+                if (
+                    validate
+                    or self._stop_requested
+                    or self.iteration % self.checkpoint_every == 0
+                    or self.iteration == end
+                ):
                     self._save_last()
+                if self._stop_requested:
+                    distributed.barrier()  # rank 0 has written the checkpoint before any rank exits
+                    signum = self._stop_signal or signal.SIGTERM
+                    raise TrainingInterrupted(signum, self.iteration, self.paths.last)
         finally:
+            self._restore_signals(previous_handlers)
             bar.close()
-            writer.close()
-        if self.iteration == self.max_iters:
+            if writer is not None:
+                writer.close()
+        if self.iteration == self.max_iters and self.is_main:
             atomic_write_text(
                 self.paths.run / "metrics.json",
                 to_json({"iteration": self.iteration, "metrics": self.last_metrics}, indent=2),
             )
         return self.last_metrics
 
+    # ------------------------------------------------------------------ signals
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        self._stop_signal = None
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # a second signal: stop now
+            self._stop_signal = signum
+
+        return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    # ------------------------------------------------------------------ step
+
     def _step(self, batch: dict[str, Any]) -> dict[str, float]:
         images = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.train.amp):
-            outputs = self.model(images, raw=True)
+            outputs = self.step_module(images, raw=True)
         task_losses = {}
         for name, task in self.tasks.items():
             target = batch[task.target_key].to(self.device, non_blocking=True)
             task_losses[name] = task.loss(outputs[name].float(), target)
         total = sum(self.weights[name] * loss for name, loss in task_losses.items())
-        values = {name: loss.item() for name, loss in task_losses.items()}
+        # One transfer for the loss values and the stop flag; across ranks, one all-reduce: every rank sees
+        # the mean losses (a NaN on any rank stops all) and whether any rank received a stop signal.
+        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
+        summary = torch.cat([torch.stack([loss.detach().float() for loss in task_losses.values()]), flag])
+        summary = distributed.all_reduce_sum(summary).tolist()
+        values = {name: value / self.dist.world_size for name, value in zip(task_losses, summary[:-1], strict=True)}
+        self._stop_requested = summary[-1] > 0
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -279,7 +434,7 @@ class Trainer:
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        values["total"] = float(total.item())
+        values["total"] = sum(self.weights[name] * value for name, value in values.items())
         return values
 
     def _validate(self, writer) -> None:
@@ -300,12 +455,21 @@ class Trainer:
                     self.iteration,
                 )
 
+        # Every rank evaluates rank 0's model (its BatchNorm statistics) on its shard; the metrics are merged.
+        distributed.broadcast_buffers(self.model)
         metrics = evaluate(
-            self.model, self.val_loader(), self.tasks, self.device, self.cfg.train.amp, self.progress, on_batch=show
+            self.model,
+            self.val_loader(),
+            self.tasks,
+            self.device,
+            self.cfg.train.amp,
+            self.progress,
+            on_batch=show if writer is not None else None,
         )
         for name, values in metrics.items():
             for key, value in values.items():
-                writer.add_scalar(f"val/{name}/{key}", value, self.iteration)
+                if writer is not None:
+                    writer.add_scalar(f"val/{name}/{key}", value, self.iteration)
         if self.reference is None:
             self.reference = metrics
         # One score for a group: Delta_MTL against the first validation (for one task: its primary metric's
@@ -316,6 +480,8 @@ class Trainer:
         self.last_metrics = metrics
         if self.best_score is None or score > self.best_score:
             self.best_score = score
+            if not self.is_main:
+                return
             save_checkpoint(
                 self.paths.best,
                 {
@@ -337,7 +503,8 @@ class Trainer:
     def register(self) -> list[TaskRecord]:
         """Add the trained group to the model store: each task's tensors (those of the ``test.checkpoint``
         checkpoint: ``best`` or ``last``), its probe outputs, sources, config, parameter breakdown,
-        validation metrics and model description. Earlier tasks and their files are not touched."""
+        validation metrics, model description and run environment (``env.json``). Earlier tasks and their
+        files are not touched. In a distributed run rank 0 registers (once) while the others wait."""
         if self.store is None:
             raise RuntimeError("a pretraining run registers nothing in a model store")
         if self.iteration < self.max_iters:
@@ -345,6 +512,15 @@ class Trainer:
                 f"group {self.cfg.group_name!r} is trained to iteration {self.iteration} of {self.max_iters}; "
                 "finish it (--resume) before registering it"
             )
+        if not self.is_main:
+            distributed.barrier()
+            return []
+        try:
+            return self._register()
+        finally:
+            distributed.barrier()
+
+    def _register(self) -> list[TaskRecord]:
         which = self.cfg.test.checkpoint
         if which == "best" and self.paths.best.is_file():
             saved = load_checkpoint(self.paths.best)
@@ -371,6 +547,7 @@ class Trainer:
                     },
                     "model": spec.model_description(),
                     "dataset": spec.dataset,
+                    "environment": self.environment,
                 }
             )
         probes = self.store.compute_probes(records, tensors)

@@ -10,6 +10,7 @@ from rcm_nddr.task import Metric, Task, TrivialPredictor
 class InverseDepthError(Metric):
     primary = "mse"
     higher_is_better = False
+    state = ("sq", "n")
 
     def __init__(self) -> None:
         self.reset()
