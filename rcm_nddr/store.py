@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 STORE_FILE = "store.yaml"
 LOCK_FILE = "store.yaml.lock"
+#: the journal of a registration that replaces files: its new store.yaml and the renames still to do
+PENDING_FILE = "store.yaml.pending"
+#: suffix of a replacing file written beside the one it replaces, until the journal renames it
+STAGED_SUFFIX = ".staged"
 BANK_FILE = "filter_bank.safetensors"
 DECOMPOSITION_FILE = "ri.safetensors"
 TASKS_DIR = "tasks"
@@ -331,6 +335,7 @@ class ModelStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._held = 0  # depth of _locked() in this object (a nested flock on a new descriptor would block)
 
     def __repr__(self) -> str:
         return f"ModelStore({str(self.path)!r})"
@@ -673,15 +678,30 @@ class ModelStore:
             self._check_registration(existing, new, replace)
             group = max((t.group for t in existing), default=0) + 1
             replaced = {t.name: t for t in existing if t.name in names}
+            # A file that a registered task still owns is not overwritten in place: the new one is staged
+            # beside it and renamed by a journal (PENDING_FILE), so a crash at any point leaves either the
+            # old store or, once the journal is written, one that the next access completes.
+            staged: dict[str, str] = {}
+
+            def save(relative: str, tensors: dict[str, Tensor]) -> str:
+                final = self.path / relative
+                if not final.exists():
+                    return _save_tensors(final, tensors)
+                staged[relative + STAGED_SUFFIX] = relative
+                return _save_tensors(self.path / (relative + STAGED_SUFFIX), tensors)
+
             for record in new:
                 record.group = group
-                record.files[record.tensors_file] = _save_tensors(self.path / record.tensors_file, state[record.name])
+                record.files[record.tensors_file] = save(record.tensors_file, state[record.name])
                 if record.name in probe_state:
-                    record.files[record.probe_file] = _save_tensors(
-                        self.path / record.probe_file, probe_state[record.name]
-                    )
+                    record.files[record.probe_file] = save(record.probe_file, probe_state[record.name])
             doc["tasks"] = [t for t in existing if t.name not in names] + new
-            self._write(doc)
+            if staged:
+                journal = {"store": self._plain_doc(doc), "renames": staged}
+                atomic_write_text(self.path / PENDING_FILE, yaml.safe_dump(journal, sort_keys=False))
+                self._finish_pending()
+            else:
+                self._write(doc)
             for old in replaced.values():  # e.g. a probe the new version no longer has
                 new_files = next(r.files for r in new if r.name == old.name)
                 for relative in set(old.files) - set(new_files):
@@ -740,12 +760,52 @@ class ModelStore:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            self._held += 1
             try:
+                if not shared:
+                    self._clean_staged()
+                if (self.path / PENDING_FILE).exists():
+                    if shared:  # completing the journal writes: take the lock exclusively meanwhile
+                        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                    self._finish_pending()
+                    if shared:
+                        fcntl.flock(lock.fileno(), fcntl.LOCK_SH)
                 yield
             finally:
+                self._held -= 1
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
+    def _finish_pending(self) -> None:
+        """Complete a journaled registration (under the exclusive lock): rename the staged files that are
+        still there over the files they replace, write the journal's store.yaml, drop the journal. Each
+        step can be repeated, so a crash during this is completed by the next access."""
+        pending = self.path / PENDING_FILE
+        if not pending.exists():
+            return
+        try:
+            journal = yaml.safe_load(pending.read_text())
+            renames, doc = dict(journal["renames"]), journal["store"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+            raise StoreError(f"{pending}: the journal of an interrupted registration is unreadable: {exc}") from exc
+        for staged, final in renames.items():
+            if (self.path / staged).exists():
+                (self.path / staged).replace(self.path / final)
+        atomic_write_text(self.store_file, yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+        pending.unlink()
+        log.info("completed an interrupted registration in %s", self.path)
+
+    def _clean_staged(self) -> None:
+        """Delete staged files of a registration that died before writing its journal (the store never
+        referred to them); under the exclusive lock, with no journal pending."""
+        if (self.path / PENDING_FILE).exists() or not (self.path / TASKS_DIR).is_dir():
+            return
+        for path in (self.path / TASKS_DIR).glob(f"*{STAGED_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
     def _read(self) -> dict[str, Any]:
+        if not self._held and (self.path / PENDING_FILE).exists():
+            with self._locked():  # completes the interrupted registration first
+                pass
         if not self.store_file.is_file():
             raise StoreError(f"no model store at {self.path} ({STORE_FILE} is missing)")
         try:
@@ -754,7 +814,11 @@ class ModelStore:
             raise StoreError(f"{self.store_file} could not be read as YAML: {exc}") from exc
         return _parse_store(doc, self.store_file)
 
-    def _write(self, doc: Mapping[str, Any]) -> None:
+    @staticmethod
+    def _plain_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
         plain = {**doc, "tasks": [t.to_dict() if isinstance(t, TaskRecord) else t for t in doc["tasks"]]}
-        text = yaml.safe_dump(_plain(plain, STORE_FILE), sort_keys=False, default_flow_style=False)
+        return _plain(plain, STORE_FILE)
+
+    def _write(self, doc: Mapping[str, Any]) -> None:
+        text = yaml.safe_dump(self._plain_doc(doc), sort_keys=False, default_flow_style=False)
         atomic_write_text(self.store_file, text)

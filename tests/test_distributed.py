@@ -23,6 +23,7 @@ from rcm_nddr.engine.checkpoint import load_checkpoint
 from rcm_nddr.engine.distributed import ShardSampler
 from rcm_nddr.engine.evaluate import eval_loader, evaluate
 from rcm_nddr.engine.sampler import ResumableSampler
+from rcm_nddr.engine.tester import run_test
 from rcm_nddr.provenance import config_sha256
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.store import ModelStore
@@ -177,6 +178,26 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
     for record in records:
         for key, value in single[record.name].items():
             assert record.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (record.name, key)
+
+    # test.py on 2 processes: each writes its shard's predictions, rank 0 the merged metrics
+    done = subprocess.run(
+        [*cmd, "test.py", "--config", str(config), "--quiet", "--save-predictions", str(tmp_path / "pred")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "5 predictions per task written" in done.stderr
+    for task in ("semseg", "depth"):
+        assert len(list((tmp_path / "pred" / task).iterdir())) == 5
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert report["environment"]["distributed"]["world_size"] == 2
+    expected = run_test(cfg, progress=False)  # one process, same checkpoint
+    for task, values in expected.items():
+        for key, value in values.items():
+            assert report["metrics"][task][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (task, key)
 
 
 @pytest.mark.slow

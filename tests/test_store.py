@@ -219,6 +219,52 @@ def test_replace_rewrites_an_unread_task(store):
     assert store.verify(probes=False) == []  # records of no real network: sha256 only
 
 
+class Crash(Exception):
+    pass
+
+
+def test_a_replace_that_dies_before_its_journal_leaves_the_old_store(store, monkeypatch):
+    register(store, "semseg")
+    old = store.load_task_tensors("semseg")
+    import rcm_nddr.store as store_module
+
+    def die(path, text):
+        raise Crash(path)
+
+    monkeypatch.setattr(store_module, "atomic_write_text", die)  # the journal is never written
+    with pytest.raises(Crash):
+        store.register_group([record("semseg")], {"semseg": {"w": torch.zeros(3)}}, replace=True)
+    monkeypatch.undo()
+    assert (store.path / "tasks/semseg.safetensors.staged").exists()  # the new version, staged
+    fresh = ModelStore(store.path)
+    assert fresh.verify(probes=False) == [] and [t.group for t in fresh.tasks] == [1]
+    assert torch.equal(fresh.load_task_tensors("semseg")["modulators.conv1"], old["modulators.conv1"])
+    register(fresh, "depth")  # the next writer deletes the stray staged file
+    assert not list(store.path.glob("tasks/*.staged"))
+    assert fresh.verify(probes=False) == []
+
+
+def test_a_replace_that_dies_after_its_journal_is_completed_by_the_next_access(store, monkeypatch):
+    register(store, "semseg")
+    register(store, "depth")
+
+    def die(self):
+        raise Crash("after the journal")
+
+    monkeypatch.setattr(ModelStore, "_finish_pending", die)
+    with pytest.raises(Crash):
+        store.register_group([record("semseg")], {"semseg": {"w": torch.zeros(3)}}, replace=True)
+    monkeypatch.undo()
+    assert (store.path / "store.yaml.pending").exists()
+    # store.yaml is still the old one, whose semseg file has not been touched
+    assert [t["group"] for t in yaml.safe_load((store.path / "store.yaml").read_text())["tasks"]] == [1, 2]
+    fresh = ModelStore(store.path)
+    assert [(t.name, t.group) for t in fresh.tasks] == [("depth", 2), ("semseg", 3)]  # completed on read
+    assert not (store.path / "store.yaml.pending").exists()
+    assert torch.equal(fresh.load_task_tensors("semseg")["w"], torch.zeros(3))
+    assert fresh.verify(probes=False) == []
+
+
 def test_remove_refused_while_read_then_allowed(store):
     register(store, "semseg")
     register(store, "edge", sources=("semseg",))
