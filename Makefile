@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean docker-smoke
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Builds a local stand-in base image (debootstrap + torch from the local wheels) and the project image,
+# then trains and tests a tiny task in a container (scripts/docker-smoke.sh; --clean removes the images).
+docker-smoke: $(STAMP)
+	RCM_NDDR=$(BIN)/rcm-nddr PYTHON=$(BIN)/python scripts/docker-smoke.sh
 
 clean:
 	rm -rf $(VENV) results/demo

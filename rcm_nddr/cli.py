@@ -19,6 +19,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from .config import ConfigError
     from .data.folder import DatasetError
+    from .docker import DockerError
     from .engine.saved import PredictionError
     from .engine.trainer import NonFiniteLossError, RunExistsError
     from .nn.backbone import WeightsError
@@ -39,6 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PredictionError,
         EvaluateError,
         StoreError,
+        DockerError,
         FileNotFoundError,
     )
 
@@ -344,6 +346,9 @@ def parser() -> argparse.ArgumentParser:
     from . import bench
 
     bench.add_arguments(sub.add_parser("bench", help="benchmarks: speed and peak memory (bench decomp)"))
+    from . import docker
+
+    docker.add_arguments(sub.add_parser("docker", help="build the Docker image; run train.py/test.py in a container"))
 
     _add_store_args(sub)
     from . import predict

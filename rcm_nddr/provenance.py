@@ -122,7 +122,7 @@ def git_state(root: Path | None = None) -> dict[str, Any]:
 
     if (root / ".git").exists():
         commit = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain", "--untracked-files=no")
+        status = git("status", "--porcelain")  # untracked files count: they may be imported or copied
         if commit is not None:
             return {"commit": commit.strip(), "dirty": bool(status and status.strip()), "source": "git"}
     commit = os.environ.get(GIT_VARIABLES["commit"])
