@@ -528,15 +528,28 @@ class ModelStore:
         if actual != expected:
             raise StoreError(f"sha256 mismatch for {path}: {actual}, {self.store_file} records {expected}")
 
-    def load_model(self, tasks: Sequence[str] | None = None, device: str | torch.device | None = None):
+    def load_model(
+        self, tasks: Sequence[str] | None = None, device: str | torch.device | None = None, deploy: bool = False
+    ):
         """A MultiTaskNet computing ``tasks`` (default: every task, in store order): called on a batch of
         ImageNet-normalized images it returns ``{task: prediction}`` post-processed at input resolution
         (``raw=True`` for the heads' outputs). The tasks they read through NDDR are added as sources
         (without heads). Every file is sha256-checked; the module is in eval mode with no parameter
-        requiring a gradient, on ``device`` (default CPU; ``"auto"``: CUDA when available)."""
+        requiring a gradient, on ``device`` (default CPU; ``"auto"``: CUDA when available).
+
+        ``deploy``: the inference form (``rcm_nddr.deploy``): modulators folded into the filter bank, every
+        BatchNorm into its conv, the stem's bank response shared by the tasks; same outputs, up to
+        float rounding, at the cost of plain networks."""
         with self._locked(shared=True):
             doc = self._read()
-            return self._assemble(doc, list(tasks) if tasks is not None else None, {}, device)
+            model = self._assemble(doc, list(tasks) if tasks is not None else None, {}, None)
+        if deploy:
+            from .deploy import deploy as deploy_form
+
+            model = deploy_form(model)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return model.to(device or "cpu")
 
     def compute_probes(
         self,

@@ -82,9 +82,12 @@ class RCConv2d(nn.Module):
             modulator = weight_norm(modulator, name="weight", dim=0)
         self.modulators[task] = modulator
 
+    def response(self, x: Tensor) -> Tensor:
+        """``W_s * x``: the bank's response, the same for every task reading the same input."""
+        return F.conv2d(x, self.filter_bank, None, self.stride, self.padding, self.dilation)
+
     def forward(self, x: Tensor, task: str) -> Tensor:
-        response = F.conv2d(x, self.filter_bank, None, self.stride, self.padding, self.dilation)
-        return self.modulators[task](response)
+        return self.modulators[task](self.response(x))
 
 
 class TaskModules(nn.Module):
@@ -205,4 +208,14 @@ class RCResNet(nn.Module):
         return x
 
     def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
-        return {task: self.forward_task_stage(x, stage, task) for task, x in features.items()}
+        if stage != "stem":
+            return {task: self.forward_task_stage(x, stage, task) for task, x in features.items()}
+        # The tasks reading the same image share the stem's bank response; only the modulators differ.
+        responses: dict[int, Tensor] = {}
+        out = {}
+        for task, x in features.items():
+            if id(x) not in responses:
+                responses[id(x)] = self.conv1.response(x)
+            modulated = self.conv1.modulators[task](responses[id(x)])
+            out[task] = self.maxpool(self.relu(self.bn1(modulated, task)))
+        return out
