@@ -340,10 +340,12 @@ def _decomp_command(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` subcommands, under ``parser``."""
+    """``rcm-nddr bench`` (the model benchmark, ``bench_speed``) and its subcommand ``decomp``."""
+    from . import bench_speed
     from .cli import positive_int
 
-    sub = parser.add_subparsers(dest="bench_command", required=True)
+    bench_speed.add_arguments(parser)
+    sub = parser.add_subparsers(dest="bench_command", required=False)
     d = sub.add_parser("decomp", help="streaming response decomposition vs keeping every response")
     d.add_argument("--images", type=positive_int, nargs="+", default=[200, 2000], help="image counts (200 2000)")
     d.add_argument("--size", type=positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))

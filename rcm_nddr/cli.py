@@ -345,7 +345,9 @@ def parser() -> argparse.ArgumentParser:
 
     from . import bench
 
-    bench.add_arguments(sub.add_parser("bench", help="benchmarks: speed and peak memory (bench decomp)"))
+    bench.add_arguments(
+        sub.add_parser("bench", help="speed: deploy form and RC training vs plain networks; bench decomp")
+    )
     from . import docker
 
     docker.add_arguments(sub.add_parser("docker", help="build the Docker image; run train.py/test.py in a container"))

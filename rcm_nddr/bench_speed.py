@@ -1,0 +1,326 @@
+"""``rcm-nddr bench``: inference and training speed of the reparameterized network against plain networks
+of the same architecture, measured in one process, one run, so the ratios compare like with like.
+
+- ``deploy_vs_plain_infer``: T tasks computed by the deploy form (``rcm_nddr.deploy``: modulators
+  folded into the bank, BatchNorm into the convs, one shared stem bank response) in one call, over the
+  time of T plain single-task networks of the same architecture (BatchNorm folded too) run one after
+  the other on the same batch.
+- ``rc_vs_plain_train_step``: one training step (forward, loss, backward, SGD step) of an RC + RI +
+  NFF task over that of a fully trained plain single-task network.
+
+Timings are medians over repeats after warm-up, the two sides of each ratio measured alternately
+(A B A B ...) so that a drift of the machine affects both. FLOPs are counted by
+``torch.utils.flop_counter`` (2 per multiply-add) on one pass."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: task types the benchmark's networks cycle through (their heads differ only in output channels)
+TASK_TYPES = ("semseg", "depth", "normals", "edge", "sal")
+#: classes of the benchmark's semseg task (NYUD's 40)
+SEMSEG_CLASSES = 40
+
+
+def _tasks(count: int) -> dict[str, Any]:
+    from .registry import TASKS, discover
+    from .task import DatasetInfo
+
+    discover()
+    info = DatasetInfo("bench", classes={"semseg": [f"class{i}" for i in range(SEMSEG_CLASSES)]}, extra={})
+    out = {}
+    for i in range(count):
+        kind = TASK_TYPES[i % len(TASK_TYPES)]
+        name = kind if i < len(TASK_TYPES) else f"{kind}{i // len(TASK_TYPES) + 1}"
+        out[name] = TASKS.get(kind)(name, info)
+    return out
+
+
+def _random_targets(tasks: Mapping[str, Any], batch: int, size: tuple[int, int], device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    h, w = size
+    out = {}
+    for name, task in tasks.items():
+        key = task.target_key
+        if key == "semseg":
+            target = torch.randint(0, SEMSEG_CLASSES, (batch, h, w), generator=gen)
+        elif key == "depth":
+            target = torch.rand((batch, 1, h, w), generator=gen) * 5 + 0.5
+        elif key == "normals":
+            target = nn.functional.normalize(torch.randn((batch, 3, h, w), generator=gen), dim=1)
+        else:
+            target = (torch.rand((batch, 1, h, w), generator=gen) < 0.2).float()
+        out[name] = target.to(device)
+    return out
+
+
+def build_networks(arch: str, tasks: Mapping[str, Any], output_stride: int = 16, head_channels: int = 256):
+    """``(rc, plain)``: an RC + RI + NFF MultiTaskNet of ``tasks`` (random weights, a random orthogonal
+    decomposition) and one plain single-task MultiTaskNet per task, all of the same architecture."""
+    from .assembly import build_head
+    from .model import MultiTaskNet
+    from .nn.backbone import TaskBackbones, resnet_backbone
+    from .nn.rc import RCResNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = resnet_backbone(arch, weights="none", output_stride=output_stride)
+        banks = RCResNet(net, [], None).filter_bank()
+        decomposition = {n: torch.linalg.qr(torch.randn(b.shape[0], b.shape[0]))[0] for n, b in banks.items()}
+        backbone = RCResNet(net, list(tasks), decomposition, nff=True)
+        heads = {n: build_head(backbone, t, head_channels) for n, t in tasks.items()}
+        rc = MultiTaskNet(dict(tasks), backbone, heads)
+        plain = {}
+        for name, task in tasks.items():
+            paths = TaskBackbones({name: copy.deepcopy(net)})
+            plain[name] = MultiTaskNet({name: task}, paths, {name: build_head(paths, task, head_channels)})
+    return rc, plain
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _alternate(
+    runs: Mapping[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in rounds (one call of each per round)."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _summary(seconds: list[float], flops: int, images: int) -> dict[str, Any]:
+    median = statistics.median(seconds)
+    return {
+        "seconds": median,
+        "seconds_all": seconds,
+        "images_per_s": images / median,
+        "flops_per_image": flops / images,
+        "tflops_per_s": flops / median / 1e12,
+    }
+
+
+def _autocast(device: torch.device, amp: bool):
+    from .engine.evaluate import autocast
+
+    return autocast(device, amp)
+
+
+def bench_model(
+    device: str = "cpu",
+    size: tuple[int, int] = (256, 256),
+    batch: int = 4,
+    tasks: int = 4,
+    arch: str = "resnet18",
+    warmup: int = 2,
+    repeats: int = 5,
+    amp: bool = True,
+) -> dict[str, Any]:
+    """Measure the inference and training-step ratios (see the module docstring); returns the report."""
+    from .deploy import deploy
+
+    dev = torch.device(device)
+    task_objects = _tasks(tasks)
+    rc, plain = build_networks(arch, task_objects)
+    rc_deploy = deploy(rc.eval())
+    plain_deploy = {name: deploy(net.eval()) for name, net in plain.items()}
+    for module in (rc, rc_deploy, *plain.values(), *plain_deploy.values()):
+        module.to(dev, memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, *size, generator=gen).to(dev, memory_format=torch.channels_last)
+    use_amp = amp and dev.type == "cuda"
+
+    def infer(model: nn.Module, mode: Callable[[], Any] = torch.inference_mode) -> Callable[[], Any]:
+        def run() -> Any:
+            with mode(), _autocast(dev, use_amp):
+                return model(images, raw=True)
+
+        return run
+
+    def infer_plain(mode: Callable[[], Any] = torch.inference_mode) -> None:
+        for net in plain_deploy.values():
+            infer(net, mode)()
+
+    rc.eval()
+    log.info("inference: %d tasks, batch %d, %dx%d on %s", tasks, batch, *size, dev)
+    infer_runs = {"deploy": infer(rc_deploy), "plain": infer_plain, "training_form": infer(rc)}
+    infer_times = _alternate(infer_runs, dev, warmup, repeats)
+    # (counted under no_grad: the FLOP counter does not see through weight_norm under inference_mode)
+    counted = {"deploy": infer(rc_deploy, torch.no_grad), "plain": lambda: infer_plain(torch.no_grad)}
+    counted["training_form"] = infer(rc, torch.no_grad)
+    infer_flops = {name: _flops(fn) for name, fn in counted.items()}
+
+    # training steps of one task: RC + RI + NFF against a fully trained plain network
+    first = next(iter(task_objects))
+    task = task_objects[first]
+    rc_single, plain_single = build_networks(arch, {first: task})
+    target = _random_targets({first: task}, batch, size, dev)[first]
+    steps = {}
+    for name, model in (("rc_ri_nff", rc_single), ("plain", plain_single[first])):
+        model.to(dev, memory_format=torch.channels_last).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            with _autocast(dev, use_amp):
+                out = model(images, raw=True)[first]
+            loss = task.loss(out.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps[name] = step
+    train_times = _alternate(steps, dev, warmup, repeats)
+    train_flops = {name: _flops(fn) for name, fn in steps.items()}
+    trainable = {
+        "rc_ri_nff": sum(p.numel() for p in rc_single.parameters() if p.requires_grad),
+        "plain": sum(p.numel() for p in plain_single[first].parameters() if p.requires_grad),
+    }
+
+    inference = {name: _summary(infer_times[name], infer_flops[name], batch) for name in infer_runs}
+    train = {name: _summary(train_times[name], train_flops[name], batch) for name in steps}
+    for name, count in trainable.items():
+        train[name]["trainable_parameters"] = count
+    return {
+        "benchmark": "model",
+        "machine": _machine(dev),
+        "setup": {
+            "arch": arch,
+            "tasks": list(task_objects),
+            "train_task": first,
+            "size": list(size),
+            "batch": batch,
+            "device": str(dev),
+            "precision": "bf16 autocast" if use_amp else "fp32",
+            "memory_format": "channels_last",
+            "warmup": warmup,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "inference": "torch.inference_mode; deploy = all tasks in one call; plain = one folded "
+            "single-task network per task, one after the other; training_form = the RC network unfolded",
+            "train_step": "forward, loss, backward, SGD step of one task; plain = every weight trained",
+        },
+        "inference": inference,
+        "train_step": train,
+        "ratios": {
+            "deploy_vs_plain_infer": inference["deploy"]["seconds"] / inference["plain"]["seconds"],
+            "training_form_vs_plain_infer": inference["training_form"]["seconds"] / inference["plain"]["seconds"],
+            "rc_vs_plain_train_step": train["rc_ri_nff"]["seconds"] / train["plain"]["seconds"],
+        },
+    }
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    from .provenance import devices
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else devices()["cpu"],
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as Markdown tables."""
+    setup = report["setup"]
+    lines = [
+        f"{setup['arch']} DeepLabv3+, {len(setup['tasks'])} tasks, batch {setup['batch']}, "
+        f"{setup['size'][0]}x{setup['size'][1]}, {setup['device']} ({report['machine']['device']}), "
+        f"{setup['precision']}, median of {setup['repeats']} after {setup['warmup']} warm-up",
+        "",
+        "| inference | s / batch | images/s | GFLOP / image | TFLOP/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in report["inference"].items():
+        lines.append(
+            f"| {name} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | {r['flops_per_image'] / 1e9:.2f} "
+            f"| {r['tflops_per_s']:.3f} |"
+        )
+    lines += [
+        "",
+        "| train step | s / step | images/s | GFLOP / image | TFLOP/s | trainable |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["train_step"].items():
+        lines.append(
+            f"| {name} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | {r['flops_per_image'] / 1e9:.2f} "
+            f"| {r['tflops_per_s']:.3f} | {r['trainable_parameters']:,} |"
+        )
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if args.batch < 2:
+        raise ConfigError("--batch: at least 2 (a training step's BatchNorm needs more than one value per channel)")
+    report = bench_model(
+        device=args.device,
+        size=tuple(args.size),
+        batch=args.batch,
+        tasks=args.tasks,
+        arch=args.arch,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    print(format_report(report))  # noqa: T201 - the benchmark's result is this table on stdout
+    if args.json:
+        from .engine.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        log.info("report written to %s", args.json)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``rcm-nddr bench`` itself (the model benchmark)."""
+    from .cli import positive_int
+
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--size", type=positive_int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    parser.add_argument("--batch", type=positive_int, default=4, help="images per batch (default: 4)")
+    parser.add_argument("--tasks", type=positive_int, default=4, help="tasks of the inference pass (default: 4)")
+    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
+    parser.add_argument("--warmup", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--json", help="also write the report to this JSON file")
+    parser.set_defaults(func=run_command)
