@@ -66,3 +66,17 @@ def write_layout(
 def tiny_layout(tmp_path: Path) -> Path:
     """A dataset root with 3 train and 2 val samples of 12 x 16 pixels in the folder layout."""
     return write_layout(tmp_path / "SYNTH_MT")
+
+
+@pytest.fixture(scope="session")
+def bank(tmp_path_factory) -> Path:
+    """A pretrained-weights file (random, fixed) that model stores' filter banks are made from."""
+    import torch
+
+    from rcm_nddr.nn.backbone import resnet_backbone
+
+    path = tmp_path_factory.mktemp("bank") / "resnet18.pth"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(resnet_backbone("resnet18").state_dict(), path)
+    return path

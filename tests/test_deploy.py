@@ -15,22 +15,12 @@ from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.deploy import DeployBackbone, deploy
 from rcm_nddr.engine.trainer import Trainer
-from rcm_nddr.nn.backbone import resnet_backbone
 from rcm_nddr.nn.rc import RCResNet
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def bank(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("bank") / "resnet18.pth"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        torch.save(resnet_backbone("resnet18").state_dict(), path)
-    return path
 
 
 def train(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> None:

@@ -45,6 +45,12 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` in the repository root, CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
 def _config(path: Path, store: Path, data: Path, tasks: str, *extra: str) -> Path:
     cfg = load_config(None, tiny_run(store, data, tasks, "optimizer.name=adam", "optimizer.lr=0.001", *extra))
     save_config(cfg, path)
@@ -146,15 +152,7 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
         "train.val_every=3",
         "test.batch_size=2",
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*cmd, "train.py", "--config", str(config), "--quiet"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _torchrun("train.py", "--config", str(config), "--quiet")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "x 2 processes" in done.stderr  # rank 0 logs the run on 2 processes ...
     assert done.stderr.count("registered semseg, depth in the store") == 1  # ... and registers once
@@ -180,14 +178,7 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
             assert record.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (record.name, key)
 
     # test.py on 2 processes: each writes its shard's predictions, rank 0 the merged metrics
-    done = subprocess.run(
-        [*cmd, "test.py", "--config", str(config), "--quiet", "--save-predictions", str(tmp_path / "pred")],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _torchrun("test.py", "--config", str(config), "--quiet", "--save-predictions", str(tmp_path / "pred"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "5 predictions per task written" in done.stderr
     for task in ("semseg", "depth"):
@@ -203,15 +194,7 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
 @pytest.mark.slow
 def test_torchrun_refuses_a_global_batch_that_does_not_split(tmp_path, synth):
     config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", "train.batch_size=3")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*cmd, "train.py", "--config", str(config), "--quiet"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _torchrun("train.py", "--config", str(config), "--quiet")
     assert done.returncode != 0
     assert "key 'train.batch_size': 3 is the global batch and must split evenly over the 2 processes" in done.stderr
     assert not (tmp_path / "store" / "store.yaml").exists()
