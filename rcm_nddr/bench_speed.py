@@ -134,12 +134,6 @@ def _summary(seconds: list[float], flops: int, images: int) -> dict[str, Any]:
     }
 
 
-def _autocast(device: torch.device, amp: bool):
-    from .engine.evaluate import autocast
-
-    return autocast(device, amp)
-
-
 def bench_model(
     device: str = "cpu",
     size: tuple[int, int] = (256, 256),
@@ -152,6 +146,7 @@ def bench_model(
 ) -> dict[str, Any]:
     """Measure the inference and training-step ratios (see the module docstring); returns the report."""
     from .deploy import deploy
+    from .engine.evaluate import autocast
 
     dev = torch.device(device)
     task_objects = _tasks(tasks)
@@ -166,7 +161,7 @@ def bench_model(
 
     def infer(model: nn.Module, mode: Callable[[], Any] = torch.inference_mode) -> Callable[[], Any]:
         def run() -> Any:
-            with mode(), _autocast(dev, use_amp):
+            with mode(), autocast(dev, use_amp):
                 return model(images, raw=True)
 
         return run
@@ -196,7 +191,7 @@ def bench_model(
         optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
         def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
-            with _autocast(dev, use_amp):
+            with autocast(dev, use_amp):
                 out = model(images, raw=True)[first]
             loss = task.loss(out.float(), target)
             optimizer.zero_grad(set_to_none=True)

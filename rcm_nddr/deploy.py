@@ -16,7 +16,7 @@ training form's in eval mode up to float rounding."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -115,53 +115,51 @@ class DeployBackbone(nn.Module):
 # ----------------------------------------------------------------------------- folding the backbones
 
 
-def _fold_plain(net: ResNetBackbone) -> FoldedPath:
+#: one block's convs as ``(conv, weight it computes with, BatchNorm after it)`` and its downsample
+#: (``Sequential(conv, BatchNorm)``) or None
+BlockParts = tuple[list[tuple[nn.Module, Tensor, nn.BatchNorm2d]], nn.Sequential | None]
+
+
+def _fold_stages(net: nn.Module, parts: Callable[[nn.Module], BlockParts]) -> dict[str, list[FoldedBlock]]:
+    """Every residual stage of ``net`` with each block's convs folded (``parts`` says what they are)."""
     stages = {}
     for stage in STAGES[1:]:
         blocks = []
         for block in getattr(net, stage):
-            names = ["conv1", "conv2"] + (["conv3"] if hasattr(block, "conv3") else [])
-            convs = [
-                fold(getattr(block, n), getattr(block, n).weight.detach(), getattr(block, f"bn{i}"))
-                for i, n in enumerate(names, start=1)
-            ]
-            down = None
-            if block.downsample is not None:
-                conv, bn = block.downsample[0], block.downsample[1]
-                down = fold(conv, conv.weight.detach(), bn)
-            blocks.append(FoldedBlock(convs, down))
+            convs, downsample = parts(block)
+            down = None if downsample is None else fold(downsample[0], downsample[0].weight.detach(), downsample[1])
+            blocks.append(FoldedBlock([fold(*c) for c in convs], down))
         stages[stage] = blocks
+    return stages
+
+
+def _fold_plain(net: ResNetBackbone) -> FoldedPath:
+    def parts(block: nn.Module) -> BlockParts:
+        names = ["conv1", "conv2"] + (["conv3"] if hasattr(block, "conv3") else [])
+        convs = [getattr(block, n) for n in names]
+        return [
+            (c, c.weight.detach(), getattr(block, f"bn{i}")) for i, c in enumerate(convs, start=1)
+        ], block.downsample
+
     stem = fold(net.conv1, net.conv1.weight.detach(), net.bn1)
-    return FoldedPath(stem, copy.deepcopy(net.maxpool), stages)
+    return FoldedPath(stem, copy.deepcopy(net.maxpool), _fold_stages(net, parts))
 
 
 def _fold_rc(rc: RCResNet, task: str, shared_stem: bool) -> FoldedPath:
-    stages = {}
-    for stage in STAGES[1:]:
-        blocks = []
-        block: RCBlock
-        for block in getattr(rc, stage):
-            convs = [
-                fold(
-                    getattr(block, n),
-                    modulated_weight(getattr(block, n), task),
-                    getattr(block, f"bn{i}").per_task[task],
-                )
-                for i, n in enumerate(block.names, start=1)
-            ]
-            down = None
-            if block.downsample is not None:
-                conv, bn = block.downsample.per_task[task][0], block.downsample.per_task[task][1]
-                down = fold(conv, conv.weight.detach(), bn)
-            blocks.append(FoldedBlock(convs, down))
-        stages[stage] = blocks
+    def parts(block: RCBlock) -> BlockParts:
+        convs = [getattr(block, n) for n in block.names]
+        folded = [
+            (c, modulated_weight(c, task), getattr(block, f"bn{i}").per_task[task])
+            for i, c in enumerate(convs, start=1)
+        ]
+        return folded, None if block.downsample is None else block.downsample.per_task[task]
+
     bn = rc.bn1.per_task[task]
-    if shared_stem:
-        modulator = rc.conv1.modulators[task].weight.detach()  # Co x Co x 1 x 1
-        stem = fold(None, modulator, bn)
+    if shared_stem:  # the task's modulator (Co x Co x 1 x 1) on the shared bank response
+        stem = fold(None, rc.conv1.modulators[task].weight.detach(), bn)
     else:
         stem = fold(rc.conv1, modulated_weight(rc.conv1, task), bn)
-    return FoldedPath(stem, copy.deepcopy(rc.maxpool), stages)
+    return FoldedPath(stem, copy.deepcopy(rc.maxpool), _fold_stages(rc, parts))
 
 
 def deploy_backbone(backbone: nn.Module, tasks: list[str], shared_stem: bool | None = None) -> nn.Module:

@@ -16,3 +16,18 @@ def tiny_run(store: Path, data: Path, tasks: str, *extra: str) -> list[str]:
         "train.device=cpu",
         *extra,
     ]
+
+
+def rc_run(store: Path, data: Path, bank: Path, tasks: str, *extra: str) -> list[str]:
+    """``tiny_run`` of an RC (+ RI + NFF) group on the filter bank of ``bank``, 3 iterations, validated once."""
+    return tiny_run(
+        store,
+        data,
+        tasks,
+        "backbone.reparam=rc",
+        f"backbone.weights={bank}",
+        "train.max_iters=3",
+        "train.val_every=3",
+        "test.batch_size=2",
+        *extra,
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_run
+from helpers import rc_run
 
 from rcm_nddr import ModelStore
 from rcm_nddr.config import load_config
@@ -24,18 +24,7 @@ def synth(tmp_path_factory) -> Path:
 
 
 def train(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> None:
-    overrides = tiny_run(
-        store,
-        synth,
-        tasks,
-        "backbone.reparam=rc",
-        f"backbone.weights={bank}",
-        "train.max_iters=3",
-        "train.val_every=3",
-        "train.checkpoint_every=3",
-        *extra,
-    )
-    Trainer(load_config(None, overrides), progress=False).run()
+    Trainer(load_config(None, rc_run(store, synth, bank, tasks, *extra)), progress=False).run()
 
 
 @pytest.fixture(scope="module")

@@ -256,17 +256,17 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_with_the_same_weights(tmp_pa
     last = store / "checkpoints" / "normals" / "last.pt"
     _wait_for(last, process)
     process.kill()  # SIGKILL: no handler runs, whatever was being written is cut off
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, err[-3000:]
     stopped_at = load_checkpoint(last)["iteration"]
-    assert 5 <= stopped_at < 60 and stopped_at % 5 == 0
+    assert 5 <= stopped_at < 60 and stopped_at % 5 == 0, (stopped_at, err[-3000:])
     assert not ModelStore(store).exists or ModelStore(store).tasks == []  # nothing registered yet
     (last.parent / ".last.pt.deadbeef.tmp").write_bytes(b"torn")  # as a kill in mid-write leaves it
 
     resumed = _train(config, "--resume")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
-    assert f"resumed {last} at iteration {stopped_at}" in err
+    assert f"resumed {last} at iteration {stopped_at}" in err, err[-3000:]
     assert not list(last.parent.glob(".*.tmp"))
     _assert_same_weights(_weights(store, "normals"), uninterrupted)
     assert [r.name for r in ModelStore(store).tasks] == ["normals"]

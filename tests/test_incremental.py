@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import tiny_run
+from helpers import rc_run
 from PIL import Image
 
 from rcm_nddr import ModelStore, StoreError, cli
@@ -25,17 +25,7 @@ def synth(tmp_path_factory) -> Path:
 
 
 def overrides(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> list[str]:
-    return tiny_run(
-        store,
-        synth,
-        tasks,
-        "backbone.reparam=rc",
-        f"backbone.weights={bank}",
-        "train.max_iters=3",
-        "train.val_every=3",
-        "test.batch_size=2",
-        *extra,
-    )
+    return rc_run(store, synth, bank, tasks, *extra)
 
 
 def train(store: Path, synth: Path, bank: Path, tasks: str, *extra: str, replace: bool = False) -> Trainer:

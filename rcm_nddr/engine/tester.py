@@ -72,10 +72,10 @@ def run_test(
     loader = eval_loader(dataset, cfg.test.batch_size, cfg.train.num_workers, device)
     writer = PredictionWriter(save_predictions, tasks) if save_predictions is not None else None
     metrics = evaluate(model, loader, tasks, device, cfg.train.amp, progress and ctx.is_main, on_batch=writer)
-    environment = provenance.collect(cfg)
     written = sum(distributed.all_gather_objects(writer.count if writer is not None else 0))
     if not ctx.is_main:
         return metrics
+    environment = provenance.collect(cfg)
     result: dict[str, Any] = {
         "config": cfg.source,
         "group": cfg.group_name,

@@ -225,7 +225,8 @@ class Trainer:
             else self.model
         )
         self.parameter_counts = {name: parameter_breakdown(self.model, name) for name in self.tasks}
-        self.environment = provenance.collect(cfg)
+        # what produced the run: written by rank 0, which alone registers the group
+        self.environment = provenance.collect(cfg) if self.is_main else {}
         if self.is_main:
             self.paths.run.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.paths.run / "config.yaml")
