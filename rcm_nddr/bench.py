@@ -1,6 +1,7 @@
 """``rcm-nddr bench``: benchmarks. ``bench decomp`` measures the speed and the peak resident memory of
 the streaming response decomposition beside a naive reference that keeps every response and runs a
-PCA on their concatenation, each measurement in a fresh process."""
+PCA on their concatenation, each measurement in a fresh process. ``bench scaling`` (``bench_scaling``)
+measures inference time, FLOPs and parameters against the number of tasks."""
 
 from __future__ import annotations
 
@@ -340,8 +341,9 @@ def _decomp_command(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``rcm-nddr bench`` (the model benchmark, ``bench_speed``) and its subcommand ``decomp``."""
-    from . import bench_speed
+    """``rcm-nddr bench`` (the model benchmark, ``bench_speed``) and its subcommands ``decomp`` and
+    ``scaling`` (``bench_scaling``)."""
+    from . import bench_scaling, bench_speed
     from .cli import positive_int
 
     bench_speed.add_arguments(parser)
@@ -353,3 +355,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", help="also write the report to this JSON file")
     d.set_defaults(func=_decomp_command)
+    bench_scaling.add_arguments(
+        sub.add_parser("scaling", help="inference time, FLOPs and parameters of 1..N tasks: rcm, rcm_nddr, plain x T")
+    )

@@ -23,10 +23,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .nn.backbone import ResNetBackbone
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +71,31 @@ def _random_targets(tasks: Mapping[str, Any], batch: int, size: tuple[int, int],
     return out
 
 
+def random_start(arch: str, output_stride: int = 16) -> tuple[ResNetBackbone, dict[str, torch.Tensor]]:
+    """``(net, decomposition)``: a randomly initialized plain backbone (``weights="none"``) and a random
+    orthogonal "RI decomposition" (one Co x Co matrix per reparameterized conv), drawn from the global
+    RNG after seeding it with 0 (callers fork the RNG around it: the benchmarks' networks are the same
+    on every run without changing the caller's random state)."""
+    from .nn.backbone import resnet_backbone
+    from .nn.rc import RCResNet
+
+    torch.manual_seed(0)
+    net = resnet_backbone(arch, weights="none", output_stride=output_stride)
+    banks = RCResNet(net, [], None).filter_bank()
+    decomposition = {n: torch.linalg.qr(torch.randn(b.shape[0], b.shape[0]))[0] for n, b in banks.items()}
+    return net, decomposition
+
+
 def build_networks(arch: str, tasks: Mapping[str, Any], output_stride: int = 16, head_channels: int = 256):
     """``(rc, plain)``: an RC + RI + NFF MultiTaskNet of ``tasks`` (random weights, a random orthogonal
     decomposition) and one plain single-task MultiTaskNet per task, all of the same architecture."""
     from .assembly import build_head
     from .model import MultiTaskNet
-    from .nn.backbone import TaskBackbones, resnet_backbone
+    from .nn.backbone import TaskBackbones
     from .nn.rc import RCResNet
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = resnet_backbone(arch, weights="none", output_stride=output_stride)
-        banks = RCResNet(net, [], None).filter_bank()
-        decomposition = {n: torch.linalg.qr(torch.randn(b.shape[0], b.shape[0]))[0] for n, b in banks.items()}
+        net, decomposition = random_start(arch, output_stride)
         backbone = RCResNet(net, list(tasks), decomposition, nff=True)
         heads = {n: build_head(backbone, t, head_channels) for n, t in tasks.items()}
         rc = MultiTaskNet(dict(tasks), backbone, heads)

@@ -85,6 +85,10 @@ class SchedulerConfig:
     warmup_iters: int = 0
 
 
+#: ``torch.compile`` modes (``train.compile`` / ``test.compile``; ``true`` means ``default``)
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 @dataclass
 class TrainConfig:
     #: training length in iterations (2000 when neither this nor ``epochs`` is set)
@@ -102,6 +106,8 @@ class TrainConfig:
     #: in a distributed run: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each
     #: process's slice
     sync_bn: bool = False
+    #: ``torch.compile`` the training step's model and the validation model: true (= ``default``) or a mode
+    compile: bool | CompileMode = False
 
 
 @dataclass
@@ -111,6 +117,8 @@ class TestConfig:
     checkpoint: Literal["best", "last"] = "best"
     #: single-task results for Delta_MTL: a model store or a JSON file ({task: {metric: value}})
     baselines: str | None = None
+    #: ``torch.compile`` the evaluated model (test.py): true (= ``default``) or a mode
+    compile: bool | CompileMode = False
 
 
 @dataclass

@@ -529,7 +529,11 @@ class ModelStore:
             raise StoreError(f"sha256 mismatch for {path}: {actual}, {self.store_file} records {expected}")
 
     def load_model(
-        self, tasks: Sequence[str] | None = None, device: str | torch.device | None = None, deploy: bool = False
+        self,
+        tasks: Sequence[str] | None = None,
+        device: str | torch.device | None = None,
+        deploy: bool = False,
+        batched: bool = False,
     ):
         """A MultiTaskNet computing ``tasks`` (default: every task, in store order): called on a batch of
         ImageNet-normalized images it returns ``{task: prediction}`` post-processed at input resolution
@@ -539,14 +543,22 @@ class ModelStore:
 
         ``deploy``: the inference form (``rcm_nddr.deploy``): modulators folded into the filter bank, every
         BatchNorm into its conv, the stem's bank response shared by the tasks; same outputs, up to
-        float rounding, at the cost of plain networks."""
+        float rounding, at the cost of plain networks.
+
+        ``batched`` (only with ``deploy=True``, else ValueError): the deploy form's batched execution
+        (``rcm_nddr.deploy.BatchedMultiTaskNet``): all tasks' features as one stacked tensor, each backbone
+        conv of all tasks as one grouped conv and each stage's NDDR fusion as one 1x1 conv; the heads
+        still run per task. Same outputs, up to float rounding; the whole stack runs whichever ``tasks``
+        a call asks for."""
+        if batched and not deploy:
+            raise ValueError("load_model(batched=True) batches the deploy form: pass deploy=True as well")
         with self._locked(shared=True):
             doc = self._read()
             model = self._assemble(doc, list(tasks) if tasks is not None else None, {}, None)
         if deploy:
             from .deploy import deploy as deploy_form
 
-            model = deploy_form(model)
+            model = deploy_form(model, batched=batched)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return model.to(device or "cpu")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rcm_nddr.task import Task, TrivialPredictor
-from tasks.common import check_map, check_same_spatial, check_single
+from tasks.common import check_map, check_same_spatial, check_single, check_values
 
 IGNORE_VALUE = 255
 #: colour of ignored pixels in visualizations: not a grey, so it cannot be read as a probability
@@ -17,9 +17,11 @@ IGNORE_RGB = (0, 64, 128)
 
 def check_binary_target(target: Tensor, what: str) -> None:
     """Targets hold 0 (negative), 1 (positive) or 255 (ignore)."""
-    bad = (target != 0) & (target != 1) & (target != IGNORE_VALUE)
-    if bad.any():
-        raise ValueError(f"{what}: target value {float(target[bad][0])} is not 0, 1 or {IGNORE_VALUE} (ignore)")
+    check_values(
+        (target != 0) & (target != 1) & (target != IGNORE_VALUE),
+        lambda bad: f"{what}: target value {float(target[bad][0])} is not 0, 1 or {IGNORE_VALUE} (ignore)",
+        f"{what}: a target value is not 0, 1 or {IGNORE_VALUE} (ignore)",
+    )
 
 
 def masked_bce_with_logits(output: Tensor, target: Tensor, pos_weight: float | None = None) -> Tensor:
@@ -28,11 +30,13 @@ def masked_bce_with_logits(output: Tensor, target: Tensor, pos_weight: float | N
     With ``pos_weight`` w, positives are weighted w and negatives 1 - w (the class-balanced loss of
     HED/ASTMT for edges).
     """
+    # Ignored pixels get weight 0 (masking, not indexing: no data-dependent shapes, no host synchronization).
     valid = target != IGNORE_VALUE
-    logits = output.float()[valid]
-    labels = target[valid].float()
-    weight = None if pos_weight is None else labels * pos_weight + (1 - labels) * (1 - pos_weight)
-    total = F.binary_cross_entropy_with_logits(logits, labels, weight=weight, reduction="sum")
+    labels = torch.where(valid, target, 0).float()
+    weight = valid.float()
+    if pos_weight is not None:
+        weight = weight * (labels * pos_weight + (1 - labels) * (1 - pos_weight))
+    total = F.binary_cross_entropy_with_logits(output.float(), labels, weight=weight, reduction="sum")
     return total / valid.sum().clamp_min(1)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,18 @@ def check_single(tensor: Tensor, channels: int | None, what: str) -> None:
             raise ValueError(f"{what}: expected an H x W tensor, got shape {tuple(tensor.shape)}")
     elif tensor.ndim != 3 or tensor.shape[0] != channels:
         raise ValueError(f"{what}: expected a {channels} x H x W tensor, got shape {tuple(tensor.shape)}")
+
+
+def check_values(bad: Tensor, message: Callable[[Tensor], str], device_message: str) -> None:
+    """Fail when any element of the mask ``bad`` is set. On the CPU: a ValueError from ``message(bad)``
+    (which may read the offending values). On an accelerator the check is queued with the computation
+    (``torch._assert_async``), so the training step does not wait for the device to learn the answer; a
+    failure then stops the process with ``device_message``."""
+    if bad.device.type == "cpu":
+        if bad.any():
+            raise ValueError(message(bad))
+    else:
+        torch._assert_async(~bad.any(), device_message)
 
 
 def check_same_spatial(output: Tensor, target: Tensor, what: str) -> None:

@@ -130,10 +130,10 @@ class NormalsTask(Task):
         check_map(output, 3, f"{self.name} loss output")
         check_map(target, 3, f"{self.name} loss target")
         check_same_spatial(output, target, f"{self.name} loss")
-        valid = valid_normals(target)
-        predicted = unit_normals(output.float()).movedim(1, -1)[valid]
-        error = (predicted - target.movedim(1, -1)[valid]).abs()
-        return error.sum() / (3 * valid.sum()).clamp_min(1)
+        valid = valid_normals(target).unsqueeze(1)
+        # masked, not indexed: no data-dependent shapes, so the step never waits for the device
+        error = (unit_normals(output.float()) - torch.where(valid, target, 0)).abs()
+        return torch.where(valid, error, 0).sum() / (3 * valid.sum()).clamp_min(1)
 
     def postprocess(self, output: Tensor) -> Tensor:
         check_map(output, 3, f"{self.name} postprocess")

@@ -15,6 +15,7 @@ from tasks.common import (
     check_same_shape,
     check_same_spatial,
     check_single,
+    check_values,
     safe_divide,
     to_accumulator,
 )
@@ -43,12 +44,14 @@ def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
     """Labels must be integers in [0, num_classes) or the ignore label."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"{what}: expected integer class labels, got dtype {labels.dtype}")
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
-        value = int(labels[bad][0])
-        raise ValueError(
-            f"{what}: label {value} is outside [0, {num_classes}) and is not the ignore label {IGNORE_INDEX}"
-        )
+    check_values(
+        (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes)),
+        lambda bad: (
+            f"{what}: label {int(labels[bad][0])} is outside [0, {num_classes}) and is not the ignore "
+            f"label {IGNORE_INDEX}"
+        ),
+        f"{what}: a label is outside [0, {num_classes}) and is not the ignore label {IGNORE_INDEX}",
+    )
 
 
 def masked_cross_entropy(output: Tensor, target: Tensor) -> Tensor:

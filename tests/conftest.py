@@ -80,3 +80,15 @@ def bank(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         torch.save(resnet_backbone("resnet18").state_dict(), path)
     return path
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` run where a CUDA device is present and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

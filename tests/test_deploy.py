@@ -1,6 +1,7 @@
 """The deploy form: modulators folded into the filter bank and BatchNorm into the convs, the stem's bank
 response shared by the tasks; its outputs equal the training form's for every task of a store with
-NDDR groups, for plain baselines, and with or without the shared stem."""
+NDDR groups, for plain baselines, and with or without the shared stem. The batched deploy form (all
+tasks stacked, grouped convs, one NDDR conv per stage) gives the same outputs and really runs grouped."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from helpers import rc_run
 from rcm_nddr import ModelStore
 from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
-from rcm_nddr.deploy import DeployBackbone, deploy
+from rcm_nddr.deploy import BatchedBackbone, BatchedMultiTaskNet, DeployBackbone, deploy
 from rcm_nddr.engine.trainer import Trainer
+from rcm_nddr.model import MultiTaskNet
+from rcm_nddr.nn.backbone import STAGES, SharedBackbone, resnet_backbone
 from rcm_nddr.nn.rc import RCResNet
 
 
@@ -97,11 +100,17 @@ def test_the_training_form_computes_the_stem_bank_response_once_per_input(nddr_s
     assert len(calls) == 1  # the two tasks shared one bank conv
 
 
-def test_deploy_form_of_plain_baselines(tmp_path, synth, bank):
-    store = tmp_path / "plain"
+@pytest.fixture(scope="module")
+def plain_store(tmp_path_factory, synth, bank) -> Path:
+    """Plain baselines (``reparam: none``): one group of two tasks, each its own fully trained ResNet."""
+    store = tmp_path_factory.mktemp("stores") / "plain"
     train(store, synth, bank, "[sal, normals]", "backbone.reparam=none")
-    trained = ModelStore(store).load_model()
-    folded = ModelStore(store).load_model(deploy=True)
+    return store
+
+
+def test_deploy_form_of_plain_baselines(plain_store):
+    trained = ModelStore(plain_store).load_model()
+    folded = ModelStore(plain_store).load_model(deploy=True)
     x = images()
     with torch.no_grad():
         assert_close(trained(x, raw=True), folded(x, raw=True))
@@ -116,3 +125,134 @@ def test_deploy_leaves_the_training_form_unchanged(nddr_store):
     assert model.training  # its mode is restored
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------- batched execution
+
+
+def conv_calls(module: torch.nn.Module, run) -> int:
+    """How many Conv2d forward calls ``run()`` makes inside ``module``."""
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda *_: calls.append(1)) for m in module.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("tasks", [["semseg"], ["depth"], ["normals"], ["edge"], ["normals", "edge"], None])
+def test_batched_deploy_form_equals_the_per_task_deploy_and_training_forms(nddr_store, tasks):
+    store = ModelStore(nddr_store)
+    trained = store.load_model(tasks)
+    folded = store.load_model(tasks, deploy=True)
+    batched = store.load_model(tasks, deploy=True, batched=True)
+    assert isinstance(batched, BatchedMultiTaskNet) and isinstance(batched.backbone, BatchedBackbone)
+    assert batched.backbone.order == trained.fusion.required(trained.task_names)  # sources are stacked too
+    assert batched.task_names == trained.task_names and set(batched.heads) == set(trained.heads)
+    x = images()
+    with torch.no_grad():
+        expected = trained(x, raw=True)
+        assert_close(expected, batched(x, raw=True))
+        assert_close(folded(x, raw=True), batched(x, raw=True))
+        post = batched(x)  # post-processed outputs have the training form's keys and shapes
+    assert post.keys() == expected.keys()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in batched.modules())
+    assert not any(p.requires_grad for p in batched.parameters())
+
+
+@pytest.mark.parametrize("subset", [["edge"], ["semseg"], ["normals", "depth"], ["edge", "semseg"]])
+def test_a_batched_model_of_every_task_answers_subsets_of_them(nddr_store, subset):
+    store = ModelStore(nddr_store)
+    trained, batched = store.load_model(), store.load_model(deploy=True, batched=True)
+    x = images()
+    with torch.no_grad():
+        out = batched(x, tasks=subset, raw=True)
+        assert list(out) == subset
+        assert_close(trained(x, tasks=subset, raw=True), out)
+    with pytest.raises(KeyError, match="unknown tasks"):
+        batched(x, tasks=["nope"])
+
+
+def test_the_batched_form_with_and_without_the_shared_stem(nddr_store):
+    model = ModelStore(nddr_store).load_model(["normals"])  # reads semseg and depth: a stack of three
+    shared = deploy(model, shared_stem=True, batched=True)
+    separate = deploy(model, shared_stem=False, batched=True)
+    # the shared stem: one 7x7 bank conv, then every task's 1x1 folded modulator in one dense conv
+    assert shared.backbone.stem_bank is not None and separate.backbone.stem_bank is None
+    assert (shared.backbone.stem.kernel_size, shared.backbone.stem.in_channels) == ((1, 1), 64)
+    assert (separate.backbone.stem.kernel_size, separate.backbone.stem.in_channels) == ((7, 7), 3)
+    assert shared.backbone.stem.out_channels == separate.backbone.stem.out_channels == 3 * 64
+    x = images()
+    with torch.no_grad():
+        expected = model(x, raw=True)
+        assert_close(expected, shared(x, raw=True))
+        assert_close(expected, separate(x, raw=True))
+
+
+def test_the_batched_form_runs_grouped_convs_and_one_nddr_conv_per_stage(nddr_store):
+    model = ModelStore(nddr_store).load_model()
+    run = model.fusion.required(model.task_names)
+    t = len(run)
+    per_task, batched = deploy(model), deploy(model, batched=True)
+    backbone = batched.backbone
+    # every block conv and downsample of every task is in one grouped conv (resnet18: 16 + 3 per task)
+    grouped = [m for m in backbone.stages.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(grouped) == 19 and all(m.groups == t for m in grouped)
+    fusing = {s for task in model.fusion.stages for s in model.fusion.stages[task]}
+    assert set(batched.fusion.convs) == fusing == set(STAGES)
+    # at the stem the shortcut task (edge, fusing at layer2/layer4 only) passes through: 3 rows of 4
+    assert len(batched.fusion.rows["stem"]) == t - 1 and len(batched.fusion.rows["layer2"]) == t
+    x = images()
+    with torch.no_grad():
+        # backbone and fusion: bank conv + stem conv + 19 grouped convs + one NDDR conv per stage, for all tasks
+        calls = conv_calls(backbone, lambda: batched(x, raw=True)) + conv_calls(
+            batched.fusion.convs, lambda: batched(x, raw=True)
+        )
+        assert calls == 2 + 19 + len(STAGES)
+        # the per-task deploy form makes about T times as many (the stem's bank conv is shared there too)
+        looped = conv_calls(per_task.backbone, lambda: per_task(x, raw=True))
+        assert looped == 1 + t * (1 + 19)
+
+
+def test_batched_deploy_of_plain_baselines_and_a_single_task(plain_store):
+    store = ModelStore(plain_store)
+    x = images()
+    for tasks in (None, ["sal"], ["normals"]):
+        trained = store.load_model(tasks)
+        folded = store.load_model(tasks, deploy=True)
+        batched = store.load_model(tasks, deploy=True, batched=True)
+        t = len(trained.task_names)
+        assert isinstance(batched, BatchedMultiTaskNet) and batched.fusion is None
+        # plain per-task networks: every task's folded 7x7 stem in one dense conv from the image
+        assert batched.backbone.stem_bank is None and batched.backbone.stem.out_channels == t * 64
+        assert batched.backbone.stem.kernel_size == (7, 7) and batched.backbone.stem.in_channels == 3
+        convs = [m for m in batched.backbone.stages.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(m.groups == t for m in convs)
+        with torch.no_grad():
+            expected = trained(x, raw=True)
+            assert_close(expected, batched(x, raw=True))
+            assert_close(folded(x, raw=True), batched(x, raw=True))
+            if t > 1:
+                assert_close({"sal": expected["sal"]}, batched(x, tasks=["sal"], raw=True))
+
+
+def test_batched_has_no_effect_on_a_shared_backbone(plain_store):
+    trained = ModelStore(plain_store).load_model()
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        net = resnet_backbone("resnet18", output_stride=trained.backbone.output_stride)
+    shared = MultiTaskNet(trained.tasks, SharedBackbone(net), {k: v for k, v in trained.heads.items()}).eval()
+    batched = deploy(shared, batched=True)
+    assert type(batched) is MultiTaskNet and isinstance(batched.backbone, SharedBackbone)
+    x = images()
+    with torch.no_grad():
+        assert_close(shared(x, raw=True), batched(x, raw=True))
+
+
+def test_load_model_batched_needs_deploy(nddr_store):
+    with pytest.raises(ValueError, match="deploy=True"):
+        ModelStore(nddr_store).load_model(["depth"], batched=True)

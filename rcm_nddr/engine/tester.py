@@ -18,6 +18,7 @@ from . import distributed
 from .builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint
 from .evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
+from .fast import configure_backends, maybe_compile
 from .saved import PredictionWriter
 from .trainer import RunPaths
 
@@ -69,9 +70,11 @@ def run_test(
     model.load_state_dict(state["model"])
     # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
     model.to(device, memory_format=torch.channels_last)
+    configure_backends(device)
     loader = eval_loader(dataset, cfg.test.batch_size, cfg.train.num_workers, device)
     writer = PredictionWriter(save_predictions, tasks) if save_predictions is not None else None
-    metrics = evaluate(model, loader, tasks, device, cfg.train.amp, progress and ctx.is_main, on_batch=writer)
+    evaluated = maybe_compile(model, cfg.test.compile)  # the same parameters; compiled code when asked for
+    metrics = evaluate(evaluated, loader, tasks, device, cfg.train.amp, progress and ctx.is_main, on_batch=writer)
     written = sum(distributed.all_gather_objects(writer.count if writer is not None else 0))
     if not ctx.is_main:
         return metrics

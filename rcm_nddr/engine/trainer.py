@@ -48,6 +48,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .evaluate import autocast, delta_mtl, denormalize, eval_loader, evaluate, primary_metrics, to_json
+from .fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
 from .sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class Trainer:
             self._restore(saved)
         # The module the step runs: DDP averages the gradients of the ranks. Buffers (BatchNorm statistics,
         # the filter bank) are not broadcast every step; rank 0's are given to all before an evaluation.
-        self.step_module: torch.nn.Module = (
+        step_module: torch.nn.Module = (
             DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -224,6 +225,11 @@ class Trainer:
             if self.dist.enabled
             else self.model
         )
+        configure_backends(self.device)
+        # train.compile: the step and the validation run compiled code over the same parameters and buffers
+        # (self.model stays the module that is checkpointed and registered)
+        self.step_module = maybe_compile(step_module, t.compile)
+        self.eval_module = maybe_compile(self.model, t.compile)
         self.parameter_counts = {name: parameter_breakdown(self.model, name) for name in self.tasks}
         # what produced the run: written by rank 0, which alone registers the group
         self.environment = provenance.collect(cfg) if self.is_main else {}
@@ -339,9 +345,10 @@ class Trainer:
         writer = SummaryWriter(self.paths.run) if self.is_main else None
         self.model.train()
         bar = tqdm(total=end, initial=self.iteration, desc=f"train {self.cfg.group_name}", disable=not self.progress)
+        window = LossWindow(list(self.tasks), self.device)
         previous_handlers = self._catch_stop_signals()
         try:
-            batches = iter(self._train_loader())
+            batches = DevicePrefetcher(self._train_loader(), self.device)
             while self.iteration < end:
                 try:
                     batch = next(batches)
@@ -352,23 +359,20 @@ class Trainer:
                     log.warning("the data loader stopped after the %s", signal.Signals(self._stop_signal).name)
                     self._stop_requested = True
                 else:
-                    losses = self._step(batch)
+                    window.add(self.iteration + 1, self._step(batch))
                     self.iteration += 1
                     bar.update(1)
-                    if writer is not None and (self.iteration % self.cfg.train.log_every == 0 or self.iteration == end):
-                        for name, value in losses.items():
-                            writer.add_scalar(f"loss/{name}", value, self.iteration)
-                        writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.iteration)
-                        bar.set_postfix(loss=f"{losses['total']:.4f}")
+                if not self.dist.enabled and self._stop_signal is not None:
+                    self._stop_requested = True  # one process: stop now; several: agreed at the next fetch
                 validate = self.iteration % self.cfg.train.val_every == 0 or self.iteration == self.max_iters
+                save = validate or self.iteration % self.checkpoint_every == 0 or self.iteration == end
+                # Losses reach the host every log_every iterations, and before anything is validated or saved
+                # (a NaN is caught before it can reach a checkpoint); every rank fetches at the same iterations.
+                if save or self._stop_requested or self.iteration % self.cfg.train.log_every == 0:
+                    self._fetch_losses(window, writer, bar)
                 if validate and not self._stop_requested:
                     self._validate(writer)
-                if (
-                    validate
-                    or self._stop_requested
-                    or self.iteration % self.checkpoint_every == 0
-                    or self.iteration == end
-                ):
+                if save or self._stop_requested:
                     self._save_last()
                 if self._stop_requested:
                     distributed.barrier()  # rank 0 has written the checkpoint before any rank exits
@@ -408,7 +412,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
 
-    def _step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def _step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step; returns the detached task losses (a vector on the device, not read here:
+        the step never waits for the device)."""
         images = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.train.amp):
             outputs = self.step_module(images, raw=True)
@@ -417,26 +423,38 @@ class Trainer:
             target = batch[task.target_key].to(self.device, non_blocking=True)
             task_losses[name] = task.loss(outputs[name].float(), target)
         total = sum(self.weights[name] * loss for name, loss in task_losses.items())
-        # One transfer for the loss values and the stop flag; across ranks, one all-reduce: every rank sees
-        # the mean losses (a NaN on any rank stops all) and whether any rank received a stop signal.
-        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
-        summary = torch.cat([torch.stack([loss.detach().float() for loss in task_losses.values()]), flag])
-        summary = distributed.all_reduce_sum(summary).tolist()
-        values = {name: value / self.dist.world_size for name, value in zip(task_losses, summary[:-1], strict=True)}
-        self._stop_requested = summary[-1] > 0
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"the loss of task {name!r} is {value} at iteration {self.iteration + 1}; training stopped. "
-                    f"The last good checkpoint is kept at {self.paths.last}"
-                    + ("" if self.paths.last.exists() else " (none was written yet)")
-                )
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        values["total"] = sum(self.weights[name] * value for name, value in values.items())
-        return values
+        return torch.stack([loss.detach().float() for loss in task_losses.values()])
+
+    def _fetch_losses(self, window: LossWindow, writer, bar) -> None:
+        """The losses of the iterations since the last fetch, in one transfer (across ranks, one all-reduce
+        that also carries the stop flag, so all ranks agree to stop at the same iteration). A NaN or
+        infinite loss of any rank stops training naming its first iteration; TensorBoard gets the mean
+        of each task's loss over the window."""
+        if not window:
+            return
+        flag = 0.0 if self._stop_signal is None else 1.0
+        rows, (stops,) = window.fetch([flag])
+        if stops > 0:
+            self._stop_requested = True
+        for iteration, values in rows:
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"the loss of task {name!r} is {value} at iteration {iteration}; training stopped. "
+                        f"The last good checkpoint is kept at {self.paths.last}"
+                        + ("" if self.paths.last.exists() else " (none was written yet)")
+                    )
+        means = {name: sum(v[name] for _, v in rows) / len(rows) for name in window.names}
+        means["total"] = sum(self.weights[name] * value for name, value in means.items())
+        if writer is not None:
+            for name, value in means.items():
+                writer.add_scalar(f"loss/{name}", value, self.iteration)
+            writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.iteration)
+        bar.set_postfix(loss=f"{means['total']:.4f}")
 
     def _validate(self, writer) -> None:
         shown: list[bool] = []
@@ -459,7 +477,7 @@ class Trainer:
         # Every rank evaluates rank 0's model (its BatchNorm statistics) on its shard; the metrics are merged.
         distributed.broadcast_buffers(self.model)
         metrics = evaluate(
-            self.model,
+            self.eval_module,
             self.val_loader(),
             self.tasks,
             self.device,
