@@ -426,7 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2, help="images per batch (default: 2)")
     parser.add_argument("--arch", choices=list(ARCHS), default="resnet18")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default: 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up calls of each network, all tasks (default: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds; the median is reported (default: 3)")
     parser.add_argument("--json", help="also write the report (setup, machine, rows per T, fits) to this JSON file")
     parser.add_argument("--plot", help="also draw time and parameters against T into this PNG (default: no plot)")

@@ -4,7 +4,8 @@ of the same architecture, measured in one process, one run, so the ratios compar
 - ``deploy_vs_plain_infer``: T tasks computed by the deploy form (``rcm_nddr.deploy``: modulators
   folded into the bank, BatchNorm into the convs, one shared stem bank response) in one call, over the
   time of T plain single-task networks of the same architecture (BatchNorm folded too) run one after
-  the other on the same batch.
+  the other on the same batch. ``batched_vs_plain_infer``: the same for the batched deploy form (the
+  tasks' backbone convs as grouped convs over one stacked tensor, ``deploy(model, batched=True)``).
 - ``rc_vs_plain_train_step``: one training step (forward, loss, backward, SGD step) of an RC + RI +
   NFF task over that of a fully trained plain single-task network.
 
@@ -167,8 +168,9 @@ def bench_model(
     task_objects = _tasks(tasks)
     rc, plain = build_networks(arch, task_objects)
     rc_deploy = deploy(rc.eval())
+    rc_batched = deploy(rc, batched=True)
     plain_deploy = {name: deploy(net.eval()) for name, net in plain.items()}
-    for module in (rc, rc_deploy, *plain.values(), *plain_deploy.values()):
+    for module in (rc, rc_deploy, rc_batched, *plain.values(), *plain_deploy.values()):
         module.to(dev, memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, *size, generator=gen).to(dev, memory_format=torch.channels_last)
@@ -187,10 +189,16 @@ def bench_model(
 
     rc.eval()
     log.info("inference: %d tasks, batch %d, %dx%d on %s", tasks, batch, *size, dev)
-    infer_runs = {"deploy": infer(rc_deploy), "plain": infer_plain, "training_form": infer(rc)}
+    infer_runs = {
+        "deploy": infer(rc_deploy),
+        "plain": infer_plain,
+        "deploy_batched": infer(rc_batched),
+        "training_form": infer(rc),
+    }
     infer_times = _alternate(infer_runs, dev, warmup, repeats)
     # (counted under no_grad: the FLOP counter does not see through weight_norm under inference_mode)
     counted = {"deploy": infer(rc_deploy, torch.no_grad), "plain": lambda: infer_plain(torch.no_grad)}
+    counted["deploy_batched"] = infer(rc_batched, torch.no_grad)
     counted["training_form"] = infer(rc, torch.no_grad)
     infer_flops = {name: _flops(fn) for name, fn in counted.items()}
 
@@ -241,13 +249,15 @@ def bench_model(
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "inference": "torch.inference_mode; deploy = all tasks in one call; plain = one folded "
-            "single-task network per task, one after the other; training_form = the RC network unfolded",
+            "single-task network per task, one after the other; deploy_batched = the deploy form with the tasks' "
+            "backbone convs run as grouped convs over one stacked tensor; training_form = the RC network unfolded",
             "train_step": "forward, loss, backward, SGD step of one task; plain = every weight trained",
         },
         "inference": inference,
         "train_step": train,
         "ratios": {
             "deploy_vs_plain_infer": inference["deploy"]["seconds"] / inference["plain"]["seconds"],
+            "batched_vs_plain_infer": inference["deploy_batched"]["seconds"] / inference["plain"]["seconds"],
             "training_form_vs_plain_infer": inference["training_form"]["seconds"] / inference["plain"]["seconds"],
             "rc_vs_plain_train_step": train["rc_ri_nff"]["seconds"] / train["plain"]["seconds"],
         },

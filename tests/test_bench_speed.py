@@ -40,6 +40,10 @@ def test_flop_counts_follow_from_the_construction(report):
     t = TINY["tasks"]
     assert flops["plain"] - flops["deploy"] == pytest.approx((t - 1) * stem_7x7 - t * stem_1x1, rel=1e-6)
     assert flops["training_form"] > flops["plain"]
+    assert flops["deploy_batched"] == pytest.approx(flops["deploy"], rel=1e-6)  # the same convs, grouped
+    assert report["ratios"]["batched_vs_plain_infer"] == pytest.approx(
+        report["inference"]["deploy_batched"]["seconds"] / report["inference"]["plain"]["seconds"]
+    )
     train = report["train_step"]
     assert train["rc_ri_nff"]["trainable_parameters"] < train["plain"]["trainable_parameters"]
 
