@@ -107,6 +107,30 @@ def build_networks(arch: str, tasks: Mapping[str, Any], output_stride: int = 16,
     return rc, plain
 
 
+#: dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of the CUDA device name, most specific
+#: first, from the vendors' data sheets: the denominator of the model FLOP utilization (MFU)
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak from ``PEAK_BF16_TFLOPS``; None for the CPU or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,14 +163,16 @@ def _flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def _summary(seconds: list[float], flops: int, images: int) -> dict[str, Any]:
+def _summary(seconds: list[float], flops: int, images: int, peak: float | None = None) -> dict[str, Any]:
     median = statistics.median(seconds)
+    achieved = flops / median / 1e12
     return {
         "seconds": median,
         "seconds_all": seconds,
         "images_per_s": images / median,
         "flops_per_image": flops / images,
-        "tflops_per_s": flops / median / 1e12,
+        "tflops_per_s": achieved,
+        "mfu": None if peak is None else achieved / peak,
     }
 
 
@@ -159,12 +185,16 @@ def bench_model(
     warmup: int = 2,
     repeats: int = 5,
     amp: bool = True,
+    peak: float | None = None,
 ) -> dict[str, Any]:
-    """Measure the inference and training-step ratios (see the module docstring); returns the report."""
+    """Measure the inference and training-step ratios (see the module docstring); returns the report.
+    ``peak`` (TFLOP/s; default: the device's bf16 peak where known, ``peak_tflops``) turns achieved
+    TFLOP/s into model FLOP utilization (``mfu``)."""
     from .deploy import deploy
     from .engine.evaluate import autocast
 
     dev = torch.device(device)
+    peak = peak if peak is not None else peak_tflops(dev)
     task_objects = _tasks(tasks)
     rc, plain = build_networks(arch, task_objects)
     rc_deploy = deploy(rc.eval())
@@ -229,8 +259,8 @@ def bench_model(
         "plain": sum(p.numel() for p in plain_single[first].parameters() if p.requires_grad),
     }
 
-    inference = {name: _summary(infer_times[name], infer_flops[name], batch) for name in infer_runs}
-    train = {name: _summary(train_times[name], train_flops[name], batch) for name in steps}
+    inference = {name: _summary(infer_times[name], infer_flops[name], batch, peak) for name in infer_runs}
+    train = {name: _summary(train_times[name], train_flops[name], batch, peak) for name in steps}
     for name, count in trainable.items():
         train[name]["trainable_parameters"] = count
     return {
@@ -248,6 +278,7 @@ def bench_model(
             "warmup": warmup,
             "repeats": repeats,
             "threads": torch.get_num_threads(),
+            "peak_tflops": peak,
             "inference": "torch.inference_mode; deploy = all tasks in one call; plain = one folded "
             "single-task network per task, one after the other; deploy_batched = the deploy form with the tasks' "
             "backbone convs run as grouped convs over one stacked tensor; training_form = the RC network unfolded",
@@ -283,23 +314,27 @@ def format_report(report: dict[str, Any]) -> str:
         f"{setup['size'][0]}x{setup['size'][1]}, {setup['device']} ({report['machine']['device']}), "
         f"{setup['precision']}, median of {setup['repeats']} after {setup['warmup']} warm-up",
         "",
-        "| inference | s / batch | images/s | GFLOP / image | TFLOP/s |",
-        "|---|---:|---:|---:|---:|",
+        "| inference | s / batch | images/s | GFLOP / image | TFLOP/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+
+    def mfu(r: dict[str, Any]) -> str:
+        return "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+
     for name, r in report["inference"].items():
         lines.append(
             f"| {name} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | {r['flops_per_image'] / 1e9:.2f} "
-            f"| {r['tflops_per_s']:.3f} |"
+            f"| {r['tflops_per_s']:.3f} | {mfu(r)} |"
         )
     lines += [
         "",
-        "| train step | s / step | images/s | GFLOP / image | TFLOP/s | trainable |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| train step | s / step | images/s | GFLOP / image | TFLOP/s | MFU | trainable |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in report["train_step"].items():
         lines.append(
             f"| {name} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | {r['flops_per_image'] / 1e9:.2f} "
-            f"| {r['tflops_per_s']:.3f} | {r['trainable_parameters']:,} |"
+            f"| {r['tflops_per_s']:.3f} | {mfu(r)} | {r['trainable_parameters']:,} |"
         )
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
@@ -313,7 +348,10 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--device cuda: no CUDA device is available")
     if args.batch < 2:
         raise ConfigError("--batch: at least 2 (a training step's BatchNorm needs more than one value per channel)")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ConfigError(f"--peak-tflops: expected a positive number, got {args.peak_tflops}")
     report = bench_model(
+        peak=args.peak_tflops,
         device=args.device,
         size=tuple(args.size),
         batch=args.batch,
@@ -342,5 +380,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
     parser.add_argument("--warmup", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak TFLOP/s for the MFU column (default: the bf16 peak of a known GPU; none on CPU)",
+    )
     parser.add_argument("--json", help="also write the report to this JSON file")
     parser.set_defaults(func=run_command)

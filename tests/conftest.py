@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,18 @@ def bank(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         torch.save(resnet_backbone("resnet18").state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A directory for the files one test module shares (stores, runs), removed when the module's tests
+    end unless one of them failed: training stores take hundreds of MB each, and the session's own
+    cleanup would keep every module's until the whole run is over."""
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

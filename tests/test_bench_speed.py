@@ -30,6 +30,11 @@ def test_ratios_are_the_quotients_of_the_measured_medians(report):
         assert run["tflops_per_s"] == pytest.approx(run["flops_per_image"] * TINY["batch"] / run["seconds"] / 1e12)
 
 
+def test_no_mfu_without_a_known_peak(report):
+    assert report["setup"]["peak_tflops"] is None  # a CPU has no listed peak
+    assert all(run["mfu"] is None for run in report["inference"].values())
+
+
 def test_flop_counts_follow_from_the_construction(report):
     flops = {name: run["flops_per_image"] for name, run in report["inference"].items()}
     # The deploy form runs the same convs as T plain networks, but the stem's 7x7 bank conv once instead
@@ -51,10 +56,14 @@ def test_flop_counts_follow_from_the_construction(report):
 def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     args = ["bench", "--size", "32", "32", "--batch", "2", "--tasks", "2", "--warmup", "1", "--repeats", "1"]
-    assert cli.main([*args, "--json", str(path)]) == 0
+    assert cli.main([*args, "--json", str(path), "--peak-tflops", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "| deploy_vs_plain_infer |" in out and "| rc_vs_plain_train_step |" in out
     saved = json.loads(path.read_text())
+    for run in (*saved["inference"].values(), *saved["train_step"].values()):
+        assert run["mfu"] == pytest.approx(run["tflops_per_s"] / 0.5)  # utilization of the given peak
+    assert cli.main([*args, "--peak-tflops", "0"]) == 2
+    assert "--peak-tflops: expected a positive number" in capsys.readouterr().err
     assert cli.main([*args[:4], "--batch", "1"]) == 2
     assert "--batch: at least 2" in capsys.readouterr().err
     assert saved["setup"]["tasks"] == ["semseg", "depth"] and set(saved["ratios"]) >= {

@@ -31,10 +31,10 @@ def train(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> None
 
 
 @pytest.fixture(scope="module")
-def nddr_store(tmp_path_factory, synth, bank) -> Path:
+def nddr_store(module_tmp, synth, bank) -> Path:
     """RC + RI + NFF: a group of two tasks, then a task reading both through NDDR, then one with the
     NDDR shortcut reading all three."""
-    store = tmp_path_factory.mktemp("stores") / "nddr"
+    store = module_tmp / "nddr"
     train(store, synth, bank, "[semseg, depth]", "fusion.type=nddr")
     train(store, synth, bank, "[normals]", "fusion.type=nddr")
     train(store, synth, bank, "[edge]", "fusion.type=nddr", "fusion.shortcut=true", "fusion.stages=[layer2, layer4]")
@@ -101,9 +101,9 @@ def test_the_training_form_computes_the_stem_bank_response_once_per_input(nddr_s
 
 
 @pytest.fixture(scope="module")
-def plain_store(tmp_path_factory, synth, bank) -> Path:
+def plain_store(module_tmp, synth, bank) -> Path:
     """Plain baselines (``reparam: none``): one group of two tasks, each its own fully trained ResNet."""
-    store = tmp_path_factory.mktemp("stores") / "plain"
+    store = module_tmp / "plain"
     train(store, synth, bank, "[sal, normals]", "backbone.reparam=none")
     return store
 

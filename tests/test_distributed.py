@@ -239,8 +239,8 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, synth) -> dict[str, torch.Tensor]:
-    tmp = tmp_path_factory.mktemp("straight")
+def uninterrupted(module_tmp, synth) -> dict[str, torch.Tensor]:
+    tmp = module_tmp
     config = _config(tmp / "run.yaml", tmp / "store", synth, "[normals]", *CRASH_RUN)
     process = _train(config)
     out, err = process.communicate(timeout=600)

@@ -208,9 +208,9 @@ def test_option_parsing():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(module_tmp):
     """A 2-iteration run of five tasks on a 40 x 44 SYNTH_MT, validated on 48 x 48 padded images."""
-    root = tmp_path_factory.mktemp("eval")
+    root = module_tmp
     data = generate(root / "SYNTH_MT", 4, 3, size=(40, 44), seed=3, progress=False)
     overrides = tiny_run(
         root / "store",
