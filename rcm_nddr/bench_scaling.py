@@ -43,7 +43,6 @@ tasks) but not in parameters (about a fifth at 10 tasks for ResNet-18: layer4's 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -52,7 +51,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench_speed import TASK_TYPES, _alternate, _flops, _machine, _summary, _tasks, build_networks, random_start
+from .bench_speed import (
+    TASK_TYPES,
+    _alternate,
+    _flops,
+    _machine,
+    _summary,
+    _tasks,
+    build_networks,
+    publish,
+    random_start,
+)
 
 log = logging.getLogger(__name__)
 
@@ -407,12 +416,7 @@ def run_command(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
     )
-    print(format_report(report))  # noqa: T201 - the benchmark's result is this table on stdout
-    if args.json:
-        from .engine.checkpoint import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-        log.info("report written to %s", args.json)
+    publish(format_report(report), report, args.json)
     if args.plot:
         plot_report(report, args.plot)
         log.info("plot written to %s", args.plot)

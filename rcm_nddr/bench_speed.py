@@ -360,13 +360,18 @@ def run_command(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
     )
-    print(format_report(report))  # noqa: T201 - the benchmark's result is this table on stdout
-    if args.json:
+    publish(format_report(report), report, args.json)
+    return 0
+
+
+def publish(table: str, report: dict[str, Any], json_path: str | None) -> None:
+    """A benchmark's result: ``table`` on stdout, and ``report`` written atomically to ``json_path``."""
+    print(table)  # noqa: T201 - the benchmark's result is this table on stdout
+    if json_path:
         from .engine.checkpoint import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-        log.info("report written to %s", args.json)
-    return 0
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+        log.info("report written to %s", json_path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
