@@ -9,18 +9,20 @@ config asks for it)."""
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..config import CompileMode
 from . import distributed
 
 log = logging.getLogger(__name__)
 
 #: ``train.compile`` / ``test.compile`` values naming a ``torch.compile`` mode (``true`` = ``default``)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 
 
 def configure_backends(device: torch.device) -> None:
