@@ -59,6 +59,7 @@ from .bench_speed import (
     _summary,
     _tasks,
     build_networks,
+    inference_call,
     publish,
     random_start,
 )
@@ -180,7 +181,6 @@ def bench_scaling(
     """Measure time, FLOPs and parameters for 1 .. ``tasks_max`` tasks (see the module docstring);
     returns the report (``setup``, ``machine``, ``rows`` (one per T), ``fits``)."""
     from .deploy import deploy
-    from .engine.evaluate import autocast
 
     check_arguments(device, tasks_max, size, batch, arch, warmup, repeats)
     dev = torch.device(device)
@@ -211,12 +211,8 @@ def bench_scaling(
     images = torch.randn(batch, 3, *size, generator=gen).to(dev, memory_format=torch.channels_last)
     use_amp = amp and dev.type == "cuda"
 
-    def infer(model: nn.Module, run: list[str], mode: Callable[[], Any] = torch.inference_mode) -> Callable[[], Any]:
-        def call() -> Any:
-            with mode(), autocast(dev, use_amp):
-                return model(images, tasks=run, raw=True)
-
-        return call
+    def infer(model: nn.Module, run: list[str]) -> Callable[[], Any]:
+        return inference_call(model, images, use_amp, run)
 
     def model_for(variant: str, t: int) -> nn.Module:
         return served_single[variant] if t == 1 else served[variant]

@@ -131,6 +131,24 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def inference_call(
+    model: nn.Module,
+    images: torch.Tensor,
+    amp: bool,
+    tasks: list[str] | None = None,
+    mode: Callable[[], Any] = torch.inference_mode,
+) -> Callable[[], Any]:
+    """A call of ``model`` on ``images`` computing ``tasks`` (default: all) under ``mode`` and, with ``amp``,
+    bf16 autocast on the images' device: what the benchmarks time."""
+    from .engine.evaluate import autocast
+
+    def call() -> Any:
+        with mode(), autocast(images.device, amp):
+            return model(images, tasks=tasks, raw=True)
+
+    return call
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -207,11 +225,7 @@ def bench_model(
     use_amp = amp and dev.type == "cuda"
 
     def infer(model: nn.Module, mode: Callable[[], Any] = torch.inference_mode) -> Callable[[], Any]:
-        def run() -> Any:
-            with mode(), autocast(dev, use_amp):
-                return model(images, raw=True)
-
-        return run
+        return inference_call(model, images, use_amp, mode=mode)
 
     def infer_plain(mode: Callable[[], Any] = torch.inference_mode) -> None:
         for net in plain_deploy.values():
