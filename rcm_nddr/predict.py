@@ -1,6 +1,11 @@
 """``rcm-nddr predict``: run a trained multi-task model of a store on image files and write, per task,
 a PNG visualization (``<out>/<task>/<stem>.png``) and the raw post-processed prediction
-(``<out>/<task>/<stem>.npy``) of every image."""
+(``<out>/<task>/<stem>.npy``) of every image.
+
+By default the store's tasks run in the deploy form (``rcm_nddr.deploy``: modulators and BatchNorm folded
+into the convs, the stem's bank response shared), channels_last, with bf16 autocast on CUDA; ``--form
+training`` runs the unfolded network, ``--form batched`` the deploy form with the tasks' backbone convs
+grouped, and ``--compile`` runs it through ``torch.compile``."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+#: the network forms ``--form`` chooses between (``ModelStore.load_model``'s ``deploy`` and ``batched``)
+FORMS = ("deploy", "batched", "training")
 
 #: file name extensions read as images (compared case-insensitively)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -154,13 +162,18 @@ def predict(
     batch_size: int = 1,
     progress: bool = True,
     tasks: Sequence[str] | None = None,
+    amp: bool = False,
 ) -> dict[str, list[Path]]:
     """Run ``model`` on every image and write ``out/<task>/<stem>.png`` (the task's visualization) and
-    ``out/<task>/<stem>.npy`` (the post-processed prediction without batch dim, on CPU, dtype unchanged)
-    for each of ``tasks`` (default: ``model.task_names``). Consecutive images of equal size are batched,
-    up to ``batch_size``. Every file is written atomically. Returns the written files per task."""
+    ``out/<task>/<stem>.npy`` (the post-processed prediction without batch dim, on CPU; floating point
+    as float32, other dtypes unchanged) for each of ``tasks`` (default: ``model.task_names``).
+    Consecutive images of equal size are batched, up to ``batch_size``, and passed channels_last; ``amp``
+    runs the model under bf16 autocast on CUDA (no effect elsewhere). Every file is written atomically.
+    Returns the written files per task."""
     import torch
     from tqdm import tqdm
+
+    from .engine.evaluate import autocast
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -179,13 +192,16 @@ def predict(
     with torch.inference_mode(), tqdm(total=len(images), unit="image", desc="predict", disable=not progress) as bar:
         for paths, tensors in _batches(images, batch_size):
             size = (tensors[0].shape[1], tensors[0].shape[2])
-            outputs = model(torch.stack(tensors).to(device))
+            with autocast(device, amp):
+                outputs = model(torch.stack(tensors).to(device, memory_format=torch.channels_last))
             for name in names:
                 if name not in outputs:
                     raise RuntimeError(f"the model returned no output for task {name!r}; it returned {sorted(outputs)}")
                 prediction = outputs[name]
                 _check_output(name, prediction, len(paths), size)
                 prediction = prediction.detach().to("cpu")
+                if prediction.is_floating_point():
+                    prediction = prediction.float()  # bf16 under autocast: saved as float32
                 for path, value in zip(paths, prediction, strict=True):
                     rgb = model.tasks[name].visualize(value)
                     if rgb.dtype != torch.uint8 or rgb.ndim != 3 or rgb.shape[0] != 3:
@@ -241,18 +257,40 @@ def _requested_tasks(requested: Sequence[str] | None, available: Sequence[str], 
 
 def main(args: argparse.Namespace) -> int:
     """Load the store's model, predict every image and log where the outputs went."""
+    import torch
+
+    from .engine.fast import configure_backends, maybe_compile
     from .store import ModelStore
 
     images = collect_images(args.images)
     device = _resolve_device(args.device)
     store = ModelStore(args.store)
     requested = _requested_tasks(args.tasks, [t.name for t in store.tasks], store.path)
-    model = store.load_model(tasks=requested, device=device)
+    model = store.load_model(
+        tasks=requested, device=device, deploy=args.form != "training", batched=args.form == "batched"
+    )
+    model.to(memory_format=torch.channels_last)
+    configure_backends(device)
     names = requested if requested is not None else list(model.task_names)
-    log.info("predicting %s for %d image(s) on %s", ", ".join(names), len(images), device)
+    log.info(
+        "predicting %s for %d image(s) on %s (%s form%s)",
+        ", ".join(names),
+        len(images),
+        device,
+        args.form,
+        ", bf16 autocast" if args.amp and device.type == "cuda" else "",
+    )
     start = time.perf_counter()
+    # (the compiled module shares the model's weights and answers its attributes: tasks, task_names)
     written = predict(
-        model, images, Path(args.out), device, batch_size=args.batch_size, progress=not args.quiet, tasks=names
+        maybe_compile(model, args.compile or False),
+        images,
+        Path(args.out),
+        device,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        tasks=names,
+        amp=args.amp,
     )
     files = sum(len(paths) for paths in written.values())
     log.info(
@@ -268,7 +306,12 @@ def main(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``predict`` command's arguments, on ``p``."""
+    import typing
+
     from .cli import positive_int
+    from .config import CompileMode
+
+    modes = typing.get_args(CompileMode)
 
     p.add_argument("--store", required=True, help="model store directory (holds store.yaml)")
     p.add_argument(
@@ -286,6 +329,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=4, help="images per forward pass, of equal size (default: 4)"
+    )
+    p.add_argument(
+        "--form",
+        choices=FORMS,
+        default="deploy",
+        help="deploy: modulators and BatchNorm folded into the convs (default); batched: the deploy form with "
+        "the tasks' backbone convs grouped; training: the unfolded network as trained (same outputs up to "
+        "float rounding)",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=modes,
+        metavar="MODE",
+        help=f"run the network through torch.compile; MODE: {', '.join(modes)} (default: default); "
+        "the first batch of each image size compiles",
+    )
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast on CUDA (default: on; no effect on a CPU)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="debug logging")

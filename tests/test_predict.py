@@ -170,6 +170,25 @@ def test_predict_writes_visualizations_and_raw_outputs(tmp_path):
     assert no_temporary_files(out)
 
 
+class HalfModel(FakeModel):
+    """Floating-point outputs in bf16, as a model under autocast returns them."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = super().forward(images)
+        return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in outputs.items()}
+
+
+def test_floating_point_predictions_are_saved_as_float32(tmp_path):
+    image = write_image(tmp_path / "in" / "x.png", (6, 8))
+    model = HalfModel()
+    predict(model, [image], tmp_path / "out", CPU, progress=False)
+    expected = expected_outputs(model, image)
+    for name in TASK_NAMES:
+        array = np.load(tmp_path / "out" / name / "x.npy")
+        assert array.dtype == (np.int64 if name == "semseg" else np.float32), name
+        np.testing.assert_array_equal(array, expected[name].float().numpy() if name != "semseg" else expected[name])
+
+
 def test_batching_matches_one_image_at_a_time(tmp_path):
     sizes = [(6, 8), (6, 8), (6, 8), (7, 5), (6, 8)]
     images = [write_image(tmp_path / "in" / f"im{i}.png", size, seed=i) for i, size in enumerate(sizes)]
@@ -247,8 +266,8 @@ class FakeStore:
     def tasks(self):
         return [SimpleNamespace(name=name) for name in TASK_NAMES]
 
-    def load_model(self, tasks=None, device=None):
-        FakeStore.loaded.append((tasks, device))
+    def load_model(self, tasks=None, device=None, deploy=False, batched=False):
+        FakeStore.loaded.append((tasks, device, deploy, batched))
         return FakeModel(tasks or TASK_NAMES)
 
 
@@ -263,9 +282,14 @@ def test_add_arguments_defaults_and_validation(tmp_path):
     assert args.store == "s" and args.images == ["a.png", "dir"] and args.out == "o"
     assert args.tasks is None and args.device == "auto" and args.batch_size == 4
     assert not args.quiet and not args.verbose and args.func is main
+    assert args.form == "deploy" and args.compile is None and args.amp
+    args = parse(["--store", "s", "--images", "a", "--out", "o", "--form", "batched", "--compile", "--no-amp"])
+    assert args.form == "batched" and args.compile == "default" and not args.amp
+    assert parse(["--store", "s", "--images", "a", "--out", "o", "--compile", "max-autotune"]).compile == "max-autotune"
     args = parse(["--store", "s", "--images", "a", "--out", "o", "--tasks", "depth", "edge", "--device", "cuda:1"])
     assert args.tasks == ["depth", "edge"] and args.device == "cuda:1"
-    for bad in (["--batch-size", "0"], ["--device", "gpu"], ["--device", "cuda:x"]):
+    bad_values = (["--batch-size", "0"], ["--device", "gpu"], ["--device", "cuda:x"])
+    for bad in (*bad_values, ["--form", "fast"], ["--compile", "x"]):
         with pytest.raises(SystemExit):
             parse(["--store", "s", "--images", "a", "--out", "o", *bad])
     for missing in ("--store", "--images", "--out"):
@@ -283,12 +307,15 @@ def test_main_predicts_the_requested_tasks(tmp_path, monkeypatch, caplog):
     argv = ["--store", "s", "--images", str(image), "--out", str(out), "--device", "cpu", "--quiet"]
     with caplog.at_level("INFO", logger=predict_mod.__name__):
         assert main(parse([*argv, "--tasks", "edge", "semseg", "edge"])) == 0
-    assert FakeStore.loaded == [(["edge", "semseg"], CPU)]
+    assert FakeStore.loaded == [(["edge", "semseg"], CPU, True, False)]  # the deploy form by default
     assert sorted(p.name for p in out.iterdir()) == ["edge", "semseg"]
     assert np.load(out / "semseg" / "x.npy").shape == (5, 7)
-    assert "written to" in caplog.text
+    assert "written to" in caplog.text and "(deploy form)" in caplog.text
     assert main(parse(argv)) == 0  # default: every task of the store
     assert sorted(p.name for p in out.iterdir()) == sorted(TASK_NAMES)
+    assert main(parse([*argv, "--form", "training"])) == 0
+    assert main(parse([*argv, "--form", "batched"])) == 0
+    assert [entry[2:] for entry in FakeStore.loaded[2:]] == [(False, False), (True, True)]
 
 
 def test_main_refuses_unknown_task_and_missing_cuda(tmp_path, monkeypatch):
