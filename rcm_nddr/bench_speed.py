@@ -7,10 +7,13 @@ of the same architecture, measured in one process, one run, so the ratios compar
   the other on the same batch. ``batched_vs_plain_infer``: the same for the batched deploy form (the
   tasks' backbone convs as grouped convs over one stacked tensor, ``deploy(model, batched=True)``).
 - ``rc_vs_plain_train_step``: one training step (forward, loss, backward, SGD step) of an RC + RI +
-  NFF task over that of a fully trained plain single-task network.
+  NFF task over that of a fully trained plain single-task network; ``rc_vs_plain_train_flops`` is the
+  same ratio in counted FLOPs, the floor the time ratio reaches when every FLOP costs the same.
 
 Timings are medians over repeats after warm-up, the two sides of each ratio measured alternately
-(A B A B ...) so that a drift of the machine affects both. FLOPs are counted by
+(A B A B ...) so that a drift of the machine affects both. Each ratio is the quotient of the two
+medians; ``ratio_quartiles`` gives the quartiles of the per-round quotients (A_i / B_i), the spread a
+noisy machine puts on it. FLOPs are counted by
 ``torch.utils.flop_counter`` (2 per multiply-add) on one pass."""
 
 from __future__ import annotations
@@ -181,6 +184,15 @@ def _flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def _quartiles(numerators: list[float], denominators: list[float]) -> list[float]:
+    """``[q1, median, q3]`` of the per-round quotients ``numerators[i] / denominators[i]``."""
+    quotients = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    if len(quotients) < 2:
+        return quotients * 3
+    q1, q2, q3 = statistics.quantiles(quotients, n=4, method="inclusive")
+    return [q1, q2, q3]
+
+
 def _summary(seconds: list[float], flops: int, images: int, peak: float | None = None) -> dict[str, Any]:
     median = statistics.median(seconds)
     achieved = flops / median / 1e12
@@ -201,9 +213,11 @@ def bench_model(
     tasks: int = 4,
     arch: str = "resnet18",
     warmup: int = 2,
-    repeats: int = 5,
+    repeats: int = 10,
     amp: bool = True,
     peak: float | None = None,
+    output_stride: int = 16,
+    head_channels: int = 256,
 ) -> dict[str, Any]:
     """Measure the inference and training-step ratios (see the module docstring); returns the report.
     ``peak`` (TFLOP/s; default: the device's bf16 peak where known, ``peak_tflops``) turns achieved
@@ -214,7 +228,7 @@ def bench_model(
     dev = torch.device(device)
     peak = peak if peak is not None else peak_tflops(dev)
     task_objects = _tasks(tasks)
-    rc, plain = build_networks(arch, task_objects)
+    rc, plain = build_networks(arch, task_objects, output_stride, head_channels)
     rc_deploy = deploy(rc.eval())
     rc_batched = deploy(rc, batched=True)
     plain_deploy = {name: deploy(net.eval()) for name, net in plain.items()}
@@ -249,7 +263,7 @@ def bench_model(
     # training steps of one task: RC + RI + NFF against a fully trained plain network
     first = next(iter(task_objects))
     task = task_objects[first]
-    rc_single, plain_single = build_networks(arch, {first: task})
+    rc_single, plain_single = build_networks(arch, {first: task}, output_stride, head_channels)
     target = _random_targets({first: task}, batch, size, dev)[first]
     steps = {}
     for name, model in (("rc_ri_nff", rc_single), ("plain", plain_single[first])):
@@ -277,11 +291,21 @@ def bench_model(
     train = {name: _summary(train_times[name], train_flops[name], batch, peak) for name in steps}
     for name, count in trainable.items():
         train[name]["trainable_parameters"] = count
+    pairs = {
+        "deploy_vs_plain_infer": (infer_times["deploy"], infer_times["plain"]),
+        "batched_vs_plain_infer": (infer_times["deploy_batched"], infer_times["plain"]),
+        "training_form_vs_plain_infer": (infer_times["training_form"], infer_times["plain"]),
+        "rc_vs_plain_train_step": (train_times["rc_ri_nff"], train_times["plain"]),
+    }
+    ratios = {name: statistics.median(a) / statistics.median(b) for name, (a, b) in pairs.items()}
+    ratios["rc_vs_plain_train_flops"] = train["rc_ri_nff"]["flops_per_image"] / train["plain"]["flops_per_image"]
     return {
         "benchmark": "model",
         "machine": _machine(dev),
         "setup": {
             "arch": arch,
+            "output_stride": output_stride,
+            "head_channels": head_channels,
             "tasks": list(task_objects),
             "train_task": first,
             "size": list(size),
@@ -300,12 +324,8 @@ def bench_model(
         },
         "inference": inference,
         "train_step": train,
-        "ratios": {
-            "deploy_vs_plain_infer": inference["deploy"]["seconds"] / inference["plain"]["seconds"],
-            "batched_vs_plain_infer": inference["deploy_batched"]["seconds"] / inference["plain"]["seconds"],
-            "training_form_vs_plain_infer": inference["training_form"]["seconds"] / inference["plain"]["seconds"],
-            "rc_vs_plain_train_step": train["rc_ri_nff"]["seconds"] / train["plain"]["seconds"],
-        },
+        "ratios": ratios,
+        "ratio_quartiles": {name: _quartiles(a, b) for name, (a, b) in pairs.items()},
     }
 
 
@@ -324,7 +344,8 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as Markdown tables."""
     setup = report["setup"]
     lines = [
-        f"{setup['arch']} DeepLabv3+, {len(setup['tasks'])} tasks, batch {setup['batch']}, "
+        f"{setup['arch']} (output stride {setup['output_stride']}) DeepLabv3+ ({setup['head_channels']} channels), "
+        f"{len(setup['tasks'])} tasks, batch {setup['batch']}, "
         f"{setup['size'][0]}x{setup['size'][1]}, {setup['device']} ({report['machine']['device']}), "
         f"{setup['precision']}, median of {setup['repeats']} after {setup['warmup']} warm-up",
         "",
@@ -350,8 +371,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {name} | {r['seconds']:.4f} | {r['images_per_s']:.2f} | {r['flops_per_image'] / 1e9:.2f} "
             f"| {r['tflops_per_s']:.3f} | {mfu(r)} | {r['trainable_parameters']:,} |"
         )
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in report["ratios"].items()]
+    lines += ["", "| ratio | value | per-round quartiles |", "|---|---:|---:|"]
+    for name, value in report["ratios"].items():
+        spread = report["ratio_quartiles"].get(name)
+        quartiles = "-" if spread is None else f"{spread[0]:.3f} / {spread[1]:.3f} / {spread[2]:.3f}"
+        lines.append(f"| {name} | {value:.3f} | {quartiles} |")
     return "\n".join(lines)
 
 
@@ -373,6 +397,8 @@ def run_command(args: argparse.Namespace) -> int:
         arch=args.arch,
         warmup=args.warmup,
         repeats=args.repeats,
+        output_stride=args.output_stride,
+        head_channels=args.head_channels,
     )
     publish(format_report(report), report, args.json)
     return 0
@@ -397,8 +423,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=4, help="images per batch (default: 4)")
     parser.add_argument("--tasks", type=positive_int, default=4, help="tasks of the inference pass (default: 4)")
     parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
+    parser.add_argument("--output-stride", type=int, choices=[8, 16], default=16, help="backbone.output_stride (16)")
+    parser.add_argument(
+        "--head-channels", type=positive_int, default=256, help="head.channels, the DeepLabv3+ width (default: 256)"
+    )
     parser.add_argument("--warmup", type=positive_int, default=2)
-    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument(
         "--peak-tflops",
         type=float,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rcm_nddr import cli
-from rcm_nddr.bench_speed import bench_model
+from rcm_nddr.bench_speed import _quartiles, bench_model
 
 TINY = {"size": (32, 32), "batch": 2, "tasks": 3, "warmup": 1, "repeats": 2}
 
@@ -28,6 +28,30 @@ def test_ratios_are_the_quotients_of_the_measured_medians(report):
         assert len(run["seconds_all"]) == TINY["repeats"] and run["seconds"] > 0
         assert run["images_per_s"] == pytest.approx(TINY["batch"] / run["seconds"])
         assert run["tflops_per_s"] == pytest.approx(run["flops_per_image"] * TINY["batch"] / run["seconds"] / 1e12)
+
+
+def test_ratio_quartiles_are_those_of_the_per_round_quotients(report):
+    inference, train = report["inference"], report["train_step"]
+    a, b = train["rc_ri_nff"]["seconds_all"], train["plain"]["seconds_all"]
+    quotients = sorted(x / y for x, y in zip(a, b, strict=True))  # two repeats: quartiles lie between them
+    q1, q2, q3 = report["ratio_quartiles"]["rc_vs_plain_train_step"]
+    assert quotients[0] <= q1 <= q2 <= q3 <= quotients[-1]
+    assert q2 == pytest.approx(sum(quotients) / 2)
+    assert set(report["ratio_quartiles"]) == set(report["ratios"]) - {"rc_vs_plain_train_flops"}
+    deploy = report["ratio_quartiles"]["deploy_vs_plain_infer"]
+    assert deploy[1] == pytest.approx(
+        (
+            inference["deploy"]["seconds_all"][0] / inference["plain"]["seconds_all"][0]
+            + inference["deploy"]["seconds_all"][1] / inference["plain"]["seconds_all"][1]
+        )
+        / 2
+    )
+
+
+def test_quartiles():
+    assert _quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == pytest.approx([2.0, 3.0, 4.0])
+    assert _quartiles([2.0, 9.0, 4.0], [2.0, 3.0, 4.0]) == pytest.approx([1.0, 1.0, 2.0])
+    assert _quartiles([3.0], [2.0]) == [1.5, 1.5, 1.5]
 
 
 def test_no_mfu_without_a_known_peak(report):
@@ -51,6 +75,11 @@ def test_flop_counts_follow_from_the_construction(report):
     )
     train = report["train_step"]
     assert train["rc_ri_nff"]["trainable_parameters"] < train["plain"]["trainable_parameters"]
+    # the frozen bank drops its weight gradients; the modulators add less than that back
+    assert report["ratios"]["rc_vs_plain_train_flops"] == pytest.approx(
+        train["rc_ri_nff"]["flops_per_image"] / train["plain"]["flops_per_image"]
+    )
+    assert report["ratios"]["rc_vs_plain_train_flops"] < 1
 
 
 def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
@@ -59,6 +88,7 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     assert cli.main([*args, "--json", str(path), "--peak-tflops", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "| deploy_vs_plain_infer |" in out and "| rc_vs_plain_train_step |" in out
+    assert "per-round quartiles" in out
     saved = json.loads(path.read_text())
     for run in (*saved["inference"].values(), *saved["train_step"].values()):
         assert run["mfu"] == pytest.approx(run["tflops_per_s"] / 0.5)  # utilization of the given peak
@@ -69,4 +99,28 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     assert saved["setup"]["tasks"] == ["semseg", "depth"] and set(saved["ratios"]) >= {
         "deploy_vs_plain_infer",
         "rc_vs_plain_train_step",
+        "rc_vs_plain_train_flops",
     }
+    assert saved["setup"]["head_channels"] == 256 and saved["setup"]["output_stride"] == 16
+
+
+def test_bench_command_measures_the_given_head_width_and_output_stride(tmp_path, capsys):
+    args = ["bench", "--size", "32", "32", "--batch", "2", "--tasks", "1", "--warmup", "1", "--repeats", "1"]
+    reports = {}
+    for stride in (16, 8):
+        path = tmp_path / f"os{stride}.json"
+        assert cli.main([*args, "--head-channels", "32", "--output-stride", str(stride), "--json", str(path)]) == 0
+        assert f"(output stride {stride}) DeepLabv3+ (32 channels)" in capsys.readouterr().out
+        reports[stride] = json.loads(path.read_text())
+        assert reports[stride]["setup"]["head_channels"] == 32 and reports[stride]["setup"]["output_stride"] == stride
+    default = bench_model(size=(32, 32), batch=2, tasks=1, warmup=1, repeats=1)
+    for form in ("rc_ri_nff", "plain"):
+        flops = {stride: report["train_step"][form]["flops_per_image"] for stride, report in reports.items()}
+        # A 32-channel decoder: its 3x3 convs at stride 4 cost 1/64 of the default 256 channels' (304x256
+        # and 256x256 -> 80x32 and 32x32 input x output channels).
+        assert flops[16] < 0.5 * default["train_step"][form]["flops_per_image"]
+        # Output stride 8 runs layer3 and layer4 dilated at twice the resolution: more FLOPs.
+        assert flops[8] > 1.5 * flops[16]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args, "--output-stride", "32"])
+    assert exc.value.code == 2 and "--output-stride: invalid choice" in capsys.readouterr().err
