@@ -95,6 +95,27 @@ def module_tmp(tmp_path_factory, request):
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def aot_eager_compile(monkeypatch) -> list[str]:
+    """Makes the project's ``torch.compile`` calls (``rcm_nddr.engine.fast.maybe_compile``) trace with
+    TorchDynamo and run the graphs with the ``aot_eager`` backend: the same tracing, autograd and guards as
+    the default inductor backend, without its minutes of C++ code generation on a CPU. Returns the list of
+    the modes asked for, one entry per compiled module."""
+    import torch
+
+    from rcm_nddr.engine import fast
+
+    modes: list[str] = []
+    compile_ = torch.compile
+
+    def compile_for_test(module, mode):
+        modes.append(mode)
+        return compile_(module, backend="aot_eager")
+
+    monkeypatch.setattr(fast.torch, "compile", compile_for_test)
+    return modes
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``cuda`` run where a CUDA device is present and are skipped elsewhere."""
     import torch

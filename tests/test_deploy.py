@@ -261,34 +261,24 @@ def test_load_model_batched_needs_deploy(nddr_store):
 # ----------------------------------------------------------------------------- rcm-nddr predict
 
 
-def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_path, monkeypatch):
+def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_path, aot_eager_compile):
     """``rcm-nddr predict`` on a real store: the deploy form (the default), the batched form, the training
-    form and the compiled deploy form write the same predictions. The compiled run traces the deploy form
-    with TorchDynamo and executes it with the ``aot_eager`` backend (inductor's code generation takes
-    minutes on a CPU)."""
+    form and the compiled deploy form (TorchDynamo with the ``aot_eager`` backend, see the fixture) write
+    the same predictions."""
     import numpy as np
     from PIL import Image
 
     from rcm_nddr import cli
-    from rcm_nddr.engine import fast
 
     rng = np.random.default_rng(0)
     for i, size in enumerate([(40, 56), (40, 56), (33, 47)]):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
-    compiled: list[str] = []
-    compile_ = torch.compile
-
-    def compile_for_test(module, mode):
-        compiled.append(mode)
-        return compile_(module, backend="aot_eager")
-
-    monkeypatch.setattr(fast.torch, "compile", compile_for_test)
     runs = {"deploy": [], "batched": ["--form", "batched"], "training": ["--form", "training"]}
     runs["compiled"] = ["--compile"]
     for name, extra in runs.items():
         argv = ["predict", "--store", str(nddr_store), "--images", str(tmp_path), "--out", str(tmp_path / name)]
         assert cli.main([*argv, "--device", "cpu", "--quiet", *extra]) == 0
-    assert compiled == ["default"]
+    assert aot_eager_compile == ["default"]
     for task in ("semseg", "depth", "normals", "edge"):
         for stem in ("im0", "im1", "im2"):
             reference = np.load(tmp_path / "training" / task / f"{stem}.npy")

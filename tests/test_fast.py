@@ -186,19 +186,11 @@ def test_compile_settings_are_checked():
         load_config(None, ["tasks=[semseg]", "train.compile=fastest"])
 
 
-def test_compiled_training_and_testing_match_eager(tmp_path, synth, monkeypatch):
-    """``train.compile`` / ``test.compile`` run the model through TorchDynamo; the graphs are executed by
-    the ``aot_eager`` backend here (the same tracing, autograd and guards as the default inductor backend,
-    without its minutes of C++ code generation on a CPU). One step from the same weights on the same batch
-    gives the same losses and the same updated weights; a whole run and test.py work compiled."""
-    calls: list[str] = []
-    compile_ = torch.compile
-
-    def compile_for_test(module, mode):
-        calls.append(mode)
-        return compile_(module, backend="aot_eager")
-
-    monkeypatch.setattr(fast.torch, "compile", compile_for_test)
+def test_compiled_training_and_testing_match_eager(tmp_path, synth, aot_eager_compile):
+    """``train.compile`` / ``test.compile`` run the model through TorchDynamo (with the ``aot_eager``
+    backend here: see the fixture). One step from the same weights on the same batch gives the same losses
+    and the same updated weights; a whole run and test.py work compiled."""
+    calls = aot_eager_compile
     common = ("train.max_iters=3", "train.val_every=3")
     eager = Trainer(load_config(None, tiny_run(tmp_path / "eager", synth, "[semseg, depth]", *common)), progress=False)
     compiled_cfg = load_config(
