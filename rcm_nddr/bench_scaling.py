@@ -58,6 +58,7 @@ from .bench_speed import (
     _machine,
     _summary,
     _tasks,
+    add_architecture_arguments,
     build_networks,
     inference_call,
     publish,
@@ -317,7 +318,8 @@ def format_report(report: dict[str, Any]) -> str:
     setup = report["setup"]
     n = len(report["rows"])
     lines = [
-        f"{setup['arch']} DeepLabv3+, 1..{n} tasks, batch {setup['batch']}, {setup['size'][0]}x{setup['size'][1]}, "
+        f"{setup['arch']} (output stride {setup['output_stride']}) DeepLabv3+ ({setup['head_channels']} channels), "
+        f"1..{n} tasks, batch {setup['batch']}, {setup['size'][0]}x{setup['size'][1]}, "
         f"{setup['device']} ({report['machine']['device']}), {setup['precision']}, deploy form, "
         f"median of {setup['repeats']} after {setup['warmup']} warm-up",
         "",
@@ -411,6 +413,8 @@ def run_command(args: argparse.Namespace) -> int:
         arch=args.arch,
         warmup=args.warmup,
         repeats=args.repeats,
+        head_channels=args.head_channels,
+        output_stride=args.output_stride,
     )
     publish(format_report(report), report, args.json)
     if args.plot:
@@ -426,6 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2, help="images per batch (default: 2)")
     parser.add_argument("--arch", choices=list(ARCHS), default="resnet18")
+    add_architecture_arguments(parser)
     parser.add_argument("--warmup", type=int, default=1, help="warm-up calls of each network, all tasks (default: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds; the median is reported (default: 3)")
     parser.add_argument("--json", help="also write the report (setup, machine, rows per T, fits) to this JSON file")

@@ -414,6 +414,19 @@ def publish(table: str, report: dict[str, Any], json_path: str | None) -> None:
         log.info("report written to %s", json_path)
 
 
+def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--output-stride`` and ``--head-channels``: the config's ``backbone.output_stride`` and
+    ``head.channels`` of the networks a benchmark builds."""
+    from .cli import positive_int
+
+    parser.add_argument(
+        "--output-stride", type=int, choices=[8, 16], default=16, help="backbone.output_stride (default: 16)"
+    )
+    parser.add_argument(
+        "--head-channels", type=positive_int, default=256, help="head.channels, the DeepLabv3+ width (default: 256)"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rcm-nddr bench`` itself (the model benchmark)."""
     from .cli import positive_int
@@ -423,10 +436,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=4, help="images per batch (default: 4)")
     parser.add_argument("--tasks", type=positive_int, default=4, help="tasks of the inference pass (default: 4)")
     parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
-    parser.add_argument("--output-stride", type=int, choices=[8, 16], default=16, help="backbone.output_stride (16)")
-    parser.add_argument(
-        "--head-channels", type=positive_int, default=256, help="head.channels, the DeepLabv3+ width (default: 256)"
-    )
+    add_architecture_arguments(parser)
     parser.add_argument("--warmup", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument(

@@ -172,11 +172,14 @@ def test_plot_is_a_png(report, tmp_path):
 def test_command_prints_the_table_and_writes_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     args = ["bench", "scaling", "--size", "32", "32", "--batch", "1", "--tasks-max", "2", "--repeats", "1"]
-    assert cli.main([*args, "--warmup", "0", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    architecture = ["--head-channels", "16", "--output-stride", "8"]
+    assert cli.main([*args, *architecture, "--warmup", "0", "--json", str(out_json), "--plot", str(out_png)]) == 0
     out = capsys.readouterr().out
     assert "| T | rcm s | rcm_nddr s | plain x T s |" in out and "| s / batch | rcm_nddr |" in out
+    assert "resnet18 (output stride 8) DeepLabv3+ (16 channels)" in out
     saved = json.loads(out_json.read_text())
     assert saved["benchmark"] == "scaling" and [r["tasks"] for r in saved["rows"]] == [1, 2]
+    assert saved["setup"]["head_channels"] == 16 and saved["setup"]["output_stride"] == 8
     assert set(saved) >= {"setup", "machine", "rows", "fits"} and saved["setup"]["batch"] == 1
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
