@@ -218,13 +218,18 @@ def bench_model(
     peak: float | None = None,
     output_stride: int = 16,
     head_channels: int = 256,
+    compile: bool | str = False,
 ) -> dict[str, Any]:
     """Measure the inference and training-step ratios (see the module docstring); returns the report.
     ``peak`` (TFLOP/s; default: the device's bf16 peak where known, ``peak_tflops``) turns achieved
-    TFLOP/s into model FLOP utilization (``mfu``)."""
+    TFLOP/s into model FLOP utilization (``mfu``). ``compile`` (true or a ``torch.compile`` mode, as
+    ``train.compile``) times every network compiled, on both sides of each ratio; the warm-up calls
+    compile (FLOPs are counted on the eager networks)."""
     from .deploy import deploy
     from .engine.evaluate import autocast
+    from .engine.fast import compile_mode, maybe_compile
 
+    mode = compile_mode(compile)  # (a bad mode fails here, before anything is built)
     dev = torch.device(device)
     peak = peak if peak is not None else peak_tflops(dev)
     task_objects = _tasks(tasks)
@@ -238,24 +243,33 @@ def bench_model(
     images = torch.randn(batch, 3, *size, generator=gen).to(dev, memory_format=torch.channels_last)
     use_amp = amp and dev.type == "cuda"
 
+    def timed(module: nn.Module) -> nn.Module:
+        return maybe_compile(module, compile)
+
     def infer(model: nn.Module, mode: Callable[[], Any] = torch.inference_mode) -> Callable[[], Any]:
         return inference_call(model, images, use_amp, mode=mode)
 
-    def infer_plain(mode: Callable[[], Any] = torch.inference_mode) -> None:
-        for net in plain_deploy.values():
-            infer(net, mode)()
+    def infer_plain(nets: list[nn.Module], mode: Callable[[], Any] = torch.inference_mode) -> Callable[[], None]:
+        calls = [infer(net, mode) for net in nets]
+
+        def run_all() -> None:
+            for call in calls:
+                call()
+
+        return run_all
 
     rc.eval()
     log.info("inference: %d tasks, batch %d, %dx%d on %s", tasks, batch, *size, dev)
     infer_runs = {
-        "deploy": infer(rc_deploy),
-        "plain": infer_plain,
-        "deploy_batched": infer(rc_batched),
-        "training_form": infer(rc),
+        "deploy": infer(timed(rc_deploy)),
+        "plain": infer_plain([timed(net) for net in plain_deploy.values()]),
+        "deploy_batched": infer(timed(rc_batched)),
+        "training_form": infer(timed(rc)),
     }
     infer_times = _alternate(infer_runs, dev, warmup, repeats)
     # (counted under no_grad: the FLOP counter does not see through weight_norm under inference_mode)
-    counted = {"deploy": infer(rc_deploy, torch.no_grad), "plain": lambda: infer_plain(torch.no_grad)}
+    counted = {"deploy": infer(rc_deploy, torch.no_grad)}
+    counted["plain"] = infer_plain(list(plain_deploy.values()), torch.no_grad)
     counted["deploy_batched"] = infer(rc_batched, torch.no_grad)
     counted["training_form"] = infer(rc, torch.no_grad)
     infer_flops = {name: _flops(fn) for name, fn in counted.items()}
@@ -265,13 +279,9 @@ def bench_model(
     task = task_objects[first]
     rc_single, plain_single = build_networks(arch, {first: task}, output_stride, head_channels)
     target = _random_targets({first: task}, batch, size, dev)[first]
-    steps = {}
-    for name, model in (("rc_ri_nff", rc_single), ("plain", plain_single[first])):
-        model.to(dev, memory_format=torch.channels_last).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
-        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+    def make_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        def step() -> None:
             with autocast(dev, use_amp):
                 out = model(images, raw=True)[first]
             loss = task.loss(out.float(), target)
@@ -279,9 +289,17 @@ def bench_model(
             loss.backward()
             optimizer.step()
 
-        steps[name] = step
+        return step
+
+    steps, counted_steps = {}, {}
+    for name, model in (("rc_ri_nff", rc_single), ("plain", plain_single[first])):
+        model.to(dev, memory_format=torch.channels_last).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        steps[name] = make_step(timed(model), optimizer)
+        counted_steps[name] = make_step(model, optimizer)
     train_times = _alternate(steps, dev, warmup, repeats)
-    train_flops = {name: _flops(fn) for name, fn in steps.items()}
+    train_flops = {name: _flops(fn) for name, fn in counted_steps.items()}
     trainable = {
         "rc_ri_nff": sum(p.numel() for p in rc_single.parameters() if p.requires_grad),
         "plain": sum(p.numel() for p in plain_single[first].parameters() if p.requires_grad),
@@ -312,6 +330,7 @@ def bench_model(
             "batch": batch,
             "device": str(dev),
             "precision": "bf16 autocast" if use_amp else "fp32",
+            "compile": mode,
             "memory_format": "channels_last",
             "warmup": warmup,
             "repeats": repeats,
@@ -347,7 +366,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{setup['arch']} (output stride {setup['output_stride']}) DeepLabv3+ ({setup['head_channels']} channels), "
         f"{len(setup['tasks'])} tasks, batch {setup['batch']}, "
         f"{setup['size'][0]}x{setup['size'][1]}, {setup['device']} ({report['machine']['device']}), "
-        f"{setup['precision']}, median of {setup['repeats']} after {setup['warmup']} warm-up",
+        f"{setup['precision']}{'' if setup['compile'] is None else ', torch.compile mode ' + setup['compile']}, "
+        f"median of {setup['repeats']} after {setup['warmup']} warm-up",
         "",
         "| inference | s / batch | images/s | GFLOP / image | TFLOP/s | MFU |",
         "|---|---:|---:|---:|---:|---:|",
@@ -399,6 +419,7 @@ def run_command(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         output_stride=args.output_stride,
         head_channels=args.head_channels,
+        compile=args.compile or False,
     )
     publish(format_report(report), report, args.json)
     return 0
@@ -429,7 +450,7 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rcm-nddr bench`` itself (the model benchmark)."""
-    from .cli import positive_int
+    from .cli import add_compile_argument, positive_int
 
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--size", type=positive_int, nargs=2, default=[256, 256], metavar=("H", "W"))
@@ -437,8 +458,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=positive_int, default=4, help="tasks of the inference pass (default: 4)")
     parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
     add_architecture_arguments(parser)
-    parser.add_argument("--warmup", type=positive_int, default=2)
+    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed rounds, which compile (default: 2)")
     parser.add_argument("--repeats", type=positive_int, default=10)
+    add_compile_argument(parser, "time every network (both sides of each ratio) compiled by torch.compile")
     parser.add_argument(
         "--peak-tflops",
         type=float,

@@ -232,6 +232,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_compile_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--compile [MODE]``: a ``torch.compile`` mode of the config's ``CompileMode`` (bare: ``default``),
+    None when absent; ``what`` says what it compiles."""
+    import typing
+
+    from .config import CompileMode
+
+    modes = typing.get_args(CompileMode)
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=modes,
+        metavar="MODE",
+        help=f"{what}; MODE: {', '.join(modes)} (default: default)",
+    )
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

@@ -306,12 +306,7 @@ def main(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``predict`` command's arguments, on ``p``."""
-    import typing
-
-    from .cli import positive_int
-    from .config import CompileMode
-
-    modes = typing.get_args(CompileMode)
+    from .cli import add_compile_argument, positive_int
 
     p.add_argument("--store", required=True, help="model store directory (holds store.yaml)")
     p.add_argument(
@@ -338,15 +333,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the tasks' backbone convs grouped; training: the unfolded network as trained (same outputs up to "
         "float rounding)",
     )
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        choices=modes,
-        metavar="MODE",
-        help=f"run the network through torch.compile; MODE: {', '.join(modes)} (default: default); "
-        "the first batch of each image size compiles",
-    )
+    add_compile_argument(p, "run the network through torch.compile (the first batch of each image size compiles)")
     p.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,

@@ -104,7 +104,7 @@ def test_bench_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     assert saved["setup"]["head_channels"] == 256 and saved["setup"]["output_stride"] == 16
 
 
-def test_bench_command_measures_the_given_head_width_and_output_stride(tmp_path, capsys):
+def test_bench_command_measures_the_given_head_width_and_output_stride(report, tmp_path, capsys):
     args = ["bench", "--size", "32", "32", "--batch", "2", "--tasks", "1", "--warmup", "1", "--repeats", "1"]
     reports = {}
     for stride in (16, 8):
@@ -113,7 +113,7 @@ def test_bench_command_measures_the_given_head_width_and_output_stride(tmp_path,
         assert f"(output stride {stride}) DeepLabv3+ (32 channels)" in capsys.readouterr().out
         reports[stride] = json.loads(path.read_text())
         assert reports[stride]["setup"]["head_channels"] == 32 and reports[stride]["setup"]["output_stride"] == stride
-    default = bench_model(size=(32, 32), batch=2, tasks=1, warmup=1, repeats=1)
+    default = report  # the same size and batch, a 256-channel head
     for form in ("rc_ri_nff", "plain"):
         flops = {stride: report["train_step"][form]["flops_per_image"] for stride, report in reports.items()}
         # A 32-channel decoder: its 3x3 convs at stride 4 cost 1/64 of the default 256 channels' (304x256
@@ -124,3 +124,20 @@ def test_bench_command_measures_the_given_head_width_and_output_stride(tmp_path,
     with pytest.raises(SystemExit) as exc:
         cli.main([*args, "--output-stride", "32"])
     assert exc.value.code == 2 and "--output-stride: invalid choice" in capsys.readouterr().err
+
+
+def test_compiled_bench_times_compiled_networks_and_counts_the_same_flops(report, aot_eager_compile, tmp_path):
+    """``--compile``: every timed network goes through ``torch.compile`` (TorchDynamo with the ``aot_eager``
+    backend here, see the fixture); FLOPs are counted on the eager networks, so they equal the eager run's."""
+    args = ["bench", "--size", "32", "32", "--batch", "2", "--tasks", "3", "--warmup", "1", "--repeats", "2"]
+    assert cli.main([*args, "--compile", "reduce-overhead", "--json", str(tmp_path / "compiled.json")]) == 0
+    # deploy, the three plain networks, deploy_batched, the training form; then the two training models
+    assert aot_eager_compile == ["reduce-overhead"] * 8
+    compiled = json.loads((tmp_path / "compiled.json").read_text())
+    assert compiled["setup"]["compile"] == "reduce-overhead" and report["setup"]["compile"] is None
+    for section in ("inference", "train_step"):
+        for name, run in compiled[section].items():
+            assert run["flops_per_image"] == report[section][name]["flops_per_image"], name
+    with pytest.raises(ValueError, match="compile: expected true, false or one of"):
+        bench_model(**TINY, compile="fastest")
+    assert len(aot_eager_compile) == 8
