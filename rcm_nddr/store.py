@@ -534,6 +534,7 @@ class ModelStore:
         device: str | torch.device | None = None,
         deploy: bool = False,
         batched: bool = False,
+        check_deploy: bool = True,
     ):
         """A MultiTaskNet computing ``tasks`` (default: every task, in store order): called on a batch of
         ImageNet-normalized images it returns ``{task: prediction}`` post-processed at input resolution
@@ -549,19 +550,48 @@ class ModelStore:
         (``rcm_nddr.deploy.BatchedMultiTaskNet``): all tasks' features as one stacked tensor, each backbone
         conv of all tasks as one grouped conv and each stage's NDDR fusion as one 1x1 conv; the heads
         still run per task. Same outputs, up to float rounding; the whole stack runs whichever ``tasks``
-        a call asks for."""
+        a call asks for.
+
+        ``check_deploy`` (default): the deploy form runs, on the CPU in fp32, each of its tasks' recorded
+        probe input and must give the recorded outputs within ``PROBE_RTOL``, else StoreError: folding is
+        exact for the built-in layers, and this catches a plug-in head it would not be exact for."""
         if batched and not deploy:
             raise ValueError("load_model(batched=True) batches the deploy form: pass deploy=True as well")
         with self._locked(shared=True):
             doc = self._read()
             model = self._assemble(doc, list(tasks) if tasks is not None else None, {}, None)
-        if deploy:
-            from .deploy import deploy as deploy_form
+            if deploy:
+                from .deploy import deploy as deploy_form
 
-            model = deploy_form(model, batched=batched)
+                model = deploy_form(model, batched=batched)
+                if check_deploy:
+                    self._check_deploy_form(model, doc)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return model.to(device or "cpu")
+
+    def _check_deploy_form(self, model, doc: Mapping[str, Any]) -> None:
+        """StoreError naming every task of ``model`` (the deploy form, on the CPU) whose outputs on its
+        probe input differ from the recorded ones (``doc``'s records) beyond rounding."""
+        from .assembly import probe_outputs
+
+        records = {record.name: record for record in doc["tasks"]}
+        problems = []
+        for name in model.task_names:
+            record = records[name]
+            if record.probe_file not in record.files:
+                continue
+            probe = self._load_checked(record, record.probe_file)
+            output = probe_outputs(model, [name], probe["input"])[name]
+            problem = _compare_probe(output, probe["output"], name, self.path / record.probe_file)
+            if problem is not None:
+                problems.append(problem)
+        if problems:
+            raise StoreError(
+                "the deploy form does not reproduce the stored tasks: "
+                + "; ".join(problems)
+                + " (load the model without deploy=True, or rcm-nddr predict --form training)"
+            )
 
     def compute_probes(
         self,

@@ -289,3 +289,37 @@ def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_pa
                     assert (value == reference).mean() >= 0.999, (name, stem)
                 else:
                     np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-5, err_msg=f"{name} {task}")
+
+
+def test_load_model_checks_the_deploy_form_against_the_recorded_probes(nddr_store, tmp_path, monkeypatch, capsys):
+    """A fold that is not exact (as it could be for a plug-in head) is caught on the probes: StoreError
+    naming the task, and ``rcm-nddr predict`` exits 2 with the message; ``check_deploy=False`` skips it."""
+    from rcm_nddr import cli
+    from rcm_nddr import deploy as deploy_module
+    from rcm_nddr.store import StoreError
+
+    fold = deploy_module.fold_sequences
+
+    def inexact_fold(module):
+        fold(module)
+        last = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        if last.out_channels == 1:  # the depth and edge heads' prediction convs
+            last.weight.mul_(1.01)
+
+    monkeypatch.setattr(deploy_module, "fold_sequences", inexact_fold)
+    store = ModelStore(nddr_store)
+    with pytest.raises(StoreError, match="the deploy form does not reproduce") as error:
+        store.load_model(["semseg", "depth", "edge"], deploy=True)
+    assert "task 'depth'" in str(error.value) and "task 'edge'" in str(error.value)
+    assert "task 'semseg'" not in str(error.value)
+    store.load_model(["semseg"], deploy=True)  # its head has no such conv: unchanged, checked, loaded
+    store.load_model(["depth"], deploy=True, check_deploy=False)
+    with pytest.raises(StoreError, match="task 'depth'"):
+        store.load_model(["depth"], deploy=True, batched=True)
+    from PIL import Image
+
+    Image.new("RGB", (40, 48)).save(tmp_path / "x.png")
+    argv = ["predict", "--store", str(nddr_store), "--images", str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]
+    assert cli.main([*argv, "--device", "cpu", "--tasks", "edge"]) == 2
+    assert "task 'edge'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert cli.main([*argv, "--device", "cpu", "--tasks", "edge", "--form", "training", "--quiet"]) == 0
