@@ -63,6 +63,7 @@ from .bench_speed import (
     inference_call,
     publish,
     random_start,
+    run_options,
 )
 
 log = logging.getLogger(__name__)
@@ -405,17 +406,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise ConfigError(f"--plot: a .png file, got {args.plot}")
-    report = bench_scaling(
-        device=args.device,
-        tasks_max=args.tasks_max,
-        size=tuple(args.size),
-        batch=args.batch,
-        arch=args.arch,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        head_channels=args.head_channels,
-        output_stride=args.output_stride,
-    )
+    report = bench_scaling(**run_options(args), tasks_max=args.tasks_max)
     publish(format_report(report), report, args.json)
     if args.plot:
         plot_report(report, args.plot)

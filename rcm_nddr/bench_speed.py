@@ -408,21 +408,23 @@ def run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--batch: at least 2 (a training step's BatchNorm needs more than one value per channel)")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ConfigError(f"--peak-tflops: expected a positive number, got {args.peak_tflops}")
-    report = bench_model(
-        peak=args.peak_tflops,
-        device=args.device,
-        size=tuple(args.size),
-        batch=args.batch,
-        tasks=args.tasks,
-        arch=args.arch,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        output_stride=args.output_stride,
-        head_channels=args.head_channels,
-        compile=args.compile or False,
-    )
+    report = bench_model(**run_options(args), tasks=args.tasks, peak=args.peak_tflops, compile=args.compile or False)
     publish(format_report(report), report, args.json)
     return 0
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments both benchmark commands take from their shared options."""
+    return {
+        "device": args.device,
+        "size": tuple(args.size),
+        "batch": args.batch,
+        "arch": args.arch,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "output_stride": args.output_stride,
+        "head_channels": args.head_channels,
+    }
 
 
 def publish(table: str, report: dict[str, Any], json_path: str | None) -> None:
