@@ -1,17 +1,22 @@
 """The deploy form: modulators folded into the filter bank and BatchNorm into the convs, the stem's bank
 response shared by the tasks; its outputs equal the training form's for every task of a store with
 NDDR groups, for plain baselines, and with or without the shared stem. The batched deploy form (all
-tasks stacked, grouped convs, one NDDR conv per stage) gives the same outputs and really runs grouped."""
+tasks stacked, grouped convs, one NDDR conv per stage) gives the same outputs and really runs grouped.
+``load_model(deploy=True)`` checks the form it built on the recorded probes, and ``rcm-nddr predict``
+writes the same predictions in every form."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import rc_run
+from PIL import Image
 
-from rcm_nddr import ModelStore
+from rcm_nddr import ModelStore, cli
+from rcm_nddr import deploy as deploy_module
 from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.deploy import BatchedBackbone, BatchedMultiTaskNet, DeployBackbone, deploy
@@ -19,6 +24,7 @@ from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.model import MultiTaskNet
 from rcm_nddr.nn.backbone import STAGES, SharedBackbone, resnet_backbone
 from rcm_nddr.nn.rc import RCResNet
+from rcm_nddr.store import StoreError
 
 
 @pytest.fixture(scope="module")
@@ -265,11 +271,6 @@ def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_pa
     """``rcm-nddr predict`` on a real store: the deploy form (the default), the batched form, the training
     form and the compiled deploy form (TorchDynamo with the ``aot_eager`` backend, see the fixture) write
     the same predictions."""
-    import numpy as np
-    from PIL import Image
-
-    from rcm_nddr import cli
-
     rng = np.random.default_rng(0)
     for i, size in enumerate([(40, 56), (40, 56), (33, 47)]):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
@@ -294,10 +295,6 @@ def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_pa
 def test_load_model_checks_the_deploy_form_against_the_recorded_probes(nddr_store, tmp_path, monkeypatch, capsys):
     """A fold that is not exact (as it could be for a plug-in head) is caught on the probes: StoreError
     naming the task, and ``rcm-nddr predict`` exits 2 with the message; ``check_deploy=False`` skips it."""
-    from rcm_nddr import cli
-    from rcm_nddr import deploy as deploy_module
-    from rcm_nddr.store import StoreError
-
     fold = deploy_module.fold_sequences
 
     def inexact_fold(module):
@@ -316,8 +313,6 @@ def test_load_model_checks_the_deploy_form_against_the_recorded_probes(nddr_stor
     store.load_model(["depth"], deploy=True, check_deploy=False)
     with pytest.raises(StoreError, match="task 'depth'"):
         store.load_model(["depth"], deploy=True, batched=True)
-    from PIL import Image
-
     Image.new("RGB", (40, 48)).save(tmp_path / "x.png")
     argv = ["predict", "--store", str(nddr_store), "--images", str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]
     assert cli.main([*argv, "--device", "cpu", "--tasks", "edge"]) == 2
