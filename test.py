@@ -2,7 +2,7 @@
 
 import sys
 
-from rcm_nddr.cli import test_main
+from rcm_nddr.commands.cli import test_main
 
 if __name__ == "__main__":
     sys.exit(test_main())

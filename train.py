@@ -2,7 +2,7 @@
 
 import sys
 
-from rcm_nddr.cli import train_main
+from rcm_nddr.commands.cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -1,8 +1,8 @@
 """Response initialization: stream the pre-BN responses of a pretrained backbone's reparameterized
 convs, eigendecompose their covariance per layer, and read/write the decomposition file."""
 
-from .make import decompose_folder, make_decomposition
-from .statistics import (
+from rcm_nddr.decomp.make import decompose_dataset, decompose_folder, limit
+from rcm_nddr.decomp.statistics import (
     Decomposition,
     ResponseStatistics,
     accumulate_responses,
@@ -10,7 +10,7 @@ from .statistics import (
     eigendecompose,
     fix_signs,
 )
-from .storage import FORMAT, DecompositionError, load_decomposition, save_decomposition
+from rcm_nddr.decomp.storage import FORMAT, DecompositionError, load_decomposition, save_decomposition
 
 __all__ = [
     "FORMAT",
@@ -18,11 +18,12 @@ __all__ = [
     "DecompositionError",
     "ResponseStatistics",
     "accumulate_responses",
+    "decompose_dataset",
     "decompose_folder",
+    "limit",
     "decompose_responses",
     "eigendecompose",
     "fix_signs",
     "load_decomposition",
-    "make_decomposition",
     "save_decomposition",
 ]

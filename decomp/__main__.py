@@ -2,6 +2,6 @@
 
 import sys
 
-from decomp.cli import main
+from rcm_nddr.commands.decomp import main
 
 sys.exit(main())

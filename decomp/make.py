@@ -1,5 +1,6 @@
-"""Make a decomposition file from a config's train split or from a folder of images: build the plain
-pretrained backbone, stream its responses, decompose and write the file."""
+"""Make a decomposition file from a dataset or from a folder of images: stream the responses of a plain
+pretrained backbone, decompose them and write the file (``rcm_nddr.engine.builders.make_decomposition``
+does it for a config's train split)."""
 
 from __future__ import annotations
 
@@ -10,55 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rcm_nddr.decomp.images import ImageFolder
+from rcm_nddr.decomp.statistics import accumulate_responses
+from rcm_nddr.decomp.storage import save_decomposition
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from rcm_nddr.config import Config
-from rcm_nddr.engine.builders import build_dataset, resolve_device
 from rcm_nddr.nn.backbone import ResNetBackbone, resnet_backbone
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
 
-from .images import ImageFolder
-from .statistics import accumulate_responses
-from .storage import save_decomposition
-
 log = logging.getLogger(__name__)
-
-
-def make_decomposition(
-    cfg: Config,
-    out: str | Path,
-    max_images: int | None = None,
-    progress: bool = True,
-    backbone: ResNetBackbone | None = None,
-    batch_size: int | None = None,
-) -> Path:
-    """Decompose the responses of the config's plain backbone over its train split (validation
-    transforms, in split order, the first ``max_images`` only if given) and write the file to ``out``.
-
-    ``backbone`` replaces the one built from ``cfg.backbone`` (e.g. the very bank a run trains on, so a
-    randomly initialized bank matches its file); ``batch_size`` defaults to ``cfg.train.batch_size``.
-    Runs on ``cfg.train.device``."""
-    if backbone is None:
-        b = cfg.backbone
-        backbone = resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
-    dataset = build_dataset(cfg, cfg.dataset.train_split, train=False)
-    meta = {
-        "arch": cfg.backbone.arch,
-        "weights": cfg.backbone.weights,
-        "output_stride": backbone.output_stride,
-        "source": f"{cfg.dataset.root} split {cfg.dataset.train_split} (config {cfg.source})",
-    }
-    device = resolve_device(cfg.train.device)
-    return _decompose(
-        backbone.to(device),
-        _limit(dataset, max_images),
-        out,
-        meta,
-        batch_size or cfg.train.batch_size,
-        cfg.train.num_workers,
-        progress,
-    )
 
 
 def decompose_folder(
@@ -71,7 +33,7 @@ def decompose_folder(
     max_images: int | None = None,
     batch_size: int = 8,
     num_workers: int = 2,
-    device: str = "auto",
+    device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> Path:
     """Decompose the responses of ``arch`` with ``weights`` (``none``, ``torchvision`` or a state dict
@@ -84,11 +46,11 @@ def decompose_folder(
         "output_stride": output_stride,
         "source": f"{folder.root} at {size[0]}x{size[1]}",
     }
-    device_ = resolve_device(device)
-    return _decompose(backbone.to(device_), _limit(folder, max_images), out, meta, batch_size, num_workers, progress)
+    folder_ = limit(folder, max_images)
+    return decompose_dataset(backbone.to(device), folder_, out, meta, batch_size, num_workers, progress)
 
 
-def _limit(dataset: Dataset, max_images: int | None) -> Dataset:
+def limit(dataset: Dataset, max_images: int | None) -> Dataset:
     if max_images is not None and max_images <= 0:
         raise ValueError(f"max_images must be positive, got {max_images}")
     if max_images is None or max_images >= len(dataset):
@@ -96,7 +58,7 @@ def _limit(dataset: Dataset, max_images: int | None) -> Dataset:
     return Subset(dataset, range(max_images))
 
 
-def _decompose(
+def decompose_dataset(
     backbone: ResNetBackbone,
     dataset: Dataset,
     out: str | Path,
@@ -105,6 +67,8 @@ def _decompose(
     num_workers: int,
     progress: bool,
 ) -> Path:
+    """Decompose ``backbone``'s responses over the images of ``dataset`` (sample dicts or image tensors)
+    and write them with ``meta`` to ``out``."""
     out = Path(out)
     sha256 = filter_bank_sha256(bank_weights(backbone))
     log.info(

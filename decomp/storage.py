@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from rcm_nddr.decomp.statistics import Decomposition
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from rcm_nddr.engine.checkpoint import atomic_write
-
-from .statistics import Decomposition
+from rcm_nddr.files import atomic_write
 
 FORMAT = "rcm-nddr-decomposition/1"
 REQUIRED_META = ("format", "filter_bank_sha256", "arch", "images", "layers")

@@ -1,11 +1,11 @@
 """rcm-nddr: incremental multi-task dense prediction with a frozen filter bank, per-task modulators
 (RCM) and NDDR fusion."""
 
-from .config import Config, ConfigError, load_config
-from .model import MultiTaskNet
-from .registry import DATASETS, TASKS
-from .store import ModelStore, StoreError
-from .task import DatasetInfo, Metric, Task, TrivialPredictor
+from rcm_nddr.config import Config, ConfigError, load_config
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.registry import DATASETS, TASKS
+from rcm_nddr.store import ModelStore, StoreError
+from rcm_nddr.task import DatasetInfo, Metric, Task, TrivialPredictor
 
 __version__ = "0.1.0"
 

@@ -129,7 +129,7 @@ DATASETS: Registry = Registry("dataset", "rcm_nddr.datasets")
 
 def discover(plugins: Iterable[str] = ()) -> None:
     """Register the built-in task types and datasets, the config's plug-ins and the entry points."""
-    importlib.import_module("tasks")
+    importlib.import_module("rcm_nddr.tasks")
     importlib.import_module("rcm_nddr.data")
     for spec in plugins:
         import_plugin(spec)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from rcm_nddr.tasks.common import check_map, check_same_spatial, check_single, check_values
 from torch import Tensor
 
 from rcm_nddr.task import Task, TrivialPredictor
-from tasks.common import check_map, check_same_spatial, check_single, check_values
 
 IGNORE_VALUE = 255
 #: colour of ignored pixels in visualizations: not a grey, so it cannot be read as a probability

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from rcm_nddr.tasks.common import check_map, check_same_shape, check_same_spatial, check_single, to_accumulator
 from torch import Tensor
 
 from rcm_nddr.registry import TASKS
 from rcm_nddr.task import Metric, Task, TrivialPredictor
-from tasks.common import check_map, check_same_shape, check_same_spatial, check_single, to_accumulator
 
 #: predictions are clamped to this depth (metres) before logarithms and ratios
 MIN_DEPTH = 1e-3

@@ -6,11 +6,7 @@ import math
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from rcm_nddr.registry import TASKS
-from rcm_nddr.task import DatasetInfo, Metric
-from tasks.binary import (
+from rcm_nddr.tasks.binary import (
     IGNORE_VALUE,
     BinaryMapTask,
     check_binary_target,
@@ -18,8 +14,12 @@ from tasks.binary import (
     masked_bce_with_logits,
     threshold_buckets,
 )
-from tasks.common import check_map, check_same_shape, safe_divide, to_accumulator
-from tasks.edge_matching import bipartite_counts
+from rcm_nddr.tasks.common import check_map, check_same_shape, safe_divide, to_accumulator
+from rcm_nddr.tasks.edge_matching import bipartite_counts
+from torch import Tensor
+
+from rcm_nddr.registry import TASKS
+from rcm_nddr.task import DatasetInfo, Metric
 
 #: binarization thresholds of the F-measure curves: 0.01, 0.02, ..., 0.99
 EDGE_THRESHOLDS = torch.linspace(0.01, 0.99, 99)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from rcm_nddr.tasks.common import check_map, check_same_spatial, check_single, to_accumulator
 from torch import Tensor
 
 from rcm_nddr.registry import TASKS
 from rcm_nddr.task import Metric, Task, TrivialPredictor
-from tasks.common import check_map, check_same_spatial, check_single, to_accumulator
 
 #: width of the angle histogram bins the median is read from (degrees)
 MEDIAN_BIN_DEG = 0.01

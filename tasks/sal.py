@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
-from rcm_nddr.registry import TASKS
-from rcm_nddr.task import Metric
-from tasks.binary import (
+from rcm_nddr.tasks.binary import (
     IGNORE_VALUE,
     BinaryMapTask,
     check_binary_target,
@@ -15,7 +11,11 @@ from tasks.binary import (
     masked_bce_with_logits,
     threshold_buckets,
 )
-from tasks.common import check_map, check_same_shape, safe_divide, to_accumulator
+from rcm_nddr.tasks.common import check_map, check_same_shape, safe_divide, to_accumulator
+from torch import Tensor
+
+from rcm_nddr.registry import TASKS
+from rcm_nddr.task import Metric
 
 #: binarization thresholds: 15 evenly spaced in [0.2, 0.9]
 SAL_THRESHOLDS = torch.linspace(0.2, 0.9, 15)

@@ -7,10 +7,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from rcm_nddr.task import DatasetInfo, Metric, Task, TrivialPredictor
-from tasks.common import (
+from rcm_nddr.tasks.common import (
     check_map,
     check_same_shape,
     check_same_spatial,
@@ -19,6 +16,9 @@ from tasks.common import (
     safe_divide,
     to_accumulator,
 )
+from torch import Tensor
+
+from rcm_nddr.task import DatasetInfo, Metric, Task, TrivialPredictor
 
 IGNORE_INDEX = 255
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from rcm_nddr.tasks.segmentation import SegmentationTask
+
 from rcm_nddr.registry import TASKS
-from tasks.segmentation import SegmentationTask
 
 
 @TASKS.register("semseg")

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from rcm_nddr import cli
-from rcm_nddr.bench_scaling import (
+from rcm_nddr.commands import cli
+from rcm_nddr.commands.bench_scaling import (
     REFERENCE,
     VARIANTS,
     bench_scaling,
@@ -20,7 +20,7 @@ from rcm_nddr.bench_scaling import (
     one_way_sources,
     plot_report,
 )
-from rcm_nddr.bench_speed import _tasks, random_start
+from rcm_nddr.commands.bench_speed import _tasks, random_start
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.nn.backbone import STAGES, resnet_backbone
 from rcm_nddr.nn.filter_bank import reparameterized_convs

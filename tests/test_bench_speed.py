@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from rcm_nddr import cli
-from rcm_nddr.bench_speed import _quartiles, bench_model
+from rcm_nddr.commands import cli
+from rcm_nddr.commands.bench_speed import _quartiles, bench_model
 
 TINY = {"size": (32, 32), "batch": 2, "tasks": 3, "warmup": 1, "repeats": 2}
 

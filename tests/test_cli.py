@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcm_nddr import ModelStore, cli
+from rcm_nddr import ModelStore
+from rcm_nddr.commands import cli
+from rcm_nddr.commands.demo import run_demo
 from rcm_nddr.config import load_config
-from rcm_nddr.demo import run_demo
 from rcm_nddr.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,10 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-from decomp import (
+from rcm_nddr.decomp import (
     FORMAT,
     Decomposition,
     DecompositionError,
@@ -23,12 +20,15 @@ from decomp import (
     eigendecompose,
     fix_signs,
     load_decomposition,
-    make_decomposition,
     save_decomposition,
 )
-from decomp.cli import main
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from rcm_nddr.commands.decomp import main
 from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
+from rcm_nddr.engine.builders import make_decomposition
 from rcm_nddr.nn.backbone import resnet_backbone
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256, reparameterized_convs
 
@@ -369,7 +369,7 @@ def test_make_decomposition_uses_the_given_bank(synth, tmp_path):
 
 
 def test_bench_decomp_command(tmp_path, capsys):
-    from rcm_nddr import cli
+    from rcm_nddr.commands import cli
 
     report_path = tmp_path / "bench.json"
     argv = ["bench", "decomp", "--images", "3", "--size", "32", "32", "--batch", "2", "--json", str(report_path)]
@@ -387,7 +387,7 @@ def test_bench_decomp_command(tmp_path, capsys):
 
 
 def test_reference_plan_subsamples_only_beyond_the_budget():
-    from rcm_nddr.bench import reference_plan
+    from rcm_nddr.commands.bench import reference_plan
 
     exact = reference_plan(10, (32, 32), ram_bytes=2**40)
     assert exact["subsample"] == 1

@@ -15,14 +15,15 @@ import torch
 from helpers import rc_run
 from PIL import Image
 
-from rcm_nddr import ModelStore, cli
-from rcm_nddr import deploy as deploy_module
+from rcm_nddr import ModelStore
+from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
-from rcm_nddr.deploy import BatchedBackbone, BatchedMultiTaskNet, DeployBackbone, deploy
 from rcm_nddr.engine.trainer import Trainer
-from rcm_nddr.model import MultiTaskNet
+from rcm_nddr.nn import deploy as deploy_module
 from rcm_nddr.nn.backbone import STAGES, SharedBackbone, resnet_backbone
+from rcm_nddr.nn.deploy import BatchedBackbone, BatchedMultiTaskNet, DeployBackbone, deploy
+from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.nn.rc import RCResNet
 from rcm_nddr.store import StoreError
 

@@ -22,9 +22,9 @@ from rcm_nddr.engine.builders import build_dataset, build_tasks
 from rcm_nddr.engine.checkpoint import load_checkpoint
 from rcm_nddr.engine.distributed import ShardSampler
 from rcm_nddr.engine.evaluate import eval_loader, evaluate
+from rcm_nddr.engine.provenance import config_sha256
 from rcm_nddr.engine.sampler import ResumableSampler
 from rcm_nddr.engine.tester import run_test
-from rcm_nddr.provenance import config_sha256
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.store import ModelStore
 from rcm_nddr.task import DatasetInfo, Metric
@@ -326,7 +326,7 @@ def test_env_json_records_what_produced_the_run(tmp_path, synth):
 
 
 def test_git_state_outside_a_checkout_comes_from_the_image(tmp_path, monkeypatch):
-    from rcm_nddr.provenance import container, git_state
+    from rcm_nddr.engine.provenance import container, git_state
 
     monkeypatch.setenv("RCM_NDDR_GIT_COMMIT", "0123abc")
     monkeypatch.setenv("RCM_NDDR_GIT_DIRTY", "false")
@@ -339,7 +339,7 @@ def test_git_state_outside_a_checkout_comes_from_the_image(tmp_path, monkeypatch
 
 
 def test_auto_resume_continues_a_run_when_it_has_a_checkpoint_and_starts_one_otherwise(tmp_path, synth):
-    from rcm_nddr import cli
+    from rcm_nddr.commands import cli
     from rcm_nddr.engine.trainer import Trainer
 
     config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", "train.max_iters=4")

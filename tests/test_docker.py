@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from rcm_nddr import cli
-from rcm_nddr import docker as rd
-from rcm_nddr.docker import DockerError
+from rcm_nddr.commands import cli
+from rcm_nddr.commands import docker as rd
+from rcm_nddr.commands.docker import DockerError
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -111,7 +111,7 @@ class FakeContainer:
 
 
 class FakeClient:
-    """What ``rcm_nddr.docker`` uses of ``docker.DockerClient``: ``images.get``, ``containers.create``
+    """What ``rcm_nddr.commands.docker`` uses of ``docker.DockerClient``: ``images.get``, ``containers.create``
     and ``api.build``."""
 
     def __init__(self, status: int = 0, build_chunks: list[dict[str, Any]] | None = None) -> None:
@@ -246,7 +246,7 @@ def test_build_image_streams_to_the_log_and_returns_the_id(tmp_path, caplog):
         {"stream": "Successfully tagged t:1\n"},
     ]
     client = FakeClient(build_chunks=chunks)
-    with caplog.at_level("INFO", logger="rcm_nddr.docker"):
+    with caplog.at_level("INFO", logger="rcm_nddr.commands.docker"):
         assert rd.build_image(client, rd.build_kwargs(tmp_path, "t:1")) == IMAGE_ID  # what the tag names
     assert "Step 1/2 : FROM base" in caplog.text and "Successfully tagged t:1" in caplog.text
     assert client.built[0]["tag"] == "t:1"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import tiny_run
 
-from rcm_nddr import cli
+from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.checkpoint import load_checkpoint

@@ -12,16 +12,16 @@ import torch
 from helpers import tiny_run
 from PIL import Image
 
-from rcm_nddr import cli
+from rcm_nddr.commands import cli
+from rcm_nddr.commands.evaluate import EvaluateError, evaluate_folder
 from rcm_nddr.config import ConfigError, load_config, save_config
 from rcm_nddr.data import MultiTaskFolder
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_dataset
+from rcm_nddr.engine.provenance import config_sha256
 from rcm_nddr.engine.saved import PredictionError, load_prediction, prediction_path, save_prediction
 from rcm_nddr.engine.tester import run_test
 from rcm_nddr.engine.trainer import Trainer
-from rcm_nddr.offline_eval import EvaluateError, evaluate_folder
-from rcm_nddr.provenance import config_sha256
 from rcm_nddr.registry import TASKS, discover
 
 TASK_NAMES = ("semseg", "parts", "depth", "normals", "edge", "sal")
@@ -193,7 +193,7 @@ def test_evaluate_command_errors_name_what_is_wrong(tmp_path, layout, capsys):
 
 
 def test_option_parsing():
-    from rcm_nddr.offline_eval import parse_options
+    from rcm_nddr.commands.evaluate import parse_options
 
     assert parse_options(["classes=7", "max_dist=0.01", "matching=distance"], "--option") == {
         "classes": 7,

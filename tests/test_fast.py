@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_run
+from rcm_nddr.tasks.binary import masked_bce_with_logits
+from rcm_nddr.tasks.segmentation import masked_cross_entropy
 
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.data.synthetic import generate
@@ -18,8 +20,6 @@ from rcm_nddr.engine.tester import run_test
 from rcm_nddr.engine.trainer import NonFiniteLossError, Trainer
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.task import DatasetInfo
-from tasks.binary import masked_bce_with_logits
-from tasks.segmentation import masked_cross_entropy
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "toy_tasks.py")
 

@@ -13,7 +13,8 @@ import yaml
 from helpers import rc_run
 from PIL import Image
 
-from rcm_nddr import ModelStore, StoreError, cli
+from rcm_nddr import ModelStore, StoreError
+from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.trainer import Trainer

@@ -7,17 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from rcm_nddr.tasks.depth import DepthMetric
+from rcm_nddr.tasks.edge import EDGE_THRESHOLDS, EdgeMetric, disk_max
+from rcm_nddr.tasks.edge_matching import bipartite_counts, maximum_matching_size, thin
+from rcm_nddr.tasks.normals import NormalsMetric
+from rcm_nddr.tasks.sal import SalMetric
+from rcm_nddr.tasks.segmentation import ConfusionMatrixMetric
 from scipy.ndimage import distance_transform_edt
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from skimage.morphology import thin as skimage_thin
-
-from tasks.depth import DepthMetric
-from tasks.edge import EDGE_THRESHOLDS, EdgeMetric, disk_max
-from tasks.edge_matching import bipartite_counts, maximum_matching_size, thin
-from tasks.normals import NormalsMetric
-from tasks.sal import SalMetric
-from tasks.segmentation import ConfusionMatrixMetric
 
 # ---------------------------------------------------------------- semseg / parts
 

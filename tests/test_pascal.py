@@ -16,7 +16,7 @@ from PIL import Image
 from skimage.morphology import thin
 from torch.utils.data import DataLoader
 
-import tasks  # noqa: F401 - registers the built-in task types
+from rcm_nddr import tasks  # noqa: F401 - registers the built-in task types
 from rcm_nddr.data.folder import DatasetError
 from rcm_nddr.data.pascal import (
     HUMAN_PART_CLASSES,

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rcm_nddr import predict as predict_mod
+from rcm_nddr.commands import predict as predict_mod
+from rcm_nddr.commands.predict import PredictError, add_arguments, collect_images, load_image, main, predict
 from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
-from rcm_nddr.predict import PredictError, add_arguments, collect_images, load_image, main, predict
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.task import DatasetInfo, Task
 

@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcm_nddr import cli
-from rcm_nddr.accounting import parameter_breakdown
+from rcm_nddr.commands import cli
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.data.synthetic import generate
+from rcm_nddr.engine.pretrain import pretrain
 from rcm_nddr.engine.trainer import Trainer
+from rcm_nddr.nn.accounting import parameter_breakdown
 from rcm_nddr.nn.backbone import SharedBackbone, load_state_dict_file, resnet_backbone
-from rcm_nddr.pretrain import pretrain
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pretrain.yaml"
 TINY = [
@@ -86,9 +86,10 @@ def test_shared_backbone_computes_once_and_cli_refuses_rc(tmp_path, synth):
 
 
 def test_single_task_baseline_owns_a_whole_backbone():
+    from rcm_nddr.tasks.depth import DepthTask
+
     from rcm_nddr.engine.builders import build_model
     from rcm_nddr.task import DatasetInfo
-    from tasks.depth import DepthTask
 
     cfg = load_config(None, ["tasks=[depth]", "head.channels=8"])
     model = build_model(cfg, {"depth": DepthTask("depth", DatasetInfo("x"))})
@@ -99,7 +100,8 @@ def test_single_task_baseline_owns_a_whole_backbone():
 
 
 def test_rc_ri_nff_run_makes_its_decomposition_and_refuses_another_banks(tmp_path, synth):
-    from decomp import DecompositionError, load_decomposition
+    from rcm_nddr.decomp import DecompositionError, load_decomposition
+
     from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
     from rcm_nddr.store import StoreError
 

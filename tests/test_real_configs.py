@@ -11,7 +11,7 @@ from test_nyud import _split as write_nyud_split
 from test_nyud import write_astmt
 from test_pascal import write_sample, write_split
 
-from rcm_nddr import cli
+from rcm_nddr.commands import cli
 from rcm_nddr.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]

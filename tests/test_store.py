@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from rcm_nddr import cli
+from rcm_nddr.commands import cli
 from rcm_nddr.nn.filter_bank import filter_bank_sha256
 from rcm_nddr.store import ModelStore, StoreError, TaskRecord
 
@@ -226,7 +226,7 @@ class Crash(Exception):
 def test_a_replace_that_dies_before_its_journal_leaves_the_old_store(store, monkeypatch):
     register(store, "semseg")
     old = store.load_task_tensors("semseg")
-    import rcm_nddr.store as store_module
+    import rcm_nddr.store.store as store_module
 
     def die(path, text):
         raise Crash(path)

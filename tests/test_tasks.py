@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rcm_nddr.tasks.binary import IGNORE_RGB
+from rcm_nddr.tasks.depth import DEPTH_LUT
+from rcm_nddr.tasks.edge import EdgeTask
 
-import tasks  # noqa: F401 - registers the built-in task types
+from rcm_nddr import tasks  # noqa: F401 - registers the built-in task types
 from rcm_nddr.registry import TASKS, RegistryError
 from rcm_nddr.task import DatasetInfo, Task
-from tasks.binary import IGNORE_RGB
-from tasks.depth import DEPTH_LUT
-from tasks.edge import EdgeTask
 
 BUILTIN = ["depth", "edge", "normals", "parts", "sal", "semseg"]
 INFO = DatasetInfo("toy", classes={"semseg": ["wall", "floor", "chair"], "parts": ["background", "leg"]})

@@ -12,7 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..assembly import (
+from rcm_nddr.config import Config, ConfigError, OptimizerConfig, SchedulerConfig
+from rcm_nddr.data.transforms import build_transforms
+from rcm_nddr.decomp import decompose_dataset, limit, load_decomposition
+from rcm_nddr.files import file_sha256
+from rcm_nddr.nn.assembly import (
     AssemblyError,
     TaskSpec,
     build_head,
@@ -21,16 +25,14 @@ from ..assembly import (
     load_task_tensors,
     plugin_paths,
 )
-from ..config import Config, ConfigError, OptimizerConfig, SchedulerConfig
-from ..data.transforms import build_transforms
-from ..model import MultiTaskNet
-from ..nn.backbone import STAGES, ResNetBackbone, SharedBackbone, resnet_backbone
-from ..nn.filter_bank import bank_weights, filter_bank_sha256
-from ..nn.nddr import transitive_sources
-from ..nn.rc import RCResNet
-from ..registry import DATASETS, TASKS, RegistryError, discover, options_error
-from ..store import ModelStore, StoreError, TaskRecord, file_sha256
-from ..task import DatasetInfo, Task
+from rcm_nddr.nn.backbone import STAGES, ResNetBackbone, SharedBackbone, resnet_backbone
+from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.nn.nddr import transitive_sources
+from rcm_nddr.nn.rc import RCResNet
+from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
+from rcm_nddr.store import ModelStore, StoreError, TaskRecord
+from rcm_nddr.task import DatasetInfo, Task
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,42 @@ def pretrained_backbone(cfg: Config) -> ResNetBackbone:
     return resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
 
 
+def make_decomposition(
+    cfg: Config,
+    out: str | Path,
+    max_images: int | None = None,
+    progress: bool = True,
+    backbone: ResNetBackbone | None = None,
+    batch_size: int | None = None,
+) -> Path:
+    """Decompose the responses of the config's plain backbone over its train split (validation
+    transforms, in split order, the first ``max_images`` only if given) and write the file to ``out``.
+
+    ``backbone`` replaces the one built from ``cfg.backbone`` (e.g. the very bank a run trains on, so a
+    randomly initialized bank matches its file); ``batch_size`` defaults to ``cfg.train.batch_size``.
+    Runs on ``cfg.train.device``."""
+    if backbone is None:
+        b = cfg.backbone
+        backbone = resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
+    dataset = build_dataset(cfg, cfg.dataset.train_split, train=False)
+    meta = {
+        "arch": cfg.backbone.arch,
+        "weights": cfg.backbone.weights,
+        "output_stride": backbone.output_stride,
+        "source": f"{cfg.dataset.root} split {cfg.dataset.train_split} (config {cfg.source})",
+    }
+    device = resolve_device(cfg.train.device)
+    return decompose_dataset(
+        backbone.to(device),
+        limit(dataset, max_images),
+        out,
+        meta,
+        batch_size or cfg.train.batch_size,
+        cfg.train.num_workers,
+        progress,
+    )
+
+
 def decomposition_path(cfg: Config) -> Path:
     """``backbone.decomposition``, or ``<store>/ri.safetensors`` when the config names none."""
     if cfg.backbone.decomposition is not None:
@@ -113,8 +151,6 @@ def load_ri(
     A store that records a decomposition provides it (a config naming a different existing file is
     refused with both sha256s); otherwise ``decomposition_path(cfg)``, made from the train split when
     missing. The file must belong to this bank (sha256)."""
-    from decomp import load_decomposition, make_decomposition
-
     b = cfg.backbone
     if b.reparam != "rc" or not b.ri:
         return None, None

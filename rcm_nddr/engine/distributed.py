@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from ..config import ConfigError
+from rcm_nddr.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.folder import IMAGENET_MEAN, IMAGENET_STD
-from ..task import Metric, Task
-from . import distributed
-from .saved import sample_sizes, unpad
+from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from rcm_nddr.engine import distributed
+from rcm_nddr.engine.saved import sample_sizes, unpad
+from rcm_nddr.task import Metric, Task
 
 
 def autocast(device: torch.device, amp: bool):

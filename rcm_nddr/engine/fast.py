@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import CompileMode
-from . import distributed
+from rcm_nddr.config import CompileMode
+from rcm_nddr.engine import distributed
 
 log = logging.getLogger(__name__)
 

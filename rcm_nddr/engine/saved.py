@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..task import Task
-from .checkpoint import atomic_save_npy, atomic_write
+from rcm_nddr.files import atomic_save_npy, atomic_write
+from rcm_nddr.task import Task
 
 log = logging.getLogger(__name__)
 

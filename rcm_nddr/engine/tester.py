@@ -11,16 +11,16 @@ from typing import Any
 
 import torch
 
-from .. import provenance
-from ..config import Config, ConfigError, check_paths
-from ..store import ModelStore
-from . import distributed
-from .builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
-from .checkpoint import atomic_write_text, load_checkpoint
-from .evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
-from .fast import configure_backends, maybe_compile
-from .saved import PredictionWriter
-from .trainer import RunPaths
+from rcm_nddr.config import Config, ConfigError, check_paths
+from rcm_nddr.engine import distributed, provenance
+from rcm_nddr.engine.builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
+from rcm_nddr.engine.checkpoint import load_checkpoint
+from rcm_nddr.engine.evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
+from rcm_nddr.engine.fast import configure_backends, maybe_compile
+from rcm_nddr.engine.saved import PredictionWriter
+from rcm_nddr.engine.trainer import RunPaths
+from rcm_nddr.files import atomic_write_text
+from rcm_nddr.store import ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,9 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from .. import provenance
-from ..accounting import format_breakdown, owned_by, parameter_breakdown
-from ..config import Config, ConfigError, check_paths, save_config
-from ..store import ModelStore, TaskRecord
-from ..task import Metric
-from . import distributed
-from .builders import (
+from rcm_nddr.config import Config, ConfigError, check_paths, save_config
+from rcm_nddr.engine import distributed, provenance
+from rcm_nddr.engine.builders import (
     GroupPlan,
     build_dataset,
     build_model,
@@ -39,17 +35,14 @@ from .builders import (
     pretrained_backbone,
     resolve_device,
 )
-from .checkpoint import (
-    atomic_write_text,
-    load_checkpoint,
-    remove_stale_temporaries,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .evaluate import autocast, delta_mtl, denormalize, eval_loader, evaluate, primary_metrics, to_json
-from .fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
-from .sampler import ResumableSampler
+from rcm_nddr.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from rcm_nddr.engine.evaluate import autocast, delta_mtl, denormalize, eval_loader, evaluate, primary_metrics, to_json
+from rcm_nddr.engine.fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
+from rcm_nddr.engine.sampler import ResumableSampler
+from rcm_nddr.files import atomic_write_text, remove_stale_temporaries
+from rcm_nddr.nn.accounting import format_breakdown, owned_by, parameter_breakdown
+from rcm_nddr.store import ModelStore, TaskRecord
+from rcm_nddr.task import Metric
 
 log = logging.getLogger(__name__)
 

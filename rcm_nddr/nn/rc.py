@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .backbone import STAGES, ResNetBackbone
+from rcm_nddr.nn.backbone import STAGES, ResNetBackbone
 
 
 class RCConv2d(nn.Module):

@@ -2,7 +2,7 @@
 a PNG visualization (``<out>/<task>/<stem>.png``) and the raw post-processed prediction
 (``<out>/<task>/<stem>.npy``) of every image.
 
-By default the store's tasks run in the deploy form (``rcm_nddr.deploy``: modulators and BatchNorm folded
+By default the store's tasks run in the deploy form (``rcm_nddr.nn.deploy``: modulators and BatchNorm folded
 into the convs, the stem's bank response shared), channels_last, with bf16 autocast on CUDA; ``--form
 training`` runs the unfolded network, ``--form batched`` the deploy form with the tasks' backbone convs
 grouped, and ``--compile`` runs it through ``torch.compile``."""
@@ -89,7 +89,7 @@ def load_image(path: str | Path) -> Tensor:
     import torch
     from PIL import Image, ImageOps
 
-    from .data.folder import IMAGENET_MEAN, IMAGENET_STD
+    from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
 
     path = Path(path)
     try:
@@ -126,7 +126,7 @@ def _batches(images: Sequence[Path], batch_size: int) -> Iterator[tuple[list[Pat
 def _save_npy(path: Path, value: Tensor) -> None:
     import torch
 
-    from .engine.checkpoint import atomic_save_npy
+    from rcm_nddr.files import atomic_save_npy
 
     if value.dtype == torch.bfloat16:  # numpy has no bfloat16
         value = value.float()
@@ -136,7 +136,7 @@ def _save_npy(path: Path, value: Tensor) -> None:
 def _save_png(path: Path, rgb: Tensor) -> None:
     from PIL import Image
 
-    from .engine.checkpoint import atomic_write
+    from rcm_nddr.files import atomic_write
 
     image = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy(), "RGB")
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
@@ -173,7 +173,7 @@ def predict(
     import torch
     from tqdm import tqdm
 
-    from .engine.evaluate import autocast
+    from rcm_nddr.engine.evaluate import autocast
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -230,8 +230,8 @@ def device_name(text: str) -> str:
 def _resolve_device(name: str) -> torch.device:
     import torch
 
-    from .config import ConfigError
-    from .engine.builders import resolve_device
+    from rcm_nddr.config import ConfigError
+    from rcm_nddr.engine.builders import resolve_device
 
     try:
         device = resolve_device(name)
@@ -259,8 +259,8 @@ def main(args: argparse.Namespace) -> int:
     """Load the store's model, predict every image and log where the outputs went."""
     import torch
 
-    from .engine.fast import configure_backends, maybe_compile
-    from .store import ModelStore
+    from rcm_nddr.engine.fast import configure_backends, maybe_compile
+    from rcm_nddr.store import ModelStore
 
     images = collect_images(args.images)
     device = _resolve_device(args.device)
@@ -306,7 +306,7 @@ def main(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``predict`` command's arguments, on ``p``."""
-    from .cli import add_compile_argument, positive_int
+    from rcm_nddr.commands.cli import add_compile_argument, positive_int
 
     p.add_argument("--store", required=True, help="model store directory (holds store.yaml)")
     p.add_argument(

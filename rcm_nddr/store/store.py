@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import re
 import shutil
@@ -18,8 +17,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from .engine.checkpoint import atomic_write, atomic_write_text
-from .nn.filter_bank import filter_bank_sha256
+from rcm_nddr.files import atomic_write, atomic_write_text, file_sha256
+from rcm_nddr.nn.filter_bank import filter_bank_sha256
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +109,6 @@ class TaskRecord:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -542,12 +533,12 @@ class ModelStore:
         (without heads). Every file is sha256-checked; the module is in eval mode with no parameter
         requiring a gradient, on ``device`` (default CPU; ``"auto"``: CUDA when available).
 
-        ``deploy``: the inference form (``rcm_nddr.deploy``): modulators folded into the filter bank, every
+        ``deploy``: the inference form (``rcm_nddr.nn.deploy``): modulators folded into the filter bank, every
         BatchNorm into its conv, the stem's bank response shared by the tasks; same outputs, up to
         float rounding, at the cost of plain networks.
 
         ``batched`` (only with ``deploy=True``, else ValueError): the deploy form's batched execution
-        (``rcm_nddr.deploy.BatchedMultiTaskNet``): all tasks' features as one stacked tensor, each backbone
+        (``rcm_nddr.nn.deploy.BatchedMultiTaskNet``): all tasks' features as one stacked tensor, each backbone
         conv of all tasks as one grouped conv and each stage's NDDR fusion as one 1x1 conv; the heads
         still run per task. Same outputs, up to float rounding; the whole stack runs whichever ``tasks``
         a call asks for.
@@ -561,7 +552,7 @@ class ModelStore:
             doc = self._read()
             model = self._assemble(doc, list(tasks) if tasks is not None else None, {}, None)
             if deploy:
-                from .deploy import deploy as deploy_form
+                from rcm_nddr.nn.deploy import deploy as deploy_form
 
                 model = deploy_form(model, batched=batched)
                 if check_deploy:
@@ -590,7 +581,7 @@ class ModelStore:
         """The probe of each task of a group about to be registered (``records`` and ``tensors`` as for
         ``register_group``): its raw outputs on the fixed probe input, computed on the CPU exactly as
         ``load_model`` will compute them once the group is registered. ``store verify`` runs them again."""
-        from .assembly import probe_input, probe_outputs
+        from rcm_nddr.nn.assembly import probe_input, probe_outputs
 
         new = [_record_from_input(r, i) for i, r in enumerate(records)]
         with self._locked(shared=True):
@@ -608,8 +599,8 @@ class ModelStore:
         device: str | torch.device | None = None,
     ):
         """``load_model`` over the store's records plus ``extra`` records and tensors not written yet."""
-        from .assembly import AssemblyError, assemble
-        from .registry import RegistryError
+        from rcm_nddr.nn.assembly import AssemblyError, assemble
+        from rcm_nddr.registry import RegistryError
 
         records = [t for t in doc["tasks"] if t.name not in extra] + [r for r, _ in extra.values()]
         if names is None:
@@ -669,7 +660,7 @@ class ModelStore:
     def _run_probes(self, model, records: Sequence[TaskRecord]) -> list[str]:
         """Run each of ``records``' tasks in ``model`` on its recorded probe input (sha256-checked); what
         differs from the recorded outputs."""
-        from .assembly import probe_outputs
+        from rcm_nddr.nn.assembly import probe_outputs
 
         problems = []
         for record in records:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import Config, ConfigError
-from .engine.checkpoint import atomic_write
-from .engine.trainer import Trainer
+from rcm_nddr.config import Config, ConfigError
+from rcm_nddr.engine.trainer import Trainer
+from rcm_nddr.files import atomic_write
 
 log = logging.getLogger(__name__)
 

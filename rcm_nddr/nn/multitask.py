@@ -10,9 +10,9 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from .accounting import owned_by
-from .nn.backbone import STAGES
-from .task import Task
+from rcm_nddr.nn.accounting import owned_by
+from rcm_nddr.nn.backbone import STAGES
+from rcm_nddr.task import Task
 
 
 class MultiTaskNet(nn.Module):

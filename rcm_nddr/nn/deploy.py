@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .model import MultiTaskNet
-from .nn.backbone import STAGES, ResNetBackbone, SharedBackbone, TaskBackbones
-from .nn.nddr import NDDRFusion, NDDRLayer, NDDRShortcut
-from .nn.rc import RCBlock, RCConv2d, RCResNet
+from rcm_nddr.nn.backbone import STAGES, ResNetBackbone, SharedBackbone, TaskBackbones
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.nn.nddr import NDDRFusion, NDDRLayer, NDDRShortcut
+from rcm_nddr.nn.rc import RCBlock, RCConv2d, RCResNet
 
 
 def _conv_like(conv: nn.Module | None, weight: Tensor) -> nn.Conv2d:

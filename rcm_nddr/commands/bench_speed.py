@@ -1,7 +1,7 @@
 """``rcm-nddr bench``: inference and training speed of the reparameterized network against plain networks
 of the same architecture, measured in one process, one run, so the ratios compare like with like.
 
-- ``deploy_vs_plain_infer``: T tasks computed by the deploy form (``rcm_nddr.deploy``: modulators
+- ``deploy_vs_plain_infer``: T tasks computed by the deploy form (``rcm_nddr.nn.deploy``: modulators
   folded into the bank, BatchNorm into the convs, one shared stem bank response) in one call, over the
   time of T plain single-task networks of the same architecture (BatchNorm folded too) run one after
   the other on the same batch. ``batched_vs_plain_infer``: the same for the batched deploy form (the
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .nn.backbone import ResNetBackbone
+    from rcm_nddr.nn.backbone import ResNetBackbone
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ SEMSEG_CLASSES = 40
 
 
 def _tasks(count: int) -> dict[str, Any]:
-    from .registry import TASKS, discover
-    from .task import DatasetInfo
+    from rcm_nddr.registry import TASKS, discover
+    from rcm_nddr.task import DatasetInfo
 
     discover()
     info = DatasetInfo("bench", classes={"semseg": [f"class{i}" for i in range(SEMSEG_CLASSES)]}, extra={})
@@ -80,8 +80,8 @@ def random_start(arch: str, output_stride: int = 16) -> tuple[ResNetBackbone, di
     orthogonal "RI decomposition" (one Co x Co matrix per reparameterized conv), drawn from the global
     RNG after seeding it with 0 (callers fork the RNG around it: the benchmarks' networks are the same
     on every run without changing the caller's random state)."""
-    from .nn.backbone import resnet_backbone
-    from .nn.rc import RCResNet
+    from rcm_nddr.nn.backbone import resnet_backbone
+    from rcm_nddr.nn.rc import RCResNet
 
     torch.manual_seed(0)
     net = resnet_backbone(arch, weights="none", output_stride=output_stride)
@@ -93,10 +93,10 @@ def random_start(arch: str, output_stride: int = 16) -> tuple[ResNetBackbone, di
 def build_networks(arch: str, tasks: Mapping[str, Any], output_stride: int = 16, head_channels: int = 256):
     """``(rc, plain)``: an RC + RI + NFF MultiTaskNet of ``tasks`` (random weights, a random orthogonal
     decomposition) and one plain single-task MultiTaskNet per task, all of the same architecture."""
-    from .assembly import build_head
-    from .model import MultiTaskNet
-    from .nn.backbone import TaskBackbones
-    from .nn.rc import RCResNet
+    from rcm_nddr.nn.assembly import build_head
+    from rcm_nddr.nn.backbone import TaskBackbones
+    from rcm_nddr.nn.multitask import MultiTaskNet
+    from rcm_nddr.nn.rc import RCResNet
 
     with torch.random.fork_rng(devices=[]):
         net, decomposition = random_start(arch, output_stride)
@@ -143,7 +143,7 @@ def inference_call(
 ) -> Callable[[], Any]:
     """A call of ``model`` on ``images`` computing ``tasks`` (default: all) under ``mode`` and, with ``amp``,
     bf16 autocast on the images' device: what the benchmarks time."""
-    from .engine.evaluate import autocast
+    from rcm_nddr.engine.evaluate import autocast
 
     def call() -> Any:
         with mode(), autocast(images.device, amp):
@@ -225,9 +225,9 @@ def bench_model(
     TFLOP/s into model FLOP utilization (``mfu``). ``compile`` (true or a ``torch.compile`` mode, as
     ``train.compile``) times every network compiled, on both sides of each ratio; the warm-up calls
     compile (FLOPs are counted on the eager networks)."""
-    from .deploy import deploy
-    from .engine.evaluate import autocast
-    from .engine.fast import compile_mode, maybe_compile
+    from rcm_nddr.engine.evaluate import autocast
+    from rcm_nddr.engine.fast import compile_mode, maybe_compile
+    from rcm_nddr.nn.deploy import deploy
 
     mode = compile_mode(compile)  # (a bad mode fails here, before anything is built)
     dev = torch.device(device)
@@ -349,7 +349,7 @@ def bench_model(
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    from .provenance import devices
+    from rcm_nddr.engine.provenance import devices
 
     return {
         "platform": platform.platform(),
@@ -400,7 +400,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    from rcm_nddr.config import ConfigError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
@@ -431,7 +431,7 @@ def publish(table: str, report: dict[str, Any], json_path: str | None) -> None:
     """A benchmark's result: ``table`` on stdout, and ``report`` written atomically to ``json_path``."""
     print(table)  # noqa: T201 - the benchmark's result is this table on stdout
     if json_path:
-        from .engine.checkpoint import atomic_write_text
+        from rcm_nddr.files import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", json_path)
@@ -440,7 +440,7 @@ def publish(table: str, report: dict[str, Any], json_path: str | None) -> None:
 def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
     """``--output-stride`` and ``--head-channels``: the config's ``backbone.output_stride`` and
     ``head.channels`` of the networks a benchmark builds."""
-    from .cli import positive_int
+    from rcm_nddr.commands.cli import positive_int
 
     parser.add_argument(
         "--output-stride", type=int, choices=[8, 16], default=16, help="backbone.output_stride (default: 16)"
@@ -452,7 +452,7 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rcm-nddr bench`` itself (the model benchmark)."""
-    from .cli import add_compile_argument, positive_int
+    from rcm_nddr.commands.cli import add_compile_argument, positive_int
 
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--size", type=positive_int, nargs=2, default=[256, 256], metavar=("H", "W"))

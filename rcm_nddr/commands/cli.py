@@ -15,18 +15,17 @@ log = logging.getLogger("rcm_nddr")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by bad input: reported in one line, without a traceback."""
-    from decomp import DecompositionError
-
-    from .config import ConfigError
-    from .data.folder import DatasetError
-    from .docker import DockerError
-    from .engine.saved import PredictionError
-    from .engine.trainer import NonFiniteLossError, RunExistsError
-    from .nn.backbone import WeightsError
-    from .offline_eval import EvaluateError
-    from .predict import PredictError
-    from .registry import RegistryError
-    from .store import StoreError
+    from rcm_nddr.commands.docker import DockerError
+    from rcm_nddr.commands.evaluate import EvaluateError
+    from rcm_nddr.commands.predict import PredictError
+    from rcm_nddr.config import ConfigError
+    from rcm_nddr.data.folder import DatasetError
+    from rcm_nddr.decomp import DecompositionError
+    from rcm_nddr.engine.saved import PredictionError
+    from rcm_nddr.engine.trainer import NonFiniteLossError, RunExistsError
+    from rcm_nddr.nn.backbone import WeightsError
+    from rcm_nddr.registry import RegistryError
+    from rcm_nddr.store import StoreError
 
     return (
         ConfigError,
@@ -84,7 +83,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _process_group(device: str) -> Iterator[None]:
     """Under ``torchrun``: join the process group for the command, and let only rank 0 log below
     warnings (one process prints progress, the others stay quiet)."""
-    from .engine import distributed
+    from rcm_nddr.engine import distributed
 
     ctx = distributed.init_from_environment(device)
     if not ctx.is_main:
@@ -96,8 +95,8 @@ def _process_group(device: str) -> Iterator[None]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine.trainer import RunPaths, Trainer, TrainingInterrupted
+    from rcm_nddr.config import load_config
+    from rcm_nddr.engine.trainer import RunPaths, Trainer, TrainingInterrupted
 
     cfg = load_config(args.config, args.overrides)
     resume = args.resume or (args.auto_resume and RunPaths.of(cfg).last.is_file())
@@ -140,8 +139,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine.tester import run_test
+    from rcm_nddr.config import load_config
+    from rcm_nddr.engine.tester import run_test
 
     cfg = load_config(args.config, args.overrides)
     with _process_group(cfg.train.device):
@@ -188,7 +187,7 @@ def test_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from .data.synthetic import generate
+    from rcm_nddr.data.synthetic import generate
 
     try:
         out = generate(args.out, args.train, args.val, size=tuple(args.size), seed=args.seed, progress=not args.quiet)
@@ -200,8 +199,8 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .pretrain import pretrain
+    from rcm_nddr.config import load_config
+    from rcm_nddr.engine.pretrain import pretrain
 
     cfg = load_config(args.config, args.overrides)
     pretrain(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -209,7 +208,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from rcm_nddr.commands.demo import run_demo
 
     run_demo(
         out=args.out,
@@ -237,7 +236,7 @@ def add_compile_argument(parser: argparse.ArgumentParser, what: str) -> None:
     None when absent; ``what`` says what it compiles."""
     import typing
 
-    from .config import CompileMode
+    from rcm_nddr.config import CompileMode
 
     modes = typing.get_args(CompileMode)
     parser.add_argument(
@@ -258,7 +257,7 @@ def non_negative_int(text: str) -> int:
 
 
 def _store_list(args: argparse.Namespace) -> int:
-    from .store import ModelStore
+    from rcm_nddr.store import ModelStore
 
     rows = [("name", "type", "group", "sources", "trainable params", "primary metric")]
     for t in ModelStore(args.store).tasks:
@@ -278,7 +277,7 @@ def _store_show(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from .store import ModelStore
+    from rcm_nddr.store import ModelStore
 
     content = ModelStore(args.store).metadata()
     print(json.dumps(content, indent=2) if args.json else yaml.safe_dump(content, sort_keys=False), end="\n")
@@ -286,7 +285,7 @@ def _store_show(args: argparse.Namespace) -> int:
 
 
 def _store_verify(args: argparse.Namespace) -> int:
-    from .store import ModelStore
+    from rcm_nddr.store import ModelStore
 
     problems = ModelStore(args.store).verify(probes=not args.sha_only)
     for problem in problems:
@@ -296,7 +295,7 @@ def _store_verify(args: argparse.Namespace) -> int:
 
 
 def _store_remove(args: argparse.Namespace) -> int:
-    from .store import ModelStore
+    from rcm_nddr.store import ModelStore
 
     ModelStore(args.store).remove(args.name)
     log.info("task '%s' removed from %s", args.name, args.store)
@@ -324,7 +323,7 @@ def _add_store_args(sub: argparse._SubParsersAction) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import demo
+    from rcm_nddr.commands import demo
 
     p = argparse.ArgumentParser(prog="rcm-nddr", description="Incremental multi-task dense prediction.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -361,22 +360,22 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_demo)
 
-    from . import bench
+    from rcm_nddr.commands import bench
 
     bench.add_arguments(
         sub.add_parser("bench", help="speed: deploy form and RC training vs plain networks; bench decomp")
     )
-    from . import docker
+    from rcm_nddr.commands import docker
 
     docker.add_arguments(sub.add_parser("docker", help="build the Docker image; run train.py/test.py in a container"))
 
     _add_store_args(sub)
-    from . import predict
+    from rcm_nddr.commands import predict
 
     predict.add_arguments(
         sub.add_parser("predict", help="run stored tasks on images: PNG visualizations and .npy outputs per task")
     )
-    from . import offline_eval
+    from rcm_nddr.commands import evaluate as offline_eval
 
     offline_eval.add_arguments(
         sub.add_parser("evaluate", help="score saved predictions (.png/.npy files) against a dataset split")

@@ -12,7 +12,7 @@ For every task count T = 1 .. N (default 10) and two variants of the incremental
 The networks are built in memory with random weights the way ``bench_speed.build_networks`` builds
 them (``weights="none"``, a random orthogonal decomposition for RI), through the same assembly code a
 model store uses (``assembly.build_network``). What is timed is the **deploy form**
-(``rcm_nddr.deploy.deploy``: what a user serves) computing all T tasks in one call, under
+(``rcm_nddr.nn.deploy.deploy``: what a user serves) computing all T tasks in one call, under
 ``torch.inference_mode``, channels_last, bf16 autocast on CUDA only; the median over the repeats after
 warm-up (each deploy form computing all its tasks, which runs every layer any T runs), every (variant,
 T) and the plain reference measured once per round, so a drift of the machine spreads over all of them.
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench_speed import (
+from rcm_nddr.commands.bench_speed import (
     TASK_TYPES,
     _alternate,
     _flops,
@@ -91,8 +91,8 @@ def build_variant(
 ) -> nn.Module:
     """The training form of ``tasks`` (in store order) for ``variant`` (``rcm`` or ``rcm_nddr``), RC + RI +
     NFF over ``net``'s convs rotated by ``decomposition``, assembled like a model store's tasks."""
-    from .assembly import TaskSpec, build_network
-    from .config import FusionConfig
+    from rcm_nddr.config import FusionConfig
+    from rcm_nddr.nn.assembly import TaskSpec, build_network
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants: {VARIANTS}")
@@ -115,7 +115,7 @@ def _numel(module: nn.Module) -> int:
 def training_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, Any]:
     """The stored parameters of an RC training form: ``filter_bank`` (once), ``per_task[name]`` (every
     tensor the task owns, ``accounting.parameter_breakdown``) and its ``fusion`` part."""
-    from .accounting import parameter_breakdown
+    from rcm_nddr.nn.accounting import parameter_breakdown
 
     breakdowns = {name: parameter_breakdown(model, name) for name in names}
     per_task = {name: b["total"] for name, b in breakdowns.items()}
@@ -148,7 +148,7 @@ def check_arguments(
     device: str, tasks_max: int, size: Sequence[int], batch: int, arch: str, warmup: int, repeats: int
 ) -> None:
     """Refuse bad settings before anything is built, with a ``ConfigError`` naming the option."""
-    from .config import ConfigError
+    from rcm_nddr.config import ConfigError
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device: expected cpu or cuda, got {device!r}")
@@ -182,7 +182,7 @@ def bench_scaling(
 ) -> dict[str, Any]:
     """Measure time, FLOPs and parameters for 1 .. ``tasks_max`` tasks (see the module docstring);
     returns the report (``setup``, ``machine``, ``rows`` (one per T), ``fits``)."""
-    from .deploy import deploy
+    from rcm_nddr.nn.deploy import deploy
 
     check_arguments(device, tasks_max, size, batch, arch, warmup, repeats)
     dev = torch.device(device)
@@ -369,7 +369,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .engine.checkpoint import atomic_write
+    from rcm_nddr.files import atomic_write
 
     setup, rows, fits = report["setup"], report["rows"], report["fits"]
     ts = [r["tasks"] for r in rows]
@@ -402,7 +402,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``rcm-nddr bench scaling``: measure, print the table, write the JSON and the plot if asked."""
-    from .config import ConfigError
+    from rcm_nddr.config import ConfigError
 
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise ConfigError(f"--plot: a .png file, got {args.plot}")

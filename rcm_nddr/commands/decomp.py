@@ -7,7 +7,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from rcm_nddr.cli import positive_int, run_command
+from rcm_nddr.commands.cli import positive_int, run_command
 
 log = logging.getLogger("decomp")
 
@@ -65,9 +65,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _decompose(args: argparse.Namespace) -> int:
     from rcm_nddr.config import load_config
-    from rcm_nddr.engine.builders import decomposition_path
-
-    from .make import decompose_folder, make_decomposition
+    from rcm_nddr.decomp import decompose_folder
+    from rcm_nddr.engine.builders import decomposition_path, make_decomposition, resolve_device
 
     progress = not args.quiet
     if args.config is not None:
@@ -85,7 +84,7 @@ def _decompose(args: argparse.Namespace) -> int:
             max_images=args.max_images,
             batch_size=args.batch_size or 8,
             num_workers=args.workers,
-            device=args.device or "auto",
+            device=resolve_device(args.device or "auto"),
             progress=progress,
         )
     return 0

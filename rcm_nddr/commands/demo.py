@@ -16,14 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Config, load_config
-from .data.synthetic import generate
-from .engine.builders import build_dataset
-from .engine.checkpoint import atomic_write_text
-from .engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
-from .engine.trainer import Trainer
-from .pretrain import pretrain
-from .store import ModelStore, StoreError
+from rcm_nddr.config import Config, load_config
+from rcm_nddr.data.synthetic import generate
+from rcm_nddr.engine.builders import build_dataset
+from rcm_nddr.engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
+from rcm_nddr.engine.pretrain import pretrain
+from rcm_nddr.engine.trainer import Trainer
+from rcm_nddr.files import atomic_write_text
+from rcm_nddr.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .accounting import owned_by
-from .model import MultiTaskNet
-from .nn.backbone import ResNetBackbone, TaskBackbones, resnet_backbone
-from .nn.heads import DeepLabV3PlusHead
-from .nn.nddr import NDDRFusion, transitive_sources
-from .nn.rc import RCResNet
-from .registry import TASKS, discover
-from .task import DatasetInfo, Task
+from rcm_nddr.nn.accounting import owned_by
+from rcm_nddr.nn.backbone import ResNetBackbone, TaskBackbones, resnet_backbone
+from rcm_nddr.nn.heads import DeepLabV3PlusHead
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.nn.nddr import NDDRFusion, transitive_sources
+from rcm_nddr.nn.rc import RCResNet
+from rcm_nddr.registry import TASKS, discover
+from rcm_nddr.task import DatasetInfo, Task
 
 #: the fixed probe input every registered task is run on (``store verify`` runs it again)
 PROBE_SEED = 20201

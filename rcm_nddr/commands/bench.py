@@ -59,7 +59,7 @@ def _meminfo_bytes(field: str) -> int:
 def _backbone():
     import torch
 
-    from .nn.backbone import resnet_backbone
+    from rcm_nddr.nn.backbone import resnet_backbone
 
     torch.manual_seed(0)
     return resnet_backbone(ARCH, "none", output_stride=OUTPUT_STRIDE).eval()
@@ -71,7 +71,7 @@ def _image_batches(n_images: int, size: tuple[int, int], batch: int, seed: int):
     import torch
     import torch.nn.functional as F
 
-    from .data.folder import IMAGENET_MEAN, IMAGENET_STD
+    from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     h, w = size
@@ -85,7 +85,7 @@ def response_shapes(size: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
     """(Co, H, W) of every reparameterized conv's response for one image of ``size``."""
     import torch
 
-    from .nn.filter_bank import reparameterized_convs
+    from rcm_nddr.nn.filter_bank import reparameterized_convs
 
     backbone = _backbone()
     modules = dict(backbone.named_modules())
@@ -128,7 +128,7 @@ def _measure(method: str, n_images: int, size: tuple[int, int], batch: int, seed
     import sklearn.decomposition  # noqa: F401 - imported before the baseline, like everything else
     import torch
 
-    import decomp  # noqa: F401
+    from rcm_nddr import decomp  # noqa: F401
 
     backbone = _backbone()
     reset = _reset_peak_rss()
@@ -160,7 +160,7 @@ def _measure(method: str, n_images: int, size: tuple[int, int], batch: int, seed
 
 
 def _run_streaming(backbone, n_images, size, batch, seed) -> tuple[dict[str, list[float]], float, dict]:
-    from decomp import ResponseStatistics
+    from rcm_nddr.decomp import ResponseStatistics
 
     stats = ResponseStatistics(backbone)
     start = time.perf_counter()
@@ -179,7 +179,7 @@ def _run_reference(backbone, n_images, size, batch, seed, subsample) -> tuple[di
     import torch
     from sklearn.decomposition import PCA
 
-    from .nn.filter_bank import reparameterized_convs
+    from rcm_nddr.nn.filter_bank import reparameterized_convs
 
     layers = reparameterized_convs(backbone)
     kept: dict[str, list[np.ndarray]] = {name: [] for name in layers}
@@ -333,7 +333,7 @@ def _decomp_command(args: argparse.Namespace) -> int:
         f"{report['machine']['cpus']} CPUs, {report['machine']['ram_gib']} GiB RAM; {setup['memory']}."
     )
     if args.json:
-        from .engine.checkpoint import atomic_write_text
+        from rcm_nddr.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", args.json)
@@ -343,8 +343,8 @@ def _decomp_command(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``rcm-nddr bench`` (the model benchmark, ``bench_speed``) and its subcommands ``decomp`` and
     ``scaling`` (``bench_scaling``)."""
-    from . import bench_scaling, bench_speed
-    from .cli import positive_int
+    from rcm_nddr.commands import bench_scaling, bench_speed
+    from rcm_nddr.commands.cli import positive_int
 
     bench_speed.add_arguments(parser)
     sub = parser.add_subparsers(dest="bench_command", required=False)

@@ -142,7 +142,7 @@ def build_kwargs(
     """Keyword arguments of the low-level ``APIClient.build``. Build arguments, later ones winning:
     ``VERSION`` (this package's), the ``git`` ones (``GIT_COMMIT``, ``GIT_DIRTY``), ``BASE_IMAGE``
     when ``base_image`` is given, then ``build_args``."""
-    from . import __version__
+    from rcm_nddr import __version__
 
     args: dict[str, str] = {"VERSION": __version__, **(git or {})}
     if base_image:
@@ -465,7 +465,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``docker build`` and ``docker run`` subcommands, under ``p``."""
-    from .cli import non_negative_int
+    from rcm_nddr.commands.cli import non_negative_int
 
     sub = p.add_subparsers(dest="docker_command", required=True)
     b = sub.add_parser(

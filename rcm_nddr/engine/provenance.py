@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from rcm_nddr.config import Config
 
 #: the distribution this package is installed as
 DISTRIBUTION = "rcm-nddr"
@@ -147,7 +147,7 @@ def container() -> dict[str, Any]:
 
 def collect(cfg: Config | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     """Everything ``env.json`` records about the current process (and ``cfg``, when given)."""
-    from .engine import distributed
+    from rcm_nddr.engine import distributed
 
     ctx = distributed.context()
     info: dict[str, Any] = {

@@ -47,8 +47,8 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Build the dataset split and the task (task name = task type), score the folder, and return
     ``{dataset, root, split, task, pred, samples, metrics}``."""
-    from .engine.saved import evaluate_saved
-    from .registry import DATASETS, TASKS, RegistryError, discover, options_error
+    from rcm_nddr.engine.saved import evaluate_saved
+    from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
 
     discover(plugins or [])
     try:
@@ -80,7 +80,7 @@ def evaluate_folder(
 
 
 def main(args: argparse.Namespace) -> int:
-    from .engine.evaluate import to_json
+    from rcm_nddr.engine.evaluate import to_json
 
     result = evaluate_folder(
         args.dataset,
