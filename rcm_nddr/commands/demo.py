@@ -41,7 +41,7 @@ INCREMENTAL = "incremental"
 
 def default_configs() -> Path:
     """``configs/synthetic`` of the source tree, else of the current directory."""
-    here = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
+    here = Path(__file__).resolve().parents[2] / "configs" / "synthetic"
     return here if here.is_dir() else Path("configs/synthetic")
 
 

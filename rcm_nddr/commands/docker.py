@@ -410,7 +410,7 @@ def _explain(exc: BaseException) -> str:
 
 def default_context() -> Path:
     """The repository this package runs from (it holds the Dockerfile)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def _build(args: argparse.Namespace) -> int:

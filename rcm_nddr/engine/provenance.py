@@ -105,7 +105,7 @@ def torch_build() -> dict[str, Any]:
 
 def source_tree() -> Path:
     """The directory holding the ``rcm_nddr`` package (the repository root in a checkout)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def git_state(root: Path | None = None) -> dict[str, Any]:
