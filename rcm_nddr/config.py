@@ -1,20 +1,26 @@
-"""YAML run configs: a typed schema with the project's canonical keys, validation with errors that
-name the dotted key and the file, and ``--set a.b=value`` overrides."""
+"""YAML run configs: a typed schema with the project's canonical keys, ``_base_`` inheritance (a config
+builds on other config files), validation with errors that name the dotted key and the file it came
+from, and ``--set a.b=value`` overrides."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from rcm_nddr.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that does not match the schema; the message names the file and the dotted key."""
 
 
@@ -138,6 +144,8 @@ class Config:
     test: TestConfig = field(default_factory=TestConfig)
     #: where the config was loaded from (not a YAML key)
     source: str = field(default="<defaults>", metadata={"internal": True})
+    #: the ``_base_`` files merged under it, every one of them in merge order (not a YAML key)
+    bases: list[str] = field(default_factory=list, metadata={"internal": True})
 
     @property
     def group_name(self) -> str:
@@ -145,8 +153,11 @@ class Config:
         return "+".join(self.tasks)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every YAML key, resolved (bases merged, overrides applied, defaults filled in)."""
         out = _to_plain(self)
-        out.pop("source")
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                out.pop(f.name)
         return out
 
 
@@ -176,11 +187,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", repr(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+#: dotted key -> the file (or command line) that set it, for error messages
+Where = Callable[[str], str]
+
+
+def _coerce(value: Any, tp: Any, key: str, where: Where) -> Any:
     """Check ``value`` against the type ``tp`` and return it in canonical form."""
 
     def fail(expected: str | None = None) -> ConfigError:
-        return ConfigError(f"{where}: key '{key}': expected {expected or _type_name(tp)}, got {value!r}")
+        return ConfigError(f"{where(key)}: key '{key}': expected {expected or _type_name(tp)}, got {value!r}")
 
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -243,13 +258,13 @@ def _fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, where: Where) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in _fields(cls)}
     for k in data:
         if k not in known:
             dotted = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(f"{where}: unknown key '{dotted}'; known keys here: {', '.join(sorted(known))}")
+            raise ConfigError(f"{where(dotted)}: unknown key '{dotted}'; known keys here: {', '.join(sorted(known))}")
     kwargs = {}
     for k, v in data.items():
         dotted = f"{prefix}.{k}" if prefix else k
@@ -295,49 +310,162 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> d
     return data
 
 
+#: the top-level key that lists the configs a config builds on
+BASE_KEY = "_base_"
+
+#: dotted key -> the file that set it (``"file (a base of top)"`` for a base), mirroring merged data
+Origins = dict[str, str]
+
+
+def _origins_of(data: dict[str, Any], label: str, prefix: str = "") -> Origins:
+    out: Origins = {}
+    for k, v in data.items():
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        out[dotted] = label
+        if isinstance(v, dict):
+            out.update(_origins_of(v, label, dotted))
+    return out
+
+
+def _below(origins: Origins, dotted: str) -> list[str]:
+    return [k for k in origins if k == dotted or k.startswith(dotted + ".")]
+
+
+def _merge(
+    base: dict[str, Any], base_origins: Origins, top: dict[str, Any], top_origins: Origins, prefix: str = ""
+) -> None:
+    """Merge ``top`` into ``base`` in place: mappings key by key, anything else (lists too) replaces.
+    ``base_origins`` follows along: every key keeps the file it came from."""
+    for k, v in top.items():
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base_origins[dotted] = top_origins[dotted]
+            _merge(base[k], base_origins, v, top_origins, dotted)
+        else:
+            for key in _below(base_origins, dotted):
+                del base_origins[key]
+            base[k] = copy.deepcopy(v)
+            base_origins.update({key: top_origins[key] for key in _below(top_origins, dotted)})
+
+
+def _where(origins: Origins, default: str) -> Where:
+    """For an error about a dotted key: the file that set it or the nearest enclosing key, else ``default``."""
+
+    def where(key: str) -> str:
+        key = re.sub(r"\[\d+\]", "", key)
+        while key:
+            if key in origins:
+                return origins[key]
+            key = key.rpartition(".")[0]
+        return default
+
+    return where
+
+
+def _read_mapping(p: Path, label: str) -> dict[str, Any]:
+    """One YAML file's top-level mapping (an empty file is an empty mapping)."""
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot be read: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{label}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def _base_paths(data: dict[str, Any], p: Path, label: str) -> list[Path]:
+    """The paths named by ``data``'s ``_base_`` key (taken out of ``data``), relative to ``p``'s folder."""
+    if BASE_KEY not in data:
+        return []
+    value = data.pop(BASE_KEY)
+    names = value if isinstance(value, list) else [value]
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(f"{label}: key '{BASE_KEY}': expected a path or a list of paths, got {value!r}")
+    return [Path(os.path.normpath(p.parent / n)) for n in names]
+
+
+def _load_tree(p: Path, label: str, top: str, chain: list[Path], bases: list[str]) -> tuple[dict[str, Any], Origins]:
+    """``p``'s keys merged over its bases (each loaded the same way, later ones over earlier ones),
+    with the file each key came from. ``chain``: the files above ``p`` (resolved), for cycles;
+    ``bases`` collects every base file read, in merge order."""
+    data = _read_mapping(p, label)
+    merged: dict[str, Any] = {}
+    origins: Origins = {}
+    for base in _base_paths(data, p, label):
+        if not base.is_file():
+            raise ConfigError(f"{label}: key '{BASE_KEY}': base config {base} does not exist")
+        resolved = base.resolve()
+        if resolved in chain:
+            cycle = " -> ".join(str(c) for c in [*chain[chain.index(resolved) :], resolved])
+            raise ConfigError(f"{label}: key '{BASE_KEY}': the bases form a cycle: {cycle}")
+        layer, layer_origins = _load_tree(base, f"{base} (a base of {top})", top, [*chain, resolved], bases)
+        bases.append(str(base))
+        _merge(merged, origins, layer, layer_origins)
+    _merge(merged, origins, data, _origins_of(data, label))
+    return merged, origins
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from the defaults when ``path`` is None), apply ``--set``
-    overrides and validate everything. Raises ConfigError naming the file and the dotted key."""
+    """Read a YAML config (or start from the defaults when ``path`` is None), merge it over its
+    ``_base_`` configs, apply ``--set`` overrides and validate everything. Raises ConfigError naming
+    the dotted key and the file it came from (a base is named with the config that uses it).
+
+    ``_base_: PATH`` or ``_base_: [PATH, ...]`` (relative to the file that names them) lists configs
+    this one builds on: each is loaded the same way (it may have bases of its own), they are merged
+    in list order, then this file's keys on top, then the overrides. Mappings merge key by key;
+    lists and scalars replace.
+    """
     where = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
+    origins: Origins = {}
+    bases: list[str] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded
+        data, origins = _load_tree(p, where, where, [p.resolve()], bases)
     if overrides:
         data = apply_overrides(data, overrides, where)
         where = f"{where} (with --set {' '.join(overrides)})"
-    cfg = _build(Config, data, "", where)
+        for item in overrides:
+            dotted = ".".join(parse_override(item, where)[0])
+            for key in _below(origins, dotted):
+                del origins[key]
+            origins[dotted] = where
+    at = _where(origins, where)
+    cfg = _build(Config, data, "", at)
     cfg.source = where
-    _check(cfg, where)
+    cfg.bases = bases
+    _check(cfg, at)
     return cfg
 
 
-def _check(cfg: Config, where: str) -> None:
+def _check(cfg: Config, where: Where) -> None:
     """Cross-key rules the types alone cannot express."""
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where(key)}: key '{key}': {message}")
+
     if not cfg.tasks:
-        raise ConfigError(f"{where}: key 'tasks': at least one task is required")
+        raise fail("tasks", "at least one task is required")
     if len(set(cfg.tasks)) != len(cfg.tasks):
-        raise ConfigError(f"{where}: key 'tasks': duplicate task names in {cfg.tasks}")
+        raise fail("tasks", f"duplicate task names in {cfg.tasks}")
     for name in cfg.loss:
         if name not in cfg.tasks:
-            raise ConfigError(f"{where}: key 'loss.{name}': not a task of this run (tasks: {cfg.tasks})")
+            raise fail(f"loss.{name}", f"not a task of this run (tasks: {cfg.tasks})")
     for name, options in cfg.loss.items():
         w = options.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise ConfigError(f"{where}: key 'loss.{name}.weight': expected a number >= 0, got {w!r}")
+            raise fail(f"loss.{name}.weight", f"expected a number >= 0, got {w!r}")
     t = cfg.train
     if t.max_iters is not None and t.epochs is not None:
-        raise ConfigError(f"{where}: keys 'train.max_iters' and 'train.epochs': set at most one of them")
+        raise ConfigError(
+            f"{where('train.epochs')}: keys 'train.max_iters' and 'train.epochs': set at most one of them"
+        )
     if t.max_iters is None and t.epochs is None:
         t.max_iters = 2000
     positive = {
@@ -354,19 +482,19 @@ def _check(cfg: Config, where: str) -> None:
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
-            raise ConfigError(f"{where}: key '{key}': expected a positive integer, got {value}")
+            raise fail(key, f"expected a positive integer, got {value}")
     if not cfg.dataset.scales or any(s <= 0 for s in cfg.dataset.scales):
-        raise ConfigError(f"{where}: key 'dataset.scales': expected a non-empty list of positive factors")
+        raise fail("dataset.scales", "expected a non-empty list of positive factors")
     if t.num_workers < 0:
-        raise ConfigError(f"{where}: key 'train.num_workers': expected >= 0, got {t.num_workers}")
+        raise fail("train.num_workers", f"expected >= 0, got {t.num_workers}")
     if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"{where}: key 'optimizer.lr': expected > 0, got {cfg.optimizer.lr}")
+        raise fail("optimizer.lr", f"expected > 0, got {cfg.optimizer.lr}")
     if cfg.fusion.lr_mult <= 0:
-        raise ConfigError(f"{where}: key 'fusion.lr_mult': expected > 0, got {cfg.fusion.lr_mult}")
+        raise fail("fusion.lr_mult", f"expected > 0, got {cfg.fusion.lr_mult}")
     if cfg.fusion.weight_decay < 0:
-        raise ConfigError(f"{where}: key 'fusion.weight_decay': expected >= 0, got {cfg.fusion.weight_decay}")
+        raise fail("fusion.weight_decay", f"expected >= 0, got {cfg.fusion.weight_decay}")
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
-        raise ConfigError(f"{where}: key 'train.device': expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+        raise fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 
 
 def check_paths(cfg: Config) -> None:
