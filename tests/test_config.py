@@ -1,5 +1,6 @@
 """Config schema: canonical keys, validation errors naming the key and the file, --set overrides."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,28 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def runnable_configs() -> list[Path]:
+    """Every shipped config except the ``_base_`` folders' fragments."""
+    return sorted(p for p in (REPO / "configs").rglob("*.yaml") if "_base_" not in p.relative_to(REPO).parts)
+
+
 def test_every_shipped_config_loads():
-    files = sorted((REPO / "configs").rglob("*.yaml"))
-    assert files
+    files = runnable_configs()
+    assert len(files) >= 80  # 75 <dataset>/<task>_<variant>.yaml, the incremental sequence, pretrain.yaml
     for path in files:
         cfg = load_config(path)
         assert cfg.tasks and cfg.source == str(path)
+        assert "_base_" not in cfg.to_dict()
+        # the dataset configs are small files on shared bases, and every base they name is shipped
+        assert cfg.bases and all(Path(b).is_file() and "_base_" in Path(b).parts for b in cfg.bases)
+
+
+def test_base_fragments_are_not_runnable_configs():
+    bases = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "_base_" in p.relative_to(REPO).parts)
+    assert {p.name for p in bases} >= {"single_task.yaml", "RC.yaml", "RC_RI_NFF_NDDR.yaml", "nyud.yaml"}
+    for path in bases:
+        with pytest.raises(ConfigError, match="key 'tasks': at least one task is required"):
+            load_config(path)
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -133,3 +150,235 @@ def test_real_dataset_configs_follow_the_rcm_protocol(folder, dataset, crop, tas
             assert cfg.train.max_iters == expected_iters
             if fusion == "nddr":
                 assert (cfg.fusion.lr_mult, cfg.fusion.alpha, cfg.fusion.sources) == (100, 0.9, "all")
+
+
+# ----------------------------------------------------------------------------- _base_ inheritance
+
+
+def put(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_bases_merge_in_list_order_then_the_file_on_top(tmp_path):
+    put(
+        tmp_path / "a.yaml",
+        "tasks: [semseg]\n"
+        "train: {batch_size: 2, max_iters: 10, seed: 1}\n"
+        "fusion: {stages: [stem, layer1, layer2]}\n"
+        "dataset: {scales: [0.5, 1.0], crop: [64, 64]}\n"
+        "optimizer: {name: adam, lr: 0.1}\n",
+    )
+    put(tmp_path / "b.yaml", "train: {batch_size: 4}\nfusion: {stages: [layer4]}\noptimizer: {lr: 0.2}\n")
+    top = put(tmp_path / "run.yaml", "_base_: [a.yaml, b.yaml]\ntrain: {seed: 3}\ndataset: {scales: [1.0]}\n")
+    cfg = load_config(top)
+    assert cfg.tasks == ["semseg"]  # only in a base
+    assert (cfg.train.batch_size, cfg.train.max_iters, cfg.train.seed) == (4, 10, 3)  # mappings merge key by key
+    assert (cfg.optimizer.name, cfg.optimizer.lr) == ("adam", 0.2)  # the later base wins
+    assert cfg.fusion.stages == ["layer4"]  # lists replace, never concatenate
+    assert cfg.dataset.scales == [1.0] and cfg.dataset.crop == (64, 64)
+    assert cfg.source == str(top) and cfg.bases == [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]
+    # the other order: the other base wins
+    top.write_text("_base_: [b.yaml, a.yaml]\n")
+    cfg = load_config(top)
+    assert (cfg.train.batch_size, cfg.optimizer.lr, cfg.fusion.stages) == (2, 0.1, ["stem", "layer1", "layer2"])
+
+
+def test_a_mapping_in_the_file_replaces_a_scalar_of_the_base_and_back(tmp_path):
+    put(tmp_path / "base.yaml", "tasks: [edge]\nloss: {edge: {weight: 50, pos_weight: 0.9}}\n")
+    top = put(tmp_path / "run.yaml", "_base_: base.yaml\nloss: {edge: {weight: 20}}\n")
+    assert load_config(top).loss == {"edge": {"weight": 20, "pos_weight": 0.9}}
+    top.write_text("_base_: base.yaml\ntasks: [depth]\nloss: {edge: null}\n")
+    with pytest.raises(ConfigError, match=r"key 'loss.edge': expected"):  # replaced by null, not merged
+        load_config(top)
+
+
+def test_base_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):
+    put(tmp_path / "shared" / "dataset.yaml", "_base_: optim/sgd.yaml\ndataset: {crop: [32, 48]}\n")
+    put(tmp_path / "shared" / "optim" / "sgd.yaml", "optimizer: {name: sgd, lr: 0.5}\n")
+    top = put(tmp_path / "exp" / "deep" / "run.yaml", "_base_: ../../shared/dataset.yaml\ntasks: [depth]\n")
+    monkeypatch.chdir(tmp_path / "exp")  # the working directory plays no part
+    cfg = load_config(top)
+    assert cfg.dataset.crop == (32, 48) and (cfg.optimizer.name, cfg.optimizer.lr) == ("sgd", 0.5)
+    assert cfg.bases == [str(tmp_path / "shared" / "optim" / "sgd.yaml"), str(tmp_path / "shared" / "dataset.yaml")]
+    # absolute paths work too
+    top.write_text(f"_base_: [{tmp_path / 'shared' / 'optim' / 'sgd.yaml'}]\ntasks: [depth]\n")
+    assert load_config(top).optimizer.lr == 0.5
+
+
+def test_nested_bases_each_level_overrides_the_one_below(tmp_path):
+    put(tmp_path / "l0.yaml", "tasks: [semseg]\ntrain: {max_iters: 1, batch_size: 1, seed: 1}\nhead: {channels: 8}\n")
+    put(tmp_path / "l1.yaml", "_base_: l0.yaml\ntrain: {max_iters: 2, batch_size: 2}\n")
+    put(tmp_path / "l2.yaml", "_base_: [l1.yaml]\ntrain: {max_iters: 3}\n")
+    top = put(tmp_path / "run.yaml", "_base_: l2.yaml\nhead: {channels: 16}\n")
+    cfg = load_config(top)
+    assert (cfg.train.max_iters, cfg.train.batch_size, cfg.train.seed, cfg.head.channels) == (3, 2, 1, 16)
+    assert [Path(b).name for b in cfg.bases] == ["l0.yaml", "l1.yaml", "l2.yaml"]
+
+
+def test_a_base_named_twice_is_merged_twice_not_a_cycle(tmp_path):
+    put(tmp_path / "common.yaml", "tasks: [semseg]\ntrain: {seed: 5}\n")
+    put(tmp_path / "a.yaml", "_base_: common.yaml\ntrain: {seed: 6}\n")
+    top = put(tmp_path / "run.yaml", "_base_: [a.yaml, common.yaml]\n")
+    assert load_config(top).train.seed == 5  # common.yaml, merged again after a.yaml, wins
+
+
+def test_set_overrides_apply_on_top_of_bases_and_file(tmp_path):
+    put(tmp_path / "base.yaml", "tasks: [semseg]\ntrain: {max_iters: 10, batch_size: 2}\noptimizer: {lr: 0.1}\n")
+    top = put(tmp_path / "run.yaml", "_base_: base.yaml\ntrain: {max_iters: 20}\n")
+    cfg = load_config(top, ["train.max_iters=30", "optimizer.lr=0.3"])
+    assert (cfg.train.max_iters, cfg.train.batch_size, cfg.optimizer.lr) == (30, 2, 0.3)
+    assert cfg.source.startswith(str(top)) and "--set" in cfg.source
+    with pytest.raises(ConfigError, match=r"with --set.*key 'train.batch_size': expected a positive integer"):
+        load_config(top, ["train.batch_size=0"])  # an override's error names the command line, not the base
+
+
+@pytest.mark.parametrize(
+    ("files", "chain"),
+    [
+        ({"run.yaml": "_base_: run.yaml\n"}, ["run.yaml", "run.yaml"]),
+        (
+            {"run.yaml": "_base_: a.yaml\n", "a.yaml": "_base_: b.yaml\n", "b.yaml": "_base_: a.yaml\n"},
+            ["a.yaml", "b.yaml", "a.yaml"],
+        ),
+        (
+            {
+                "run.yaml": "_base_: [ok.yaml, sub/a.yaml]\n",
+                "ok.yaml": "tasks: [semseg]\n",
+                "sub/a.yaml": "_base_: ../run.yaml\n",
+            },
+            ["run.yaml", "sub/a.yaml", "run.yaml"],
+        ),
+    ],
+)
+def test_a_cycle_of_bases_is_an_error_naming_the_chain(tmp_path, files, chain):
+    for name, text in files.items():
+        put(tmp_path / name, text)
+    with pytest.raises(ConfigError, match="cycle") as info:
+        load_config(tmp_path / "run.yaml")
+    message = str(info.value)
+    expected = " -> ".join(str((tmp_path / name).resolve()) for name in chain)
+    assert expected in message and "key '_base_'" in message
+
+
+def test_a_missing_base_names_the_file_that_references_it_and_the_missing_path(tmp_path):
+    put(tmp_path / "run.yaml", "_base_: [shared/a.yaml]\ntasks: [semseg]\n")
+    put(tmp_path / "shared" / "a.yaml", "_base_: ../nowhere/b.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "run.yaml")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'shared' / 'a.yaml'} (a base of {tmp_path / 'run.yaml'}): ")
+    assert f"base config {tmp_path / 'nowhere' / 'b.yaml'} does not exist" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- a\n- b\n", r"base\.yaml \(a base of .*run\.yaml\): expected a mapping at the top level, got list"),
+        ("just text\n", r"base\.yaml \(a base of .*run\.yaml\): expected a mapping at the top level, got str"),
+        ("tasks: [semseg\n", r"base\.yaml \(a base of .*run\.yaml\): not valid YAML"),
+    ],
+)
+def test_a_base_that_is_not_a_mapping_names_the_base(tmp_path, text, message):
+    put(tmp_path / "base.yaml", text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(put(tmp_path / "run.yaml", "_base_: base.yaml\ntasks: [semseg]\n"))
+
+
+def test_an_empty_base_is_an_empty_mapping(tmp_path):
+    put(tmp_path / "base.yaml", "# nothing yet\n")
+    assert load_config(put(tmp_path / "run.yaml", "_base_: base.yaml\ntasks: [sal]\n")).tasks == ["sal"]
+
+
+@pytest.mark.parametrize("value", ["3", "{a: b.yaml}", "[a.yaml, 3]", "null", "''", "[[a.yaml]]"])
+def test_base_of_the_wrong_type_is_an_error(tmp_path, value):
+    put(tmp_path / "a.yaml", "tasks: [semseg]\n")
+    path = put(tmp_path / "run.yaml", f"_base_: {value}\ntasks: [semseg]\n")
+    with pytest.raises(ConfigError, match=r"key '_base_': expected a path or a list of paths") as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_base_is_a_top_level_key_only(tmp_path):
+    put(tmp_path / "a.yaml", "train: {seed: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train._base_'"):
+        load_config(put(tmp_path / "run.yaml", "tasks: [semseg]\ntrain: {_base_: a.yaml}\n"))
+
+
+def test_errors_name_the_file_each_key_came_from(tmp_path):
+    base = put(tmp_path / "shared" / "base.yaml", "tasks: [semseg]\ntrain: {max_iter: 5}\n")
+    top = put(tmp_path / "run.yaml", "_base_: shared/base.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(top)
+    assert str(info.value).startswith(f"{base} (a base of {top}): unknown key 'train.max_iter'")
+    # a bad value in a base, nested two levels down
+    put(tmp_path / "shared" / "deeper.yaml", "optimizer: {lr: fast}\n")
+    base.write_text("_base_: deeper.yaml\ntasks: [semseg]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(top)
+    assert str(info.value).startswith(f"{tmp_path / 'shared' / 'deeper.yaml'} (a base of {top}): key 'optimizer.lr'")
+    # ... fixed in the file on top: the file on top wins, no error
+    top.write_text("_base_: shared/base.yaml\noptimizer: {lr: 0.5}\n")
+    assert load_config(top).optimizer.lr == 0.5
+    # an error in the file on top names the file on top; cross-key rules name the key's file too
+    base.write_text("tasks: [semseg]\ntrain: {seed: 1}\n")
+    top.write_text("_base_: shared/base.yaml\ntrain: {bogus: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(top))}: unknown key 'train.bogus'"):
+        load_config(top)
+    base.write_text("tasks: [semseg]\nloss: {depth: {weight: 1}}\n")
+    top.write_text("_base_: shared/base.yaml\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(base))} \(a base of .*\): key 'loss.depth': not a task"):
+        load_config(top)
+
+
+def test_saved_config_of_a_config_with_bases_is_complete_and_has_no_base_key(tmp_path):
+    put(tmp_path / "shared.yaml", "dataset: {crop: [40, 40]}\nloss: {edge: {weight: 50, pos_weight: 0.9}}\n")
+    top = put(tmp_path / "run.yaml", "_base_: shared.yaml\ntasks: [edge]\ntrain: {max_iters: 7}\n")
+    cfg = load_config(top, ["train.seed=4"])
+    out = tmp_path / "runs" / "config.yaml"
+    save_config(cfg, out)
+    data = yaml.safe_load(out.read_text())
+    assert "_base_" not in data and "bases" not in data and "source" not in data
+    assert data == cfg.to_dict()
+    # every key of the schema, defaults included, with the values from the base, the file and --set
+    assert set(data) == {
+        "store",
+        "tasks",
+        "plugins",
+        "dataset",
+        "backbone",
+        "fusion",
+        "head",
+        "loss",
+        "optimizer",
+        "scheduler",
+        "train",
+        "test",
+    }
+    assert data["dataset"]["crop"] == [40, 40] and data["dataset"]["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    assert data["loss"] == {"edge": {"weight": 50, "pos_weight": 0.9}}
+    assert (data["train"]["max_iters"], data["train"]["seed"]) == (7, 4)
+    # it stands alone: moved away from its bases it loads to the same config
+    alone = put(tmp_path / "elsewhere" / "config.yaml", out.read_text())
+    assert load_config(alone).to_dict() == cfg.to_dict()
+
+
+def test_shipped_saved_config_is_the_merged_result(tmp_path):
+    path = REPO / "configs" / "synthetic" / "sal_RC_RI_NFF_NDDR.yaml"
+    assert "_base_" in yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    save_config(cfg, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "_base_" not in data
+    assert data["backbone"] == {
+        "arch": "resnet18",
+        "weights": "results/synthetic/resnet18_bank.pth",
+        "output_stride": 16,
+        "reparam": "rc",
+        "ri": True,
+        "nff": True,
+        "decomposition": "results/synthetic/resnet18_bank_ri.safetensors",
+    }
+    assert data["fusion"]["type"] == "nddr" and data["fusion"]["lr_mult"] == 1.0  # the file's own Adam setting
+    assert data["optimizer"]["name"] == "adam" and data["loss"] == {"sal": {"weight": 5}}
