@@ -226,7 +226,7 @@ class Crash(Exception):
 def test_a_replace_that_dies_before_its_journal_leaves_the_old_store(store, monkeypatch):
     register(store, "semseg")
     old = store.load_task_tensors("semseg")
-    import rcm_nddr.store.store as store_module
+    import rcm_nddr.store.index as store_module
 
     def die(path, text):
         raise Crash(path)

@@ -1,0 +1,103 @@
+"""Networks built from a model store: the tasks' records and sha256-checked tensors assembled on the
+shared filter bank, in the training or the deploy form, and run on their probe inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rcm_nddr.nn.assembly import AssemblyError, assemble, probe_input, probe_outputs
+from rcm_nddr.nn.deploy import deploy as deploy_form
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.registry import RegistryError
+from rcm_nddr.store.format import STORE_FILE, StoreError, TaskRecord
+from rcm_nddr.store.integrity import load_checked, load_filter_bank, run_probes
+
+#: the records and tensors of tasks about to be registered, by name
+Extra = Mapping[str, tuple[TaskRecord, Mapping[str, Tensor]]]
+
+
+def assemble_tasks(root: Path, doc: Mapping[str, Any], names: Sequence[str] | None, extra: Extra) -> MultiTaskNet:
+    """The MultiTaskNet (training form, CPU) of the tasks ``names`` (default: all) of the store ``root``
+    whose store.yaml is ``doc``, plus ``extra`` records and tensors not written yet."""
+    store_file = root / STORE_FILE
+    records = [t for t in doc["tasks"] if t.name not in extra] + [r for r, _ in extra.values()]
+    if names is None:
+        names = [r.name for r in records]
+    if not names:
+        raise StoreError(f"{store_file} registers no tasks yet")
+    known = {r.name: r for r in records}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise StoreError(f"no task(s) {unknown} in {store_file}; registered: {list(known) or 'none'}")
+
+    def load(name: str) -> Mapping[str, Tensor]:
+        return extra[name][1] if name in extra else load_checked(root, known[name], known[name].tensors_file)
+
+    bank = load_filter_bank(root, doc["backbone"]["filter_bank_sha256"])
+    try:
+        model = assemble(doc["backbone"], bank, records, list(names), load)
+    except (AssemblyError, RegistryError) as exc:
+        raise StoreError(f"{store_file}: {exc}") from exc
+    return model.to("cpu")
+
+
+def load_model(
+    root: Path,
+    doc: Mapping[str, Any],
+    tasks: Sequence[str] | None,
+    deploy: bool,
+    batched: bool,
+    check_deploy: bool,
+) -> MultiTaskNet:
+    """``ModelStore.load_model`` on the CPU, over the store ``root`` whose store.yaml is ``doc``."""
+    model = assemble_tasks(root, doc, list(tasks) if tasks is not None else None, {})
+    if deploy:
+        model = deploy_form(model, batched=batched)
+        if check_deploy:
+            check_deploy_form(root, model, doc)
+    return model
+
+
+def on_device(model: MultiTaskNet, device: str | torch.device | None) -> MultiTaskNet:
+    """``model`` on ``device`` (None: the CPU; ``"auto"``: CUDA when available)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device or "cpu")
+
+
+def check_deploy_form(root: Path, model: MultiTaskNet, doc: Mapping[str, Any]) -> None:
+    """StoreError naming every task of ``model`` (the deploy form, on the CPU) whose outputs on its
+    probe input differ from the recorded ones (``doc``'s records) beyond rounding."""
+    names = set(model.task_names)
+    records = [r for r in doc["tasks"] if r.name in names and r.probe_file in r.files]
+    problems = run_probes(root, model, records)
+    if problems:
+        raise StoreError(
+            "the deploy form does not reproduce the stored tasks: "
+            + "; ".join(problems)
+            + " (load the model without deploy=True, or rcm-nddr predict --form training)"
+        )
+
+
+def probe_problems(root: Path, doc: Mapping[str, Any]) -> list[str]:
+    """Run every task with a probe on its probe input and compare with the recorded outputs."""
+    with_probe = [r for r in doc["tasks"] if r.probe_file in r.files]
+    if not with_probe:
+        return []
+    try:
+        model = assemble_tasks(root, doc, [r.name for r in with_probe], {})
+    except StoreError as exc:
+        return [f"the tasks could not be loaded to run their probes: {exc}"]
+    return run_probes(root, model, with_probe)
+
+
+def compute_probes(model: MultiTaskNet, names: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+    """The probe of each task ``names`` of ``model``: the fixed probe input and the task's raw outputs on it."""
+    images = probe_input()
+    outputs = probe_outputs(model, list(names), images)
+    return {name: {"input": images, "output": out} for name, out in outputs.items()}
