@@ -1,7 +1,8 @@
-"""``python -m decomp``: write the response decomposition of a pretrained backbone (see ``decomp.cli``)."""
+"""``python -m decomp``: write the response decomposition of a pretrained backbone (see
+``rcm_nddr.commands.decomp``)."""
 
 import sys
 
-from rcm_nddr.commands.decomp import main
+from rcm_nddr.commands.cli import decomp_main
 
-sys.exit(main())
+sys.exit(decomp_main())

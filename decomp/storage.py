@@ -16,6 +16,7 @@ from rcm_nddr.decomp.statistics import Decomposition
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rcm_nddr.errors import UserError
 from rcm_nddr.files import atomic_write
 
 FORMAT = "rcm-nddr-decomposition/1"
@@ -23,7 +24,7 @@ REQUIRED_META = ("format", "filter_bank_sha256", "arch", "images", "layers")
 _FIELDS = ("U", "eigenvalues", "mean", "n")
 
 
-class DecompositionError(Exception):
+class DecompositionError(UserError):
     """A decomposition file that is missing, unreadable, malformed, or made for another filter bank."""
 
 

@@ -25,7 +25,7 @@ from rcm_nddr.decomp import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rcm_nddr.commands.decomp import main
+from rcm_nddr.commands.cli import decomp_main as main
 from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import make_decomposition

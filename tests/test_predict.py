@@ -14,7 +14,8 @@ from PIL import Image
 from torch import nn
 
 from rcm_nddr.commands import predict as predict_mod
-from rcm_nddr.commands.predict import PredictError, add_arguments, collect_images, load_image, main, predict
+from rcm_nddr.commands.arguments import add_predict_arguments
+from rcm_nddr.commands.predict import PredictError, collect_images, load_image, main, predict
 from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.task import DatasetInfo, Task
@@ -273,15 +274,15 @@ class FakeStore:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_predict_arguments(parser)
     return parser.parse_args(argv)
 
 
-def test_add_arguments_defaults_and_validation(tmp_path):
+def test_predict_arguments_defaults_and_validation(tmp_path):
     args = parse(["--store", "s", "--images", "a.png", "dir", "--out", "o"])
     assert args.store == "s" and args.images == ["a.png", "dir"] and args.out == "o"
     assert args.tasks is None and args.device == "auto" and args.batch_size == 4
-    assert not args.quiet and not args.verbose and args.func is main
+    assert not args.quiet and not args.verbose and args.handler == "rcm_nddr.commands.predict:main"
     assert args.form == "deploy" and args.compile is None and args.amp
     args = parse(["--store", "s", "--images", "a", "--out", "o", "--form", "batched", "--compile", "--no-amp"])
     assert args.form == "batched" and args.compile == "default" and not args.amp
@@ -300,7 +301,7 @@ def test_add_arguments_defaults_and_validation(tmp_path):
 
 
 def test_main_predicts_the_requested_tasks(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("rcm_nddr.store.ModelStore", FakeStore)
+    monkeypatch.setattr(predict_mod, "ModelStore", FakeStore)
     monkeypatch.setattr(FakeStore, "loaded", [])
     image = write_image(tmp_path / "in" / "x.png", (5, 7))
     out = tmp_path / "out"
@@ -319,7 +320,7 @@ def test_main_predicts_the_requested_tasks(tmp_path, monkeypatch, caplog):
 
 
 def test_main_refuses_unknown_task_and_missing_cuda(tmp_path, monkeypatch):
-    monkeypatch.setattr("rcm_nddr.store.ModelStore", FakeStore)
+    monkeypatch.setattr(predict_mod, "ModelStore", FakeStore)
     image = write_image(tmp_path / "x.png", (4, 4))
     argv = ["--store", "s", "--images", str(image), "--out", str(tmp_path / "out"), "--quiet"]
     with pytest.raises(PredictError, match="--tasks nope: not in model store s; it holds: semseg"):

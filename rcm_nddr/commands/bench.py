@@ -18,6 +18,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import sklearn
+import torch
+import torch.nn.functional as F
+from sklearn.decomposition import PCA
+
+from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from rcm_nddr.decomp import ResponseStatistics
+from rcm_nddr.files import atomic_write_text
+from rcm_nddr.nn.backbone import resnet_backbone
+from rcm_nddr.nn.filter_bank import reparameterized_convs
+
 log = logging.getLogger(__name__)
 
 METHODS = ("streaming", "reference")
@@ -57,9 +69,7 @@ def _meminfo_bytes(field: str) -> int:
 
 
 def _backbone():
-    import torch
 
-    from rcm_nddr.nn.backbone import resnet_backbone
 
     torch.manual_seed(0)
     return resnet_backbone(ARCH, "none", output_stride=OUTPUT_STRIDE).eval()
@@ -68,10 +78,7 @@ def _backbone():
 def _image_batches(n_images: int, size: tuple[int, int], batch: int, seed: int):
     """Smooth random images (noise at 1/8 resolution, upsampled), ImageNet-normalized; batch i is drawn
     from seed + i, so every method sees the same images without any of them holding all of them."""
-    import torch
-    import torch.nn.functional as F
 
-    from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     h, w = size
@@ -83,9 +90,7 @@ def _image_batches(n_images: int, size: tuple[int, int], batch: int, seed: int):
 
 def response_shapes(size: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
     """(Co, H, W) of every reparameterized conv's response for one image of ``size``."""
-    import torch
 
-    from rcm_nddr.nn.filter_bank import reparameterized_convs
 
     backbone = _backbone()
     modules = dict(backbone.named_modules())
@@ -125,10 +130,7 @@ def reference_plan(n_images: int, size: tuple[int, int], ram_bytes: int) -> dict
 def _measure(method: str, n_images: int, size: tuple[int, int], batch: int, seed: int, subsample: int) -> dict:
     """One measurement, meant to run in a fresh process: peak RSS above the baseline after imports and
     model construction, and the wall time of collecting and decomposing the responses."""
-    import sklearn.decomposition  # noqa: F401 - imported before the baseline, like everything else
-    import torch
 
-    from rcm_nddr import decomp  # noqa: F401
 
     backbone = _backbone()
     reset = _reset_peak_rss()
@@ -160,7 +162,6 @@ def _measure(method: str, n_images: int, size: tuple[int, int], batch: int, seed
 
 
 def _run_streaming(backbone, n_images, size, batch, seed) -> tuple[dict[str, list[float]], float, dict]:
-    from rcm_nddr.decomp import ResponseStatistics
 
     stats = ResponseStatistics(backbone)
     start = time.perf_counter()
@@ -175,11 +176,7 @@ def _run_streaming(backbone, n_images, size, batch, seed) -> tuple[dict[str, lis
 def _run_reference(backbone, n_images, size, batch, seed, subsample) -> tuple[dict[str, list[float]], float, dict]:
     """What the official RCM code does: keep every response vector (float32), then per layer
     concatenate them and fit sklearn's PCA."""
-    import numpy as np
-    import torch
-    from sklearn.decomposition import PCA
 
-    from rcm_nddr.nn.filter_bank import reparameterized_convs
 
     layers = reparameterized_convs(backbone)
     kept: dict[str, list[np.ndarray]] = {name: [] for name in layers}
@@ -232,8 +229,6 @@ def bench_decomp(
     image_counts: list[int], size: tuple[int, int] = (128, 128), batch: int = 16, seed: int = 0
 ) -> dict[str, Any]:
     """Run both methods for every image count, each in a fresh process; return the report."""
-    import sklearn
-    import torch
 
     ram = _meminfo_bytes("MemTotal")
     report: dict[str, Any] = {
@@ -323,7 +318,8 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _decomp_command(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """``rcm-nddr bench decomp``: measure, print the table, write the JSON if asked."""
     report = bench_decomp(sorted(set(args.images)), size=tuple(args.size), batch=args.batch, seed=args.seed)
     print(format_table(report))  # noqa: T201 - the benchmark's result is this table on stdout
     setup = report["setup"]
@@ -333,28 +329,7 @@ def _decomp_command(args: argparse.Namespace) -> int:
         f"{report['machine']['cpus']} CPUs, {report['machine']['ram_gib']} GiB RAM; {setup['memory']}."
     )
     if args.json:
-        from rcm_nddr.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", args.json)
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``rcm-nddr bench`` (the model benchmark, ``bench_speed``) and its subcommands ``decomp`` and
-    ``scaling`` (``bench_scaling``)."""
-    from rcm_nddr.commands import bench_scaling, bench_speed
-    from rcm_nddr.commands.cli import positive_int
-
-    bench_speed.add_arguments(parser)
-    sub = parser.add_subparsers(dest="bench_command", required=False)
-    d = sub.add_parser("decomp", help="streaming response decomposition vs keeping every response")
-    d.add_argument("--images", type=positive_int, nargs="+", default=[200, 2000], help="image counts (200 2000)")
-    d.add_argument("--size", type=positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
-    d.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default: 16)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--json", help="also write the report to this JSON file")
-    d.set_defaults(func=_decomp_command)
-    bench_scaling.add_arguments(
-        sub.add_parser("scaling", help="inference time, FLOPs and parameters of 1..N tasks: rcm, rcm_nddr, plain x T")
-    )

@@ -58,13 +58,17 @@ from rcm_nddr.commands.bench_speed import (
     _machine,
     _summary,
     _tasks,
-    add_architecture_arguments,
     build_networks,
     inference_call,
     publish,
     random_start,
     run_options,
 )
+from rcm_nddr.config import ConfigError, FusionConfig
+from rcm_nddr.files import atomic_write
+from rcm_nddr.nn.accounting import parameter_breakdown
+from rcm_nddr.nn.assembly import TaskSpec, build_network
+from rcm_nddr.nn.deploy import deploy
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +95,6 @@ def build_variant(
 ) -> nn.Module:
     """The training form of ``tasks`` (in store order) for ``variant`` (``rcm`` or ``rcm_nddr``), RC + RI +
     NFF over ``net``'s convs rotated by ``decomposition``, assembled like a model store's tasks."""
-    from rcm_nddr.config import FusionConfig
-    from rcm_nddr.nn.assembly import TaskSpec, build_network
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants: {VARIANTS}")
@@ -115,7 +117,6 @@ def _numel(module: nn.Module) -> int:
 def training_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, Any]:
     """The stored parameters of an RC training form: ``filter_bank`` (once), ``per_task[name]`` (every
     tensor the task owns, ``accounting.parameter_breakdown``) and its ``fusion`` part."""
-    from rcm_nddr.nn.accounting import parameter_breakdown
 
     breakdowns = {name: parameter_breakdown(model, name) for name in names}
     per_task = {name: b["total"] for name, b in breakdowns.items()}
@@ -148,7 +149,6 @@ def check_arguments(
     device: str, tasks_max: int, size: Sequence[int], batch: int, arch: str, warmup: int, repeats: int
 ) -> None:
     """Refuse bad settings before anything is built, with a ``ConfigError`` naming the option."""
-    from rcm_nddr.config import ConfigError
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device: expected cpu or cuda, got {device!r}")
@@ -182,7 +182,6 @@ def bench_scaling(
 ) -> dict[str, Any]:
     """Measure time, FLOPs and parameters for 1 .. ``tasks_max`` tasks (see the module docstring);
     returns the report (``setup``, ``machine``, ``rows`` (one per T), ``fits``)."""
-    from rcm_nddr.nn.deploy import deploy
 
     check_arguments(device, tasks_max, size, batch, arch, warmup, repeats)
     dev = torch.device(device)
@@ -369,7 +368,6 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from rcm_nddr.files import atomic_write
 
     setup, rows, fits = report["setup"], report["rows"], report["fits"]
     ts = [r["tasks"] for r in rows]
@@ -400,9 +398,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def run_command(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """``rcm-nddr bench scaling``: measure, print the table, write the JSON and the plot if asked."""
-    from rcm_nddr.config import ConfigError
 
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise ConfigError(f"--plot: a .png file, got {args.plot}")
@@ -412,18 +409,3 @@ def run_command(args: argparse.Namespace) -> int:
         plot_report(report, args.plot)
         log.info("plot written to %s", args.plot)
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``rcm-nddr bench scaling`` (checked by ``check_arguments``: errors name the option)."""
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--tasks-max", type=int, default=10, help="measure 1..N tasks (default: 10)")
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=2, help="images per batch (default: 2)")
-    parser.add_argument("--arch", choices=list(ARCHS), default="resnet18")
-    add_architecture_arguments(parser)
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up calls of each network, all tasks (default: 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="measured rounds; the median is reported (default: 3)")
-    parser.add_argument("--json", help="also write the report (setup, machine, rows per T, fits) to this JSON file")
-    parser.add_argument("--plot", help="also draw time and parameters against T into this PNG (default: no plot)")
-    parser.set_defaults(func=run_command)

@@ -27,13 +27,24 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-if TYPE_CHECKING:
-    from rcm_nddr.nn.backbone import ResNetBackbone
+from rcm_nddr.config import ConfigError
+from rcm_nddr.engine.evaluate import autocast
+from rcm_nddr.engine.fast import compile_mode, maybe_compile
+from rcm_nddr.engine.provenance import devices
+from rcm_nddr.files import atomic_write_text
+from rcm_nddr.nn.assembly import build_head
+from rcm_nddr.nn.backbone import ResNetBackbone, TaskBackbones, resnet_backbone
+from rcm_nddr.nn.deploy import deploy
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.nn.rc import RCResNet
+from rcm_nddr.registry import TASKS, discover
+from rcm_nddr.task import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +55,6 @@ SEMSEG_CLASSES = 40
 
 
 def _tasks(count: int) -> dict[str, Any]:
-    from rcm_nddr.registry import TASKS, discover
-    from rcm_nddr.task import DatasetInfo
 
     discover()
     info = DatasetInfo("bench", classes={"semseg": [f"class{i}" for i in range(SEMSEG_CLASSES)]}, extra={})
@@ -80,8 +89,6 @@ def random_start(arch: str, output_stride: int = 16) -> tuple[ResNetBackbone, di
     orthogonal "RI decomposition" (one Co x Co matrix per reparameterized conv), drawn from the global
     RNG after seeding it with 0 (callers fork the RNG around it: the benchmarks' networks are the same
     on every run without changing the caller's random state)."""
-    from rcm_nddr.nn.backbone import resnet_backbone
-    from rcm_nddr.nn.rc import RCResNet
 
     torch.manual_seed(0)
     net = resnet_backbone(arch, weights="none", output_stride=output_stride)
@@ -93,10 +100,6 @@ def random_start(arch: str, output_stride: int = 16) -> tuple[ResNetBackbone, di
 def build_networks(arch: str, tasks: Mapping[str, Any], output_stride: int = 16, head_channels: int = 256):
     """``(rc, plain)``: an RC + RI + NFF MultiTaskNet of ``tasks`` (random weights, a random orthogonal
     decomposition) and one plain single-task MultiTaskNet per task, all of the same architecture."""
-    from rcm_nddr.nn.assembly import build_head
-    from rcm_nddr.nn.backbone import TaskBackbones
-    from rcm_nddr.nn.multitask import MultiTaskNet
-    from rcm_nddr.nn.rc import RCResNet
 
     with torch.random.fork_rng(devices=[]):
         net, decomposition = random_start(arch, output_stride)
@@ -143,7 +146,6 @@ def inference_call(
 ) -> Callable[[], Any]:
     """A call of ``model`` on ``images`` computing ``tasks`` (default: all) under ``mode`` and, with ``amp``,
     bf16 autocast on the images' device: what the benchmarks time."""
-    from rcm_nddr.engine.evaluate import autocast
 
     def call() -> Any:
         with mode(), autocast(images.device, amp):
@@ -177,7 +179,6 @@ def _alternate(
 
 
 def _flops(fn: Callable[[], Any]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -225,9 +226,6 @@ def bench_model(
     TFLOP/s into model FLOP utilization (``mfu``). ``compile`` (true or a ``torch.compile`` mode, as
     ``train.compile``) times every network compiled, on both sides of each ratio; the warm-up calls
     compile (FLOPs are counted on the eager networks)."""
-    from rcm_nddr.engine.evaluate import autocast
-    from rcm_nddr.engine.fast import compile_mode, maybe_compile
-    from rcm_nddr.nn.deploy import deploy
 
     mode = compile_mode(compile)  # (a bad mode fails here, before anything is built)
     dev = torch.device(device)
@@ -349,7 +347,6 @@ def bench_model(
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    from rcm_nddr.engine.provenance import devices
 
     return {
         "platform": platform.platform(),
@@ -399,8 +396,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_command(args: argparse.Namespace) -> int:
-    from rcm_nddr.config import ConfigError
+def main(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
@@ -431,42 +427,6 @@ def publish(table: str, report: dict[str, Any], json_path: str | None) -> None:
     """A benchmark's result: ``table`` on stdout, and ``report`` written atomically to ``json_path``."""
     print(table)  # noqa: T201 - the benchmark's result is this table on stdout
     if json_path:
-        from rcm_nddr.files import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", json_path)
-
-
-def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--output-stride`` and ``--head-channels``: the config's ``backbone.output_stride`` and
-    ``head.channels`` of the networks a benchmark builds."""
-    from rcm_nddr.commands.cli import positive_int
-
-    parser.add_argument(
-        "--output-stride", type=int, choices=[8, 16], default=16, help="backbone.output_stride (default: 16)"
-    )
-    parser.add_argument(
-        "--head-channels", type=positive_int, default=256, help="head.channels, the DeepLabv3+ width (default: 256)"
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``rcm-nddr bench`` itself (the model benchmark)."""
-    from rcm_nddr.commands.cli import add_compile_argument, positive_int
-
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--size", type=positive_int, nargs=2, default=[256, 256], metavar=("H", "W"))
-    parser.add_argument("--batch", type=positive_int, default=4, help="images per batch (default: 4)")
-    parser.add_argument("--tasks", type=positive_int, default=4, help="tasks of the inference pass (default: 4)")
-    parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default="resnet18")
-    add_architecture_arguments(parser)
-    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed rounds, which compile (default: 2)")
-    parser.add_argument("--repeats", type=positive_int, default=10)
-    add_compile_argument(parser, "time every network (both sides of each ratio) compiled by torch.compile")
-    parser.add_argument(
-        "--peak-tflops",
-        type=float,
-        help="the device's peak TFLOP/s for the MFU column (default: the bf16 peak of a known GPU; none on CPU)",
-    )
-    parser.add_argument("--json", help="also write the report to this JSON file")
-    parser.set_defaults(func=run_command)

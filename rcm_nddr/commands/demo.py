@@ -11,11 +11,13 @@ against the baselines, and the trainable parameters each variant adds per task."
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import time
 from pathlib import Path
 
+from rcm_nddr.commands import arguments as a
 from rcm_nddr.config import Config, load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_dataset
@@ -27,14 +29,6 @@ from rcm_nddr.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = "results/demo"
-DEFAULT_DATA = "data/SYNTH_MT"
-DEFAULT_TRAIN = 320
-DEFAULT_VAL = 80
-DEFAULT_SIZE = (128, 128)
-#: training iterations of each task in the demo (the configs' own schedules are longer)
-DEFAULT_ITERS = 100
-DEFAULT_PRETRAIN_ITERS = 200
 BASELINE, VARIANT, FUSED = "single_task", "RC_RI_NFF", "RC_RI_NFF_NDDR"
 INCREMENTAL = "incremental"
 
@@ -46,14 +40,15 @@ def default_configs() -> Path:
 
 
 def run_demo(
-    out: str | Path = DEFAULT_OUT,
-    data: str | Path = DEFAULT_DATA,
+    out: str | Path = a.DEMO_OUT,
+    data: str | Path = a.DEMO_DATA,
+    bank: str | Path = a.DEMO_BANK,
     configs: str | Path | None = None,
-    n_train: int = DEFAULT_TRAIN,
-    n_val: int = DEFAULT_VAL,
-    size: tuple[int, int] = DEFAULT_SIZE,
-    max_iters: int = DEFAULT_ITERS,
-    pretrain_iters: int = DEFAULT_PRETRAIN_ITERS,
+    n_train: int = a.DEMO_TRAIN,
+    n_val: int = a.DEMO_VAL,
+    size: tuple[int, int] = a.DEMO_SIZE,
+    max_iters: int = a.DEMO_ITERS,
+    pretrain_iters: int = a.DEMO_PRETRAIN_ITERS,
     progress: bool = True,
 ) -> dict:
     """Run the demo; return ``{"rows": [...], "delta_mtl": {...}, "steps": [...]}`` (also written to
@@ -67,13 +62,13 @@ def run_demo(
     # On a CPU a sample loads in ~2 ms, ~1% of a training step: worker processes would only compete
     # with the model for the cores.
     common = [f"dataset.root={data}", f"dataset.crop=[{size[0]}, {size[1]}]", "train.num_workers=0"]
-    bank = out / "resnet18_bank.pth"
+    bank = Path(bank)
     schedule = [
         f"train.max_iters={max_iters}",
         "train.epochs=null",
         f"train.val_every={max_iters}",
         f"backbone.weights={bank}",
-        f"backbone.decomposition={out / 'resnet18_bank_ri.safetensors'}",
+        f"backbone.decomposition={bank.with_name(bank.stem + '_ri.safetensors')}",
     ]
 
     def config(path: Path, store: str) -> Config:
@@ -190,3 +185,19 @@ def format_table(rows: list[dict], overall: dict[str, float]) -> str:
     for variant, value in overall.items():
         lines.append(f"Delta_MTL of {variant} against the single-task baselines: {value:+.2f}%")
     return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    run_demo(
+        out=args.out,
+        data=args.data,
+        bank=args.bank,
+        configs=args.configs,
+        n_train=args.train,
+        n_val=args.val,
+        size=tuple(args.size),
+        max_iters=args.iters,
+        pretrain_iters=args.pretrain_iters,
+        progress=not args.quiet,
+    )
+    return 0

@@ -31,6 +31,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, TYPE_CHECKING, Any
 
+from rcm_nddr import __version__
+from rcm_nddr.commands.arguments import command_parser, non_negative_int
+from rcm_nddr.errors import UserError
+
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
@@ -63,7 +67,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _BOOKKEEPING = re.compile(r"^\s*(---> |Removing intermediate container )")
 
 
-class DockerError(Exception):
+class DockerError(UserError):
     """``rcm-nddr docker`` cannot proceed: the SDK or the engine is missing, an argument or a host
     folder is wrong, or the build or the container failed to start; the message says which."""
 
@@ -142,8 +146,6 @@ def build_kwargs(
     """Keyword arguments of the low-level ``APIClient.build``. Build arguments, later ones winning:
     ``VERSION`` (this package's), the ``git`` ones (``GIT_COMMIT``, ``GIT_DIRTY``), ``BASE_IMAGE``
     when ``base_image`` is given, then ``build_args``."""
-    from rcm_nddr import __version__
-
     args: dict[str, str] = {"VERSION": __version__, **(git or {})}
     if base_image:
         args["BASE_IMAGE"] = base_image
@@ -413,7 +415,7 @@ def default_context() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def _build(args: argparse.Namespace) -> int:
+def build(args: argparse.Namespace) -> int:
     context = Path(args.context).expanduser().resolve() if args.context else default_context()
     if not (context / "Dockerfile").is_file():
         raise DockerError(
@@ -435,7 +437,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -465,10 +467,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``docker build`` and ``docker run`` subcommands, under ``p``."""
-    from rcm_nddr.commands.cli import non_negative_int
-
     sub = p.add_subparsers(dest="docker_command", required=True)
-    b = sub.add_parser(
+    b = command_parser(
+        sub,
         "build",
         help="build the image (the commit of the checkout is recorded in it)",
         description="Build the rcm-nddr image from the Dockerfile of a checkout, streaming the build output.",
@@ -482,9 +483,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--pull", action="store_true", help="pull a newer base image first")
     b.add_argument("--verbose", action="store_true", help="debug logging")
-    b.set_defaults(func=_build)
+    b.set_defaults(handler="rcm_nddr.commands.docker:build")
 
-    r = sub.add_parser(
+    r = command_parser(
+        sub,
         "run",
         help="run a command (python train.py ...) in the image with the host folders mounted",
         description=(
@@ -526,4 +528,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="-- COMMAND",
         help="what to run, after --, e.g. -- python train.py --config configs/synthetic/semseg_RC_RI_NFF.yaml",
     )
-    r.set_defaults(func=_run)
+    r.set_defaults(handler="rcm_nddr.commands.docker:run")

@@ -12,10 +12,15 @@ from typing import Any
 
 import yaml
 
+from rcm_nddr.engine.evaluate import to_json
+from rcm_nddr.engine.saved import evaluate_saved
+from rcm_nddr.errors import UserError
+from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
+
 log = logging.getLogger(__name__)
 
 
-class EvaluateError(Exception):
+class EvaluateError(UserError):
     """Bad ``rcm-nddr evaluate`` arguments: an unknown dataset, task or option."""
 
 
@@ -47,9 +52,6 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Build the dataset split and the task (task name = task type), score the folder, and return
     ``{dataset, root, split, task, pred, samples, metrics}``."""
-    from rcm_nddr.engine.saved import evaluate_saved
-    from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
-
     discover(plugins or [])
     try:
         dataset_cls, task_cls = DATASETS.get(dataset_name), TASKS.get(task_name)
@@ -80,8 +82,6 @@ def evaluate_folder(
 
 
 def main(args: argparse.Namespace) -> int:
-    from rcm_nddr.engine.evaluate import to_json
-
     result = evaluate_folder(
         args.dataset,
         args.root,
@@ -105,30 +105,3 @@ def main(args: argparse.Namespace) -> int:
         lines.append("  " + json.dumps({k: round(v, 4) for k, v in per_class.items()}))
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="dataset name: synthetic, nyud, pascal, cityscapes, or a plug-in")
-    p.add_argument("--root", required=True, help="the dataset's root folder")
-    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    p.add_argument("--task", required=True, help="task type: semseg, depth, normals, edge, sal, human_parts, parts")
-    p.add_argument(
-        "--pred",
-        required=True,
-        help="folder of predictions named like the ground truth: <id>.png (class maps) or <id>.npy; "
-        "a folder holding <task>/ subfolders (what test.py --save-predictions writes) works too",
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="dataset option, e.g. classes=7")
-    p.add_argument(
-        "--task-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="task option, e.g. max_dist=0.011 or matching=distance for edge",
-    )
-    p.add_argument("--plugin", action="append", default=[], help="module or .py file registering task types")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=main)

@@ -11,26 +11,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-    from torch import Tensor, nn
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from rcm_nddr.commands.arguments import IMAGE_EXTENSIONS
+from rcm_nddr.config import ConfigError
+from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from rcm_nddr.engine.builders import resolve_device
+from rcm_nddr.engine.evaluate import autocast
+from rcm_nddr.engine.fast import configure_backends, maybe_compile
+from rcm_nddr.errors import UserError
+from rcm_nddr.files import atomic_save_npy, atomic_write
+from rcm_nddr.store import ModelStore
 
 log = logging.getLogger(__name__)
 
-#: the network forms ``--form`` chooses between (``ModelStore.load_model``'s ``deploy`` and ``batched``)
-FORMS = ("deploy", "batched", "training")
 
-#: file name extensions read as images (compared case-insensitively)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class PredictError(Exception):
+class PredictError(UserError):
     """Bad input to ``predict``: a missing or unreadable image, clashing output names, an unknown task or
     device; the message names the path or value and what was expected."""
 
@@ -85,12 +89,6 @@ def collect_images(items: Sequence[str | Path]) -> list[Path]:
 
 def load_image(path: str | Path) -> Tensor:
     """An image file -> float32 3 x H x W, RGB, ImageNet-normalized (EXIF orientation applied)."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
-
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -124,27 +122,17 @@ def _batches(images: Sequence[Path], batch_size: int) -> Iterator[tuple[list[Pat
 
 
 def _save_npy(path: Path, value: Tensor) -> None:
-    import torch
-
-    from rcm_nddr.files import atomic_save_npy
-
     if value.dtype == torch.bfloat16:  # numpy has no bfloat16
         value = value.float()
     atomic_save_npy(path, value.numpy())
 
 
 def _save_png(path: Path, rgb: Tensor) -> None:
-    from PIL import Image
-
-    from rcm_nddr.files import atomic_write
-
     image = Image.fromarray(rgb.permute(1, 2, 0).contiguous().numpy(), "RGB")
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _check_output(task: str, prediction: object, batch: int, size: tuple[int, int]) -> None:
-    import torch
-
     if not isinstance(prediction, torch.Tensor):
         raise RuntimeError(f"model output for task {task!r} is a {type(prediction).__name__}, expected a tensor")
     if prediction.ndim < 3 or prediction.shape[0] != batch or tuple(prediction.shape[-2:]) != size:
@@ -170,11 +158,6 @@ def predict(
     Consecutive images of equal size are batched, up to ``batch_size``, and passed channels_last; ``amp``
     runs the model under bf16 autocast on CUDA (no effect elsewhere). Every file is written atomically.
     Returns the written files per task."""
-    import torch
-    from tqdm import tqdm
-
-    from rcm_nddr.engine.evaluate import autocast
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     images = [Path(p) for p in images]
@@ -220,19 +203,7 @@ def predict(
 # ----------------------------------------------------------------------------- command
 
 
-def device_name(text: str) -> str:
-    """argparse type of ``--device``: auto, cpu, cuda or cuda:N."""
-    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
-        return text
-    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-
-
 def _resolve_device(name: str) -> torch.device:
-    import torch
-
-    from rcm_nddr.config import ConfigError
-    from rcm_nddr.engine.builders import resolve_device
-
     try:
         device = resolve_device(name)
     except ConfigError as exc:
@@ -257,11 +228,6 @@ def _requested_tasks(requested: Sequence[str] | None, available: Sequence[str], 
 
 def main(args: argparse.Namespace) -> int:
     """Load the store's model, predict every image and log where the outputs went."""
-    import torch
-
-    from rcm_nddr.engine.fast import configure_backends, maybe_compile
-    from rcm_nddr.store import ModelStore
-
     images = collect_images(args.images)
     device = _resolve_device(args.device)
     store = ModelStore(args.store)
@@ -302,44 +268,3 @@ def main(args: argparse.Namespace) -> int:
         time.perf_counter() - start,
     )
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``predict`` command's arguments, on ``p``."""
-    from rcm_nddr.commands.cli import add_compile_argument, positive_int
-
-    p.add_argument("--store", required=True, help="model store directory (holds store.yaml)")
-    p.add_argument(
-        "--images",
-        required=True,
-        nargs="+",
-        metavar="FILE_OR_DIR",
-        help=f"image files, or directories whose image files ({' '.join(IMAGE_EXTENSIONS)}) are all read "
-        "(not recursively); every image must have a distinct file name stem",
-    )
-    p.add_argument("--out", required=True, help="output directory: <out>/<task>/<stem>.png and .npy")
-    p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to predict (default: every task of the store)")
-    p.add_argument(
-        "--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: auto = cuda if present)"
-    )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=4, help="images per forward pass, of equal size (default: 4)"
-    )
-    p.add_argument(
-        "--form",
-        choices=FORMS,
-        default="deploy",
-        help="deploy: modulators and BatchNorm folded into the convs (default); batched: the deploy form with "
-        "the tasks' backbone convs grouped; training: the unfolded network as trained (same outputs up to "
-        "float rounding)",
-    )
-    add_compile_argument(p, "run the network through torch.compile (the first batch of each image size compiles)")
-    p.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 autocast on CUDA (default: on; no effect on a CPU)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
-    p.set_defaults(func=main)
