@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -18,6 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from rcm_nddr.errors import UserError
+from rcm_nddr.registry import TASKS, discover, installed_names
 
 
 class ConfigError(UserError, ValueError):
@@ -444,6 +446,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _unknown_task_types(cfg: Config) -> list[str]:
+    """The run's task names that no task type answers to. The installed names are read from the package
+    metadata; only when one is missing there are the built-ins and the config's plug-ins imported."""
+    known = {*installed_names(TASKS.entry_point_group), *TASKS.names()}
+    if all(name in known for name in cfg.tasks):
+        return []
+    discover(cfg.plugins)
+    return [name for name in cfg.tasks if name not in TASKS]
+
+
 def _check(cfg: Config, where: Where) -> None:
     """Cross-key rules the types alone cannot express."""
 
@@ -454,6 +466,15 @@ def _check(cfg: Config, where: Where) -> None:
         raise fail("tasks", "at least one task is required")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise fail("tasks", f"duplicate task names in {cfg.tasks}")
+    unknown = _unknown_task_types(cfg)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], TASKS.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise fail(
+            "tasks",
+            f"unknown task type {unknown[0]!r}{hint}; known: {', '.join(TASKS.names())} "
+            "(a plug-in's task types need its module under 'plugins:')",
+        )
     for name in cfg.loss:
         if name not in cfg.tasks:
             raise fail(f"loss.{name}", f"not a task of this run (tasks: {cfg.tasks})")

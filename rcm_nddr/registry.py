@@ -17,12 +17,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from rcm_nddr.errors import UserError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """An unknown or duplicate component name, or a plug-in that could not be loaded."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes
@@ -75,6 +77,12 @@ class Registry(Generic[T]):
                 raise RegistryError(
                     f"entry point {ep.name!r} = {ep.value!r} of group {self.entry_point_group!r} failed to load: {exc}"
                 ) from exc
+
+
+def installed_names(group: str) -> list[str]:
+    """The names an entry-point group advertises (the built-in components and installed plug-ins), read
+    from the package metadata without importing anything."""
+    return sorted({ep.name for ep in entry_points(group=group)})
 
 
 def _origin(obj: object) -> str:

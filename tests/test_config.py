@@ -9,6 +9,7 @@ import yaml
 from rcm_nddr.config import ConfigError, check_paths, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
+REPO_CONFIG = REPO / "configs" / "synthetic" / "semseg_RC_RI_NFF.yaml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -382,3 +383,25 @@ def test_shipped_saved_config_is_the_merged_result(tmp_path):
     }
     assert data["fusion"]["type"] == "nddr" and data["fusion"]["lr_mult"] == 1.0  # the file's own Adam setting
     assert data["optimizer"]["name"] == "adam" and data["loss"] == {"sal": {"weight": 5}}
+
+
+def test_an_unknown_task_type_is_reported_first_with_the_closest_name():
+    """A misspelt task is the root cause, not the loss weight that now names no task of the run."""
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO_CONFIG, ["tasks=[segm]"])
+    message = str(info.value)
+    assert "key 'tasks': unknown task type 'segm' (did you mean 'semseg'?)" in message
+    assert "loss.semseg" not in message and "plugins:" in message
+
+
+def test_a_plugin_task_type_is_found_through_the_config_plugins(tmp_path):
+    plugin = tmp_path / "shouting_semseg.py"
+    plugin.write_text(
+        "from rcm_nddr import TASKS\n"
+        "from rcm_nddr.tasks.semseg import SemsegTask\n"
+        "TASKS.register('shouting_semseg')(type('Shouting', (SemsegTask,), {}))\n"
+    )
+    cfg = load_config(REPO_CONFIG, ["tasks=[shouting_semseg]", "loss={}", f"plugins=[{plugin}]"])
+    assert cfg.tasks == ["shouting_semseg"]
+    with pytest.raises(ConfigError, match="unknown task type 'shouting_semsegg'"):
+        load_config(REPO_CONFIG, ["tasks=[shouting_semsegg]", "loss={}", f"plugins=[{plugin}]"])

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import re
 import typing
-from importlib.metadata import entry_points
 
 from rcm_nddr.config import CompileMode
+from rcm_nddr.registry import installed_names
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 #: the demo's defaults (``rcm-nddr demo``)
@@ -71,9 +71,7 @@ def device_name(text: str) -> str:
 
 
 def installed(group: str) -> str:
-    """The names an entry-point group advertises (the built-in components and installed plug-ins), read
-    from the package metadata without importing them."""
-    return ", ".join(sorted({ep.name for ep in entry_points(group=group)})) or "none installed"
+    return ", ".join(installed_names(group)) or "none installed"
 
 
 # ----------------------------------------------------------------------------- shared option groups
