@@ -48,14 +48,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rcm_nddr.data.folder import (
-    IGNORE_INDEX,
-    DatasetError,
-    MultiTaskFolder,
-    TargetReader,
-    _read_png,
-    decode_image,
-)
+from rcm_nddr.data.folder import MultiTaskFolder
+from rcm_nddr.data.readers import IGNORE_INDEX, DatasetError, decode_image, read_png
+from rcm_nddr.data.targets import TargetReader
 from rcm_nddr.registry import DATASETS
 from rcm_nddr.task import DatasetInfo
 
@@ -139,12 +134,12 @@ SETTINGS: dict[int, tuple[tuple[str, ...], np.ndarray]] = {
 }
 
 # ---------------------------------------------------------------------------------------------------
-# decoders: file -> tensor in the sample format, ValueError on a malformed file (see folder.py)
+# decoders: file -> tensor in the sample format, ValueError on a malformed file (see readers.py)
 
 
 def _label_decoder(lookup: np.ndarray) -> Callable[[Path], Tensor]:
     def decode(path: Path) -> Tensor:
-        ids = _read_png(path, ("L", "P"))
+        ids = read_png(path, ("L", "P"))
         if ids.max(initial=0) > MAX_LABEL_ID:
             bad = np.unique(ids[ids > MAX_LABEL_ID])
             raise ValueError(f"label ids {bad[:8].tolist()} above {MAX_LABEL_ID} (the Cityscapes label ids are 0..33)")
@@ -181,7 +176,7 @@ def read_camera(path: Path) -> tuple[float, float]:
 def decode_disparity(path: Path) -> Tensor:
     """16-bit disparity PNG (p = 0 invalid, d = (p - 1) / 256 px) -> depth z = baseline * fx / d metres,
     float32 1 x H x W with 0 = invalid; baseline and fx from the sample's camera file or the defaults."""
-    raw = _read_png(path, ("I;16", "I;16B", "I"))  # 16-bit greyscale PNGs open as "I;16" ("I" in old Pillow)
+    raw = read_png(path, ("I;16", "I;16B", "I"))  # 16-bit greyscale PNGs open as "I;16" ("I" in old Pillow)
     if raw.min(initial=0) < 0 or raw.max(initial=0) > 65535:
         raise ValueError("values outside 0..65535 (expected a 16-bit disparity PNG)")
     baseline, fx = read_camera(camera_path(path))

@@ -2,8 +2,9 @@
 as written by the SYNTH_MT generator.
 
 The image is ImageNet-normalized when it is read, so the joint transforms pad it with 0, which is the
-mean colour. The per-target readers form a table (``MultiTaskFolder.TARGETS``) that a subclass for
-another dataset in a similar layout overrides.
+mean colour. Every registered target key (``rcm_nddr.data.targets``) is read from its folder with its
+registered reader; a subclass for another dataset in a similar layout adds readers of its own
+(``TARGETS``), which take precedence.
 """
 
 from __future__ import annotations
@@ -12,112 +13,19 @@ import json
 import logging
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from rcm_nddr.data.readers import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, DatasetError, decode_image
+from rcm_nddr.data.targets import TARGET_KEYS, TargetReader, registered_reader, task_types_reading
 from rcm_nddr.registry import DATASETS
 from rcm_nddr.task import DatasetInfo
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
-
-
-class DatasetError(Exception):
-    """A missing, unreadable or malformed dataset file; the message names the path and what was expected."""
-
-
-@dataclass(frozen=True)
-class TargetReader:
-    """How one sample key is stored: ``<root>/<folder>/<id><ext>`` for the first extension that exists.
-
-    ``decode`` turns a file into the sample's tensor and raises ``ValueError`` describing what is wrong
-    with a malformed file; ``layout`` is the one-line description of the encoding quoted in errors.
-    ``class_map`` marks label maps whose values index ``meta.json``'s class list for the key.
-    """
-
-    folder: str
-    extensions: tuple[str, ...]
-    decode: Callable[[Path], Tensor]
-    layout: str
-    class_map: bool = False
-
-
-# ---------------------------------------------------------------------------------------------------
-# decoders: file -> tensor in the sample format, ValueError on a malformed file
-
-
-def _read_png(path: Path, modes: tuple[str, ...], convert: str | None = None) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode not in modes:
-            raise ValueError(f"image mode {im.mode!r}, expected {' or '.join(map(repr, modes))}")
-        return np.array(im.convert(convert) if convert else im)
-
-
-def _read_npy(path: Path, shape: str, ndim: int, channels: int | None = None) -> np.ndarray:
-    array = np.load(path, allow_pickle=False)
-    if array.ndim != ndim or (channels is not None and array.shape[-1] != channels):
-        raise ValueError(f"array of shape {array.shape}, expected {shape}")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"array of dtype {array.dtype}, expected float32")
-    if not np.isfinite(array).all():
-        raise ValueError("array holds NaN or infinite values")
-    return array.astype(np.float32, copy=False)
-
-
-def decode_image(path: Path) -> Tensor:
-    """RGB (or grey) 8-bit image -> float32 3 x H x W, ImageNet-normalized."""
-    rgb = _read_png(path, ("RGB", "L"), convert="RGB")
-    image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image - mean) / std
-
-
-def decode_class_png(path: Path) -> Tensor:
-    """uint8 label PNG with 0 = ignore and k + 1 = class k -> int64 H x W with 255 = ignore."""
-    raw = torch.from_numpy(_read_png(path, ("L", "P")).astype(np.int64))
-    return torch.where(raw == 0, IGNORE_INDEX, raw - 1)
-
-
-def decode_depth_npy(path: Path) -> Tensor:
-    """float H x W metres, 0 = invalid -> float32 1 x H x W."""
-    depth = _read_npy(path, "H x W", ndim=2)
-    if (depth < 0).any():
-        raise ValueError("negative depth values (expected metres >= 0, 0 = invalid)")
-    return torch.from_numpy(depth.copy()).unsqueeze(0)
-
-
-def decode_normals_npy(path: Path) -> Tensor:
-    """float H x W x 3 unit vectors, all-zero = invalid -> float32 3 x H x W."""
-    normals = _read_npy(path, "H x W x 3", ndim=3, channels=3)
-    return torch.from_numpy(np.ascontiguousarray(normals.transpose(2, 0, 1)))
-
-
-def decode_edge_png(path: Path) -> Tensor:
-    """uint8 PNG with 0 = no edge and 255 = edge -> float32 1 x H x W in {0, 1}."""
-    raw = _read_png(path, ("L",))
-    if ((raw != 0) & (raw != 255)).any():
-        raise ValueError(f"values {np.unique(raw)[:8].tolist()}..., expected only 0 and 255")
-    return torch.from_numpy(raw == 255).float().unsqueeze(0)
-
-
-def decode_saliency_png(path: Path) -> Tensor:
-    """uint8 PNG, thresholded at 128 -> float32 1 x H x W in {0, 1}."""
-    raw = _read_png(path, ("L",))
-    return torch.from_numpy(raw >= 128).float().unsqueeze(0)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 
 @DATASETS.register("synthetic")
@@ -135,28 +43,9 @@ class MultiTaskFolder(Dataset):
     IMAGE: ClassVar[TargetReader] = TargetReader(
         "images", (".png", ".jpg"), decode_image, "RGB uint8 H x W x 3 (.png or .jpg)"
     )
-    TARGETS: ClassVar[Mapping[str, TargetReader]] = {
-        "semseg": TargetReader(
-            "segmentation",
-            (".png",),
-            decode_class_png,
-            "uint8 H x W PNG, 0 = ignore, k + 1 = class k",
-            class_map=True,
-        ),
-        "parts": TargetReader(
-            "parts",
-            (".png",),
-            decode_class_png,
-            "uint8 H x W PNG, 0 = ignore, k + 1 = part class k",
-            class_map=True,
-        ),
-        "depth": TargetReader("depth", (".npy",), decode_depth_npy, "float32 H x W metres, 0 = invalid"),
-        "normals": TargetReader(
-            "normals", (".npy",), decode_normals_npy, "float32 H x W x 3 unit vectors, all-zero = invalid"
-        ),
-        "edge": TargetReader("edge", (".png",), decode_edge_png, "uint8 H x W PNG, 0 = no edge, 255 = edge"),
-        "sal": TargetReader("sal", (".png",), decode_saliency_png, "uint8 H x W PNG, 0 = background, 255 = salient"),
-    }
+    #: readers of this dataset's own layout, taken before the registered ones (none here: the folder
+    #: layout is the registry's)
+    TARGETS: ClassVar[Mapping[str, TargetReader]] = {}
     SPLIT_FOLDER: ClassVar[str] = "gt_sets"
 
     def __init__(
@@ -171,24 +60,44 @@ class MultiTaskFolder(Dataset):
             raise DatasetError(f"dataset root {self.root} does not exist or is not a folder")
         if isinstance(targets, str):
             raise TypeError(f"targets must be a sequence of sample keys, not the string {targets!r}")
-        unknown = [key for key in targets if key not in self.TARGETS]
+        readers = {key: self.target_reader(key) for key in dict.fromkeys(targets)}
+        unknown = [key for key, reader in readers.items() if reader is None]
         if unknown:
             raise DatasetError(
                 f"{type(self).__name__} at {self.root} has no target {', '.join(map(repr, unknown))}; "
-                f"it provides: {', '.join(self.TARGETS)}"
+                f"it provides: {', '.join(self.provided_targets())}{_unknown_key_hints(unknown)}"
             )
+        self.readers: dict[str, TargetReader] = readers  # type: ignore[assignment] - None ruled out above
         self.split = split
-        self.targets = tuple(dict.fromkeys(targets))
+        self.targets = tuple(readers)
         self.transform = transform
         self.info = self._load_info()
-        for key in self.targets:
-            if self.TARGETS[key].class_map and not self.info.classes.get(key):
+        for key, reader in self.readers.items():
+            if reader.class_map and not self.info.classes.get(key):
                 raise DatasetError(
                     f"{self.root / 'meta.json'} lists no classes for target {key!r} "
                     f'(expected "classes": {{"{key}": [class names...]}})'
                 )
         self.ids = self._load_split(split)
         log.info("%s %s: %d samples, targets %s", self.info.name, split, len(self.ids), self.targets)
+
+    # -- targets --------------------------------------------------------------------------------
+
+    def target_reader(self, key: str) -> TargetReader | None:
+        """How this dataset reads ``key``: its own ``TARGETS`` reader, else the registered folder-layout
+        reader (None: not provided). A dataset with a layout of its own takes a registered key only
+        where the key's folder exists under the root, so a target it lacks stays an error here."""
+        if key in self.TARGETS:
+            return self.TARGETS[key]
+        reader = registered_reader(key)
+        if reader is not None and self.TARGETS and not (self.root / reader.folder).is_dir():
+            return None
+        return reader
+
+    def provided_targets(self) -> list[str]:
+        """Every target key this dataset can read."""
+        keys = [*self.TARGETS, *(k for k in TARGET_KEYS.names() if k not in self.TARGETS)]
+        return [k for k in keys if self.target_reader(k) is not None]
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -259,8 +168,7 @@ class MultiTaskFolder(Dataset):
         image = self._read(self.IMAGE, sample_id)
         size = (int(image.shape[-2]), int(image.shape[-1]))
         sample: dict[str, Any] = {"image": image}
-        for key in self.targets:
-            reader = self.TARGETS[key]
+        for key, reader in self.readers.items():
             classes = self.info.classes[key] if reader.class_map else None
             sample[key] = self._read(reader, sample_id, size, classes)
         sample["meta"] = {"id": sample_id, "size": size}
@@ -291,6 +199,22 @@ class MultiTaskFolder(Dataset):
         return value
 
 
+def _unknown_key_hints(keys: list[str]) -> str:
+    """For each key no registration covers: that it is not registered, which task types read it, and how
+    to register it."""
+    hints = []
+    for key in keys:
+        if key in TARGET_KEYS:
+            continue
+        readers = task_types_reading(key)
+        read_by = f", the target of task type {', '.join(readers)}" if readers else ""
+        hints.append(
+            f"; {key!r} is not a registered target key{read_by}: register it beside its task type with "
+            f"@rcm_nddr.data.targets.register_target({key!r}, ...) on the function that reads its file"
+        )
+    return "".join(hints)
+
+
 def _check_labels(labels: Tensor, num_classes: int) -> None:
     valid = labels[labels != IGNORE_INDEX]
     if valid.numel() and int(valid.max()) >= num_classes:
@@ -298,3 +222,7 @@ def _check_labels(labels: Tensor, num_classes: int) -> None:
             f"label {int(valid.max())} but meta.json lists {num_classes} classes "
             f"(file values 1..{num_classes} are classes, 0 is ignore)"
         )
+
+
+# the readers' constants and error stay importable from here, where the engine and commands find them
+__all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetError", "MultiTaskFolder", "TargetReader"]

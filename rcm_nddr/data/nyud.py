@@ -41,15 +41,9 @@ import scipy.io
 import torch
 from torch import Tensor
 
-from rcm_nddr.data.folder import (
-    IGNORE_INDEX,
-    MultiTaskFolder,
-    TargetReader,
-    _read_png,
-    decode_depth_npy,
-    decode_image,
-    decode_normals_npy,
-)
+from rcm_nddr.data.folder import MultiTaskFolder
+from rcm_nddr.data.readers import IGNORE_INDEX, decode_depth_npy, decode_image, decode_normals_npy, read_png
+from rcm_nddr.data.targets import TargetReader
 from rcm_nddr.registry import DATASETS
 from rcm_nddr.task import DatasetInfo
 
@@ -102,7 +96,7 @@ NORMAL_MIN_LENGTH = 0.5  # decoded uint8 normals shorter than this are invalid
 
 
 # ---------------------------------------------------------------------------------------------------
-# decoders: file -> tensor in the sample format, ValueError on a malformed file (see folder.py)
+# decoders: file -> tensor in the sample format, ValueError on a malformed file (see readers.py)
 
 
 def read_mat_array(path: Path) -> np.ndarray:
@@ -138,7 +132,7 @@ def _labels_to_tensor(raw: np.ndarray) -> Tensor:
 
 def decode_nyud_semseg(path: Path) -> Tensor:
     """``.png`` (uint8) or ``.mat`` labels, 0 = ignore, k + 1 = class k -> int64 H x W, 255 = ignore."""
-    raw = read_mat_array(path) if path.suffix == ".mat" else _read_png(path, ("L", "P"))
+    raw = read_mat_array(path) if path.suffix == ".mat" else read_png(path, ("L", "P"))
     return _labels_to_tensor(raw)
 
 
@@ -162,7 +156,7 @@ def decode_nyud_normals(path: Path) -> Tensor:
     decoded length < 0.5 or a (0, 0, 0) triple = invalid = zero vector) -> float32 3 x H x W."""
     if path.suffix == ".npy":
         return decode_normals_npy(path)
-    raw = _read_png(path, ("RGB",))
+    raw = read_png(path, ("RGB",))
     normals = raw.astype(np.float32) * (2.0 / 255.0) - 1.0
     length = np.linalg.norm(normals, axis=-1, keepdims=True)
     invalid = (length[..., 0] < NORMAL_MIN_LENGTH) | (raw == 0).all(axis=-1)
@@ -190,7 +184,7 @@ def decode_nyud_edge(path: Path) -> Tensor:
         if not (np.issubdtype(raw.dtype, np.floating) or np.issubdtype(raw.dtype, np.integer)):
             raise ValueError(f"edge array of dtype {raw.dtype}, expected float or integer")
         return _binary_edges(raw)
-    return _binary_edges(_read_png(path, ("L",)))
+    return _binary_edges(read_png(path, ("L",)))
 
 
 # ---------------------------------------------------------------------------------------------------

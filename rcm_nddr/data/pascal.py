@@ -51,14 +51,9 @@ from skimage.morphology import thin
 from torch import Tensor
 from tqdm import tqdm
 
-from rcm_nddr.data.folder import (
-    IGNORE_INDEX,
-    DatasetError,
-    MultiTaskFolder,
-    TargetReader,
-    _read_png,
-    decode_image,
-)
+from rcm_nddr.data.folder import MultiTaskFolder
+from rcm_nddr.data.readers import IGNORE_INDEX, DatasetError, decode_image, read_png
+from rcm_nddr.data.targets import TargetReader
 from rcm_nddr.registry import DATASETS
 from rcm_nddr.task import DatasetInfo
 
@@ -120,12 +115,12 @@ LABEL_MAP_LAYOUT = "MATLAB file with an integer H x W variable 'LabelMap' (PASCA
 
 
 # ---------------------------------------------------------------------------------------------------
-# decoders: file -> tensor in the sample format, ValueError on a malformed file (see folder.py)
+# decoders: file -> tensor in the sample format, ValueError on a malformed file (see readers.py)
 
 
 def decode_pascal_semseg(path: Path) -> Tensor:
     """uint8 PNG, 0 = background, 1..20 = VOC classes, 255 = ignore -> int64 H x W (identity)."""
-    raw = _read_png(path, ("L", "P"))
+    raw = read_png(path, ("L", "P"))
     bad = raw[(raw >= len(PASCAL_CLASSES)) & (raw != IGNORE_INDEX)]
     if bad.size:
         raise ValueError(
@@ -256,7 +251,7 @@ def _edge_tensor(labels: Tensor) -> Tensor:
 def decode_distilled_normals(path: Path) -> Tensor:
     """uint8 RGB with n = 2 v / 255 - 1 -> float32 3 x H x W, renormalized (decoded length < 1e-6 =
     zero vector). Not yet masked by the label map: ``PascalMT.load`` does that."""
-    raw = _read_png(path, ("RGB",))
+    raw = read_png(path, ("RGB",))
     normals = raw.astype(np.float32) * (2.0 / 255.0) - 1.0
     return _unit_or_zero(torch.from_numpy(np.ascontiguousarray(normals.transpose(2, 0, 1))))
 
@@ -275,7 +270,7 @@ def mask_normals(normals: Tensor, labels: Tensor, classes: Collection[int]) -> T
 
 def decode_distilled_saliency(path: Path) -> Tensor:
     """greyscale (or RGB) uint8, value / 255 > 0.5 -> float32 1 x H x W in {0, 1}."""
-    raw = _read_png(path, ("L", "RGB"), convert="L")
+    raw = read_png(path, ("L", "RGB"), convert="L")
     return torch.from_numpy(raw.astype(np.float32) / 255.0 > 0.5).float().unsqueeze(0)
 
 
@@ -431,7 +426,7 @@ class PascalMT(MultiTaskFolder):
         sample: dict[str, Any] = {"image": image}
         label_map: Tensor | None = None
         for key in self.targets:
-            reader = self.TARGETS[key]
+            reader = self.readers[key]
             if key in ("edge", "normals") and label_map is None:
                 label_map = self._read(self.LABEL_MAP, sample_id, size)
             if key == "edge":

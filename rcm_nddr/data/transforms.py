@@ -1,20 +1,20 @@
 """Joint transforms of a sample dict: random scale, crop and flip for training, padding for validation.
 
 Every transform is called as ``transform(sample, generator)`` and draws its random parameters from
-``generator`` only. How each sample key is resized, padded and flipped comes from one table,
-``KEY_RULES``; a new target key is supported by adding its row there.
+``generator`` only. How each sample key is resized, padded and flipped is its rule in the target-key
+registry (``rcm_nddr.data.targets``); a new target key is supported by registering it there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from rcm_nddr.data.targets import TARGET_KEYS, KeyRule
 
 Sample = dict[str, Any]
 
@@ -22,60 +22,15 @@ Sample = dict[str, Any]
 PASSTHROUGH_KEYS = frozenset({"meta"})
 
 
-@dataclass(frozen=True)
-class KeyRule:
-    """How the transforms treat one sample key.
-
-    ``interpolation`` is used when rescaling; ``pad_value`` fills padded pixels; ``on_scale(value, s)``
-    adjusts values after zooming by ``s``; ``on_flip(value)`` adjusts values after a horizontal flip.
-    """
-
-    interpolation: InterpolationMode
-    pad_value: float
-    on_scale: Callable[[Tensor, float], Tensor] | None = None
-    on_flip: Callable[[Tensor], Tensor] | None = None
-
-
-def _depth_on_scale(depth: Tensor, scale: float) -> Tensor:
-    # zooming in by s makes the scene look s times closer
-    return depth / scale
-
-
-def _normals_on_flip(normals: Tensor) -> Tensor:
-    # a mirrored surface faces the other way along x; invalid all-zero vectors keep +0.0 so they stay
-    # exactly zero
-    out = normals.clone()
-    valid = normals.abs().sum(dim=0) > 0
-    out[0] = torch.where(valid, -normals[0], normals[0])
-    return out
-
-
-# Labels, depths and normals use nearest-neighbour so values are never blended across a boundary
-# (NEAREST_EXACT samples pixel centres, like bilinear with align_corners=False, so they stay aligned
-# with the image). Nearest resampling copies normal vectors unchanged, so they stay unit length (or
-# zero) and need no renormalization. The image is ImageNet-normalized on load, so 0 is the mean colour;
-# bilinear weights sum to one, so resizing commutes with that normalization.
-KEY_RULES: dict[str, KeyRule] = {
-    "image": KeyRule(InterpolationMode.BILINEAR, pad_value=0.0),
-    "semseg": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
-    "parts": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
-    "human_parts": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255),
-    "depth": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=0.0, on_scale=_depth_on_scale),
-    "normals": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=0.0, on_flip=_normals_on_flip),
-    "edge": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255.0),
-    "sal": KeyRule(InterpolationMode.NEAREST_EXACT, pad_value=255.0),
-}
-
-
 def rule_for(key: str) -> KeyRule:
-    """The transform rule of a sample key; an unknown key is an error naming it."""
-    try:
-        return KEY_RULES[key]
-    except KeyError:
+    """The transform rule of a sample key; a key no registration covers is an error naming it."""
+    if key not in TARGET_KEYS:
         raise ValueError(
-            f"no transform rule for sample key {key!r}; known keys: {', '.join(KEY_RULES)} "
-            f"(add a row to rcm_nddr.data.transforms.KEY_RULES)"
-        ) from None
+            f"no transform rule for sample key {key!r}: it is not a registered target key (known: "
+            f"{', '.join(TARGET_KEYS.names())}); register it with rcm_nddr.data.targets.register_target "
+            "in the module that defines the task type reading it"
+        )
+    return TARGET_KEYS.get(key).rule
 
 
 def _map_tensors(sample: Sample, fn: Callable[[KeyRule, Tensor], Tensor]) -> Sample:
