@@ -14,11 +14,11 @@ from PIL import Image
 
 from rcm_nddr import ModelStore
 from rcm_nddr.commands import cli
-from rcm_nddr.data import MultiTaskFolder, build_transforms, check_target_keys, check_targets
+from rcm_nddr.data import NYUDMT, MultiTaskFolder, build_transforms, check_target_keys, check_targets
 from rcm_nddr.data.folder import DatasetError
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.data.targets import TARGET_KEYS
-from rcm_nddr.registry import TASKS, RegistryError, import_plugin
+from rcm_nddr.registry import TASKS, RegistryError, discover, import_plugin
 
 # The complete plug-in of the README's "Adding a task type": per-pixel brightness in [0, 1], a target
 # key of its own read from <root>/brightness/<id>.npy, bilinear resampling and -1 as the pad value.
@@ -160,7 +160,8 @@ SIZE = (48, 48)
 
 @pytest.fixture(scope="module")
 def plugins(tmp_path_factory) -> dict[str, Path]:
-    """The plug-in files (each imported once per process, by the first config or test that names it)."""
+    """The plug-in files. A file is imported once per process; the brightness plug-in here, as the
+    mistaken ones build on its task type; the others by the first config or test that names them."""
     folder = tmp_path_factory.mktemp("plugins")
     brightness = folder / "brightness_task.py"
     brightness.write_text(BRIGHTNESS_PLUGIN)
@@ -227,12 +228,20 @@ def test_the_folder_dataset_reads_a_registered_key_with_its_transform_rule(plugi
     zoomed = build_transforms(True, SIZE, scales=(2.0,), flip=False)
     zoomed_value = zoomed({"brightness": raw["brightness"]}, torch.Generator().manual_seed(0))["brightness"]
     assert not set(zoomed_value.unique().tolist()) <= set(raw["brightness"].unique().tolist())
+    # a dataset with a layout of its own reads a registered key where the key's folder exists
+    assert torch.equal(NYUDMT(synth, "val", ["brightness", "depth"])[0]["brightness"], raw["brightness"])
     task = TASKS.get("brightness")("brightness", train_set.info)
     torch.manual_seed(0)
     expected_draw = torch.rand(1)
     torch.manual_seed(0)
     check_targets({"brightness": task}, train_set)
     assert torch.equal(torch.rand(1), expected_draw)  # the check leaves the run's random stream alone
+
+
+def test_every_built_in_task_type_reads_a_registered_key():
+    discover([])
+    builtin = ("semseg", "parts", "human_parts", "depth", "normals", "edge", "sal")
+    check_target_keys({name: TASKS.get(name) for name in builtin})
 
 
 def test_a_single_file_plugin_task_trains_and_predicts(tmp_path, plugins, synth):
@@ -244,7 +253,8 @@ def test_a_single_file_plugin_task_trains_and_predicts(tmp_path, plugins, synth)
 
     images = tmp_path / "images"
     images.mkdir()
-    Image.open(synth / "images" / "000005.png").save(images / "room.png")
+    with Image.open(synth / "images" / "000005.png") as im:
+        im.save(images / "room.png")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(images / "noise.png")
     out = tmp_path / "predictions"
