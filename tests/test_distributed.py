@@ -16,15 +16,17 @@ import pytest
 import torch
 from helpers import tiny_run
 
+from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config, save_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_dataset, build_tasks
 from rcm_nddr.engine.checkpoint import load_checkpoint
 from rcm_nddr.engine.distributed import ShardSampler
 from rcm_nddr.engine.evaluate import eval_loader, evaluate
-from rcm_nddr.engine.provenance import config_sha256
+from rcm_nddr.engine.provenance import config_sha256, container, git_state
 from rcm_nddr.engine.sampler import ResumableSampler
 from rcm_nddr.engine.tester import run_test
+from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.store import ModelStore
 from rcm_nddr.task import DatasetInfo, Metric
@@ -305,8 +307,6 @@ def test_sigterm_and_sigint_write_a_checkpoint_and_exit_cleanly(tmp_path, synth,
 
 
 def test_env_json_records_what_produced_the_run(tmp_path, synth):
-    from rcm_nddr.engine.trainer import Trainer
-
     cfg = load_config(None, tiny_run(tmp_path, synth, "[sal]", "train.max_iters=1", "train.val_every=1"))
     trainer = Trainer(cfg, progress=False)
     trainer.run()
@@ -326,8 +326,6 @@ def test_env_json_records_what_produced_the_run(tmp_path, synth):
 
 
 def test_git_state_outside_a_checkout_comes_from_the_image(tmp_path, monkeypatch):
-    from rcm_nddr.engine.provenance import container, git_state
-
     monkeypatch.setenv("RCM_NDDR_GIT_COMMIT", "0123abc")
     monkeypatch.setenv("RCM_NDDR_GIT_DIRTY", "false")
     monkeypatch.setenv("RCM_NDDR_IMAGE", "rcm-nddr:latest")
@@ -339,9 +337,6 @@ def test_git_state_outside_a_checkout_comes_from_the_image(tmp_path, monkeypatch
 
 
 def test_auto_resume_continues_a_run_when_it_has_a_checkpoint_and_starts_one_otherwise(tmp_path, synth):
-    from rcm_nddr.commands import cli
-    from rcm_nddr.engine.trainer import Trainer
-
     config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", "train.max_iters=4")
     Trainer(load_config(config), progress=False).fit(stop_after=2)  # an interrupted run
     assert cli.train_main(["--config", str(config), "--quiet", "--auto-resume"]) == 0

@@ -1,5 +1,6 @@
-"""Training engine end to end on a tiny generated SYNTH_MT: outputs, resume, NaN abort, plug-in tasks,
-test.py's metrics JSON and CSV, and the command-line entry points."""
+"""Training engine on a tiny generated SYNTH_MT: a run is built without writing anything, then trains
+end to end (outputs, resume, NaN abort, plug-in tasks), test.py's metrics JSON and CSV, the command-line
+entry points; the optimizer's groups and schedules on a toy module."""
 
 import csv
 import json
@@ -8,13 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_run
+from rcm_nddr.decomp import load_decomposition
+from torch import nn
 
 from rcm_nddr.commands import cli
-from rcm_nddr.config import load_config
+from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.data.synthetic import generate
+from rcm_nddr.engine import run as run_module
+from rcm_nddr.engine.builders import build_optimizer, build_scheduler, lr_factor
 from rcm_nddr.engine.checkpoint import load_checkpoint
+from rcm_nddr.engine.evaluate import to_json
 from rcm_nddr.engine.tester import run_test
 from rcm_nddr.engine.trainer import NonFiniteLossError, RunExistsError, Trainer
+from rcm_nddr.store import ModelStore
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "toy_tasks.py")
 
@@ -144,6 +151,72 @@ def test_entry_points_and_their_errors(tmp_path, synth, capsys):
     assert "unknown task type 'no_such_task'" in capsys.readouterr().err
 
 
+def test_building_a_run_writes_nothing_until_it_starts(tmp_path, synth, monkeypatch):
+    """Every check comes before the first write: constructing a Trainer (even one that computes its RI
+    decomposition, which defaults to a file inside the store) leaves the disk as it was, and so does an
+    error anywhere in the build; the run's files appear when it starts."""
+    store = tmp_path / "store"
+    rc = ("backbone.reparam=rc", "backbone.weights=none")
+    bad = load_config(None, tiny(store, synth, "[inverse_depth]", f"plugins=[{PLUGIN}]", "loss.inverse_depth.scal=2"))
+    with pytest.raises(ConfigError, match="scal"):
+        Trainer(bad, progress=False)
+    assert not store.exists()
+
+    cfg = load_config(None, tiny(store, synth, "[sal]", *rc))
+
+    def late_error(*args, **kwargs):
+        raise ConfigError("refused at the end of the build")
+
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "build_optimizer", late_error)  # after the data, the decomposition and the model
+        with pytest.raises(ConfigError, match="end of the build"):
+            Trainer(cfg, progress=False)
+    assert not store.exists()
+
+    trainer = Trainer(cfg, progress=False)
+    assert not store.exists()
+    assert trainer.setup.ri.content is not None  # computed, held in memory
+    trainer.setup.start()
+    assert ModelStore(store).exists and ModelStore(store).tasks == []
+    assert {p.name for p in (store / "runs" / "sal").iterdir()} == {"config.yaml", "parameters.json", "env.json"}
+    layers, _ = load_decomposition(ModelStore(store).decomposition_path)
+    modulator = trainer.model.backbone.layer1[0].conv1.modulators["sal"].weight.squeeze()
+    assert torch.allclose(modulator, layers["layer1.0.conv1"].U.float(), atol=1e-6)  # the file the run used
+
+
+class ToyNet(nn.Module):
+    """A network with fusion, another trainable part and a frozen part, as build_optimizer sees one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(3, 3)
+        self.fusion = nn.Linear(3, 3)
+        self.frozen = nn.Linear(3, 3).requires_grad_(False)
+
+
+def test_fusion_group_keeps_its_lr_ratio_and_decay_through_the_schedule():
+    extra = ("optimizer.name=sgd", "optimizer.lr=0.01", "fusion.lr_mult=100", "fusion.weight_decay=0.001")
+    cfg = load_config(None, ["tasks=[semseg, depth]", "fusion.type=nddr", *extra])
+    net = ToyNet()
+    optimizer = build_optimizer(cfg, net)
+    base, fused = optimizer.param_groups
+    assert [id(p) for p in fused["params"]] == [id(p) for p in net.fusion.parameters()]
+    assert [id(p) for p in base["params"]] == [id(p) for p in net.backbone.parameters()]  # nothing frozen
+    assert fused["weight_decay"] == 0.001 and base["weight_decay"] == 1e-4
+    scheduler = build_scheduler(cfg, optimizer, max_iters=4)
+    seen = []  # the lrs each optimizer step applies
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append((base["lr"], fused["lr"])))
+    for _ in range(4):
+        net.backbone(torch.ones(1, 3)).sum().add(net.fusion(torch.ones(1, 3)).sum()).backward()
+        optimizer.step()
+        scheduler.step()
+    assert len(seen) == 4  # the last one, at iteration max_iters - 1, is the last with a non-zero poly lr
+    for i, (lr, fused_lr) in enumerate(seen):
+        assert lr == pytest.approx(0.01 * (1 - i / 4) ** 0.9) and fused_lr == pytest.approx(100 * lr)
+    assert seen[-1][0] > 0
+    assert len(build_optimizer(cfg, nn.Linear(3, 3)).param_groups) == 1  # no fusion: one group
+
+
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
@@ -154,8 +227,6 @@ def test_entry_points_and_their_errors(tmp_path, synth, capsys):
     ],
 )
 def test_lr_schedules_are_stepped_per_iteration(schedule, expected):
-    from rcm_nddr.engine.builders import lr_factor
-
     factor = lr_factor(load_config(None, ["tasks=[semseg]", *schedule]), max_iters=10)
     assert [factor(0), factor(5), factor(10)] == pytest.approx(expected)
     warm = lr_factor(load_config(None, ["tasks=[semseg]", "scheduler.warmup_iters=4", *schedule]), max_iters=10)
@@ -176,8 +247,6 @@ def test_epochs_set_the_training_length_and_the_optimizer_follows_the_schedule(t
 
 
 def test_metric_json_is_strict():
-    from rcm_nddr.engine.evaluate import to_json
-
     text = to_json({"semseg": {"mIoU": 50.0, "IoU/cone": float("nan")}, "x": [1.0, float("inf")]})
     assert json.loads(text) == {"semseg": {"mIoU": 50.0, "IoU/cone": None}, "x": [1.0, None]}
     assert "NaN" not in text and "Infinity" not in text

@@ -4,14 +4,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from rcm_nddr.decomp import DecompositionError, load_decomposition
+from rcm_nddr.tasks.depth import DepthTask
+from torch.nn.utils import parametrize
 
 from rcm_nddr.commands import cli
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.data.synthetic import generate
+from rcm_nddr.engine.builders import build_model
 from rcm_nddr.engine.pretrain import pretrain
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn.accounting import parameter_breakdown
 from rcm_nddr.nn.backbone import SharedBackbone, load_state_dict_file, resnet_backbone
+from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
+from rcm_nddr.store import StoreError
+from rcm_nddr.task import DatasetInfo
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pretrain.yaml"
 TINY = [
@@ -86,11 +93,6 @@ def test_shared_backbone_computes_once_and_cli_refuses_rc(tmp_path, synth):
 
 
 def test_single_task_baseline_owns_a_whole_backbone():
-    from rcm_nddr.tasks.depth import DepthTask
-
-    from rcm_nddr.engine.builders import build_model
-    from rcm_nddr.task import DatasetInfo
-
     cfg = load_config(None, ["tasks=[depth]", "head.channels=8"])
     model = build_model(cfg, {"depth": DepthTask("depth", DatasetInfo("x"))})
     counts = parameter_breakdown(model, "depth")
@@ -100,11 +102,6 @@ def test_single_task_baseline_owns_a_whole_backbone():
 
 
 def test_rc_ri_nff_run_makes_its_decomposition_and_refuses_another_banks(tmp_path, synth):
-    from rcm_nddr.decomp import DecompositionError, load_decomposition
-
-    from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
-    from rcm_nddr.store import StoreError
-
     bank = tmp_path / "bank.pth"
     torch.manual_seed(0)
     torch.save(resnet_backbone("resnet18").state_dict(), bank)
@@ -119,13 +116,14 @@ def test_rc_ri_nff_run_makes_its_decomposition_and_refuses_another_banks(tmp_pat
         *TINY,
     ]
     trainer = Trainer(load_config(None, overrides), progress=False)  # RI and NFF are the defaults
+    modulator = trainer.model.backbone.layer1[0].conv1.modulators["edge"].weight.squeeze().detach().clone()
+    assert not ri.exists()  # computed by the build, written when the run starts
+    trainer.fit()
     sha = filter_bank_sha256(bank_weights(resnet_backbone("resnet18", weights=str(bank))))
     layers, meta = load_decomposition(ri, expected_bank_sha256=sha)
     assert meta["filter_bank_sha256"] == sha and len(layers) == 17
     u = layers["layer1.0.conv1"].U.float()
-    modulator = trainer.model.backbone.layer1[0].conv1.modulators["edge"].weight.squeeze()
     assert torch.allclose(modulator, u, atol=1e-6)
-    trainer.fit()
 
     torch.manual_seed(1)
     torch.save(resnet_backbone("resnet18").state_dict(), bank)  # another bank
@@ -148,7 +146,7 @@ def test_ri_decomposition_is_made_for_the_exact_bank_even_with_random_weights(tm
         *TINY,
     ]
     trainer = Trainer(load_config(None, overrides), progress=False)  # would refuse a decomposition of another bank
+    assert not (tmp_path / "rc").exists()  # building the run writes nothing, not even inside the store
+    trainer.setup.start()
     assert (tmp_path / "rc" / "ri.safetensors").is_file()
-    from torch.nn.utils import parametrize
-
     assert parametrize.is_parametrized(trainer.model.backbone.conv1.modulators["sal"])  # NFF

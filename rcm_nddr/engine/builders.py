@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 from rcm_nddr.config import Config, ConfigError, OptimizerConfig, SchedulerConfig
 from rcm_nddr.data.transforms import build_transforms
 from rcm_nddr.decomp import decompose_dataset, limit, load_decomposition
-from rcm_nddr.files import file_sha256
+from rcm_nddr.files import atomic_write, file_sha256
 from rcm_nddr.nn.assembly import (
     AssemblyError,
     TaskSpec,
@@ -143,17 +144,34 @@ def decomposition_path(cfg: Config) -> Path:
     return Path(cfg.store) / "ri.safetensors"
 
 
-def load_ri(
-    cfg: Config, net: ResNetBackbone, store: ModelStore | None = None
-) -> tuple[dict[str, torch.Tensor] | None, Path | None]:
-    """The eigenvectors U of every reparameterized conv (None without ``rc`` + ``ri``) and their file.
+@dataclass
+class ResponseInit:
+    """The RI of a run: the eigenvectors U of every reparameterized conv (None without ``rc`` + ``ri``)
+    and their decomposition file. ``content`` holds the file's bytes while a decomposition this build
+    computed is not written yet (``write()`` does it, when the run starts)."""
 
-    A store that records a decomposition provides it (a config naming a different existing file is
-    refused with both sha256s); otherwise ``decomposition_path(cfg)``, made from the train split when
-    missing. The file must belong to this bank (sha256)."""
+    eigenvectors: dict[str, torch.Tensor] | None = None
+    path: Path | None = None
+    content: bytes | None = field(default=None, repr=False)
+
+    def write(self) -> None:
+        """Write a computed decomposition to ``path`` (atomically; nothing to do when the file was read)."""
+        content = self.content
+        if content is None or self.path is None:
+            return
+        atomic_write(self.path, lambda tmp: tmp.write_bytes(content))
+        log.info("decomposition written to %s", self.path)
+        self.content = None
+
+
+def resolve_ri(cfg: Config, net: ResNetBackbone, store: ModelStore | None = None) -> ResponseInit:
+    """The run's RI, without writing anything. A store that records a decomposition provides it (a config
+    naming a different existing file is refused with both sha256s); otherwise ``decomposition_path(cfg)``,
+    computed from the train split when missing and held in memory until ``write()``. The file must
+    belong to this bank (sha256)."""
     b = cfg.backbone
     if b.reparam != "rc" or not b.ri:
-        return None, None
+        return ResponseInit()
     stored = store.decomposition_path if store is not None and store.exists else None
     if stored is not None:
         named = Path(b.decomposition) if b.decomposition is not None else None
@@ -167,14 +185,28 @@ def load_ri(
         path = stored
     else:
         path = decomposition_path(cfg)
-        if not path.is_file():
-            log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
-            # Its data loader draws from the global RNG: without the fork, a run that makes the file would
-            # initialize its tasks differently from the same run finding it.
-            with torch.random.fork_rng(devices=[]):
-                make_decomposition(cfg, path, backbone=net)
-    layers, _ = load_decomposition(path, expected_bank_sha256=filter_bank_sha256(bank_weights(net)))
-    return {name: d.U for name, d in layers.items()}, path
+    bank_sha256 = filter_bank_sha256(bank_weights(net))
+    if path.is_file():
+        layers, _ = load_decomposition(path, expected_bank_sha256=bank_sha256)
+        return ResponseInit({name: d.U for name, d in layers.items()}, path)
+    log.info("decomposition %s is missing: computing it from %s", path, cfg.dataset.train_split)
+    # decomp writes files only: the file is made in a scratch directory and kept in memory, so nothing next
+    # to the store exists before the run starts. Its data loader draws from the global RNG: without the
+    # fork, a run that makes the file would initialize its tasks differently from the same run finding it.
+    with tempfile.TemporaryDirectory(prefix="rcm-nddr-ri-") as scratch, torch.random.fork_rng(devices=[]):
+        made = make_decomposition(cfg, Path(scratch) / path.name, backbone=net)
+        layers, _ = load_decomposition(made, expected_bank_sha256=bank_sha256)
+        content = made.read_bytes()
+    return ResponseInit({name: d.U for name, d in layers.items()}, path, content)
+
+
+def load_ri(
+    cfg: Config, net: ResNetBackbone, store: ModelStore | None = None
+) -> tuple[dict[str, torch.Tensor] | None, Path | None]:
+    """``resolve_ri`` with the file written when it was computed: the eigenvectors and their file."""
+    ri = resolve_ri(cfg, net, store)
+    ri.write()
+    return ri.eigenvectors, ri.path
 
 
 def bank_as_used(cfg: Config, net: ResNetBackbone, decomposition: dict[str, torch.Tensor] | None) -> dict:

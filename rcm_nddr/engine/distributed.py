@@ -8,13 +8,12 @@ on CPU). Without those variables, or with ``WORLD_SIZE=1``, everything here runs
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +23,8 @@ from torch.utils.data import Sampler
 from rcm_nddr.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: how long ranks wait for each other at a barrier (rank 0 may compute the RI decomposition meanwhile)
 TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("RCM_NDDR_DIST_TIMEOUT_MIN", "60")))
@@ -128,17 +129,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-@contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. creating a store or a decomposition), then the others."""
+def from_main(compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0 alone, its result sent to every rank (pickled; e.g. a decomposition rank 0
+    computes while the others wait). An error on rank 0 is raised on every rank, so none waits forever."""
     ctx = context()
-    if ctx.enabled and not ctx.is_main:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if ctx.enabled and ctx.is_main:
-            dist.barrier()
+    if not ctx.enabled:
+        return compute()
+    payload: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            payload = [(compute(), None)]
+        except Exception as exc:
+            dist.broadcast_object_list([(None, f"{type(exc).__name__}: {exc}")], src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    value, error = payload[0]
+    if error is not None:
+        raise RuntimeError(f"rank 0 failed: {error}")
+    return value
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rcm_nddr.config import Config
+from rcm_nddr.engine import distributed
 
 #: the distribution this package is installed as
 DISTRIBUTION = "rcm-nddr"
@@ -147,8 +148,6 @@ def container() -> dict[str, Any]:
 
 def collect(cfg: Config | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     """Everything ``env.json`` records about the current process (and ``cfg``, when given)."""
-    from rcm_nddr.engine import distributed
-
     ctx = distributed.context()
     info: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

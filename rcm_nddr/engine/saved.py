@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from rcm_nddr.errors import UserError
 from rcm_nddr.files import atomic_save_npy, atomic_write
 from rcm_nddr.task import Task
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".png", ".npy")
 
 
-class PredictionError(Exception):
+class PredictionError(UserError):
     """A missing or malformed saved prediction; the message names the file and what was expected."""
 
 

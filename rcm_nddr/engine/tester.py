@@ -17,8 +17,8 @@ from rcm_nddr.engine.builders import GroupPlan, build_dataset, build_model, buil
 from rcm_nddr.engine.checkpoint import load_checkpoint
 from rcm_nddr.engine.evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
 from rcm_nddr.engine.fast import configure_backends, maybe_compile
+from rcm_nddr.engine.run import RunPaths
 from rcm_nddr.engine.saved import PredictionWriter
-from rcm_nddr.engine.trainer import RunPaths
 from rcm_nddr.files import atomic_write_text
 from rcm_nddr.store import ModelStore
 

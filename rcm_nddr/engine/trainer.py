@@ -1,112 +1,41 @@
-"""The training loop of one task group: iterations, validation, checkpoints, TensorBoard, resume."""
+"""The training loop of one task group: iterations, validation, checkpoints, resume, registration.
+What the loop trains is built without side effects by ``rcm_nddr.engine.run``."""
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
-import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from rcm_nddr.config import Config, ConfigError, check_paths, save_config
-from rcm_nddr.engine import distributed, provenance
-from rcm_nddr.engine.builders import (
-    GroupPlan,
-    build_dataset,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    build_tasks,
-    check_store_backbone,
-    config_spec,
-    load_ri,
-    loss_weights,
-    open_store,
-    plan_group,
-    pretrained_backbone,
-    resolve_device,
-)
+from rcm_nddr.config import Config
+from rcm_nddr.engine import distributed
+from rcm_nddr.engine.board import Board
+from rcm_nddr.engine.builders import config_spec
 from rcm_nddr.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from rcm_nddr.engine.evaluate import autocast, delta_mtl, denormalize, eval_loader, evaluate, primary_metrics, to_json
+from rcm_nddr.engine.evaluate import autocast, delta_mtl, eval_loader, evaluate, to_json
 from rcm_nddr.engine.fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
+from rcm_nddr.engine.run import RunExistsError, RunPaths, TrainingRun, build_run
 from rcm_nddr.engine.sampler import ResumableSampler
-from rcm_nddr.files import atomic_write_text, remove_stale_temporaries
-from rcm_nddr.nn.accounting import format_breakdown, owned_by, parameter_breakdown
-from rcm_nddr.store import ModelStore, TaskRecord
-from rcm_nddr.task import Metric
+from rcm_nddr.engine.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
+from rcm_nddr.errors import UserError
+from rcm_nddr.files import atomic_write_text
+from rcm_nddr.nn.accounting import format_breakdown, owned_by
+from rcm_nddr.store import TaskRecord
+
+# RunExistsError, RunPaths and TrainingInterrupted are imported from here by the commands
+__all__ = ["NonFiniteLossError", "RunExistsError", "RunPaths", "Trainer", "TrainingInterrupted"]
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A task's loss became NaN or infinite; training stops and the last good checkpoint is kept."""
-
-
-class RunExistsError(RuntimeError):
-    """A fresh run would overwrite the checkpoints of an earlier run."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT stopped training; a checkpoint of the last finished iteration was written, and
-    ``--resume`` continues from it. ``exit_code`` is 128 + the signal number, as for a killed process."""
-
-    def __init__(self, signum: int, iteration: int, checkpoint: Path) -> None:
-        self.signum = signum
-        self.iteration = iteration
-        self.checkpoint = checkpoint
-        self.exit_code = 128 + signum
-        super().__init__(
-            f"{signal.Signals(signum).name} received: stopped after iteration {iteration}, checkpoint {checkpoint}; "
-            "continue with --resume"
-        )
-
-
-#: signals that stop training cleanly (a checkpoint, then exit); a second one stops at once
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGINT to the main process, which finishes the step, writes a
-    checkpoint and then shuts them down (a Ctrl-C reaches the whole process group)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one task group's run writes: ``<store>/runs/<group>`` and ``<store>/checkpoints/<group>``."""
-
-    run: Path
-    checkpoints: Path
-
-    @classmethod
-    def of(cls, cfg: Config) -> RunPaths:
-        store = Path(cfg.store)
-        return cls(store / "runs" / cfg.group_name, store / "checkpoints" / cfg.group_name)
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-
-def seed_everything(seed: int) -> None:
-    # Augmentations draw from per-sample generators (see ResumableSampler); these seed the model's
-    # initialization and dropout.
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -114,11 +43,11 @@ class Trainer:
     stops early at ``stop_after`` iterations with a checkpoint, to be continued with ``resume=True``);
     ``register()`` then adds the group to the store; ``run()`` does both.
 
-    The store is created by the first run that names it (with this run's filter bank); in an existing
-    store the bank is the store's (a config with another backbone or bank is refused), and the stored
-    tasks the group reads through NDDR are loaded frozen. A task name the store already registers is
-    refused unless ``replace``. ``shared_backbone`` trains one plain backbone shared by the group's
-    tasks (pretraining), which registers nothing."""
+    Constructing a Trainer builds the run (``build_run``) and writes nothing: a refused config, plug-in,
+    dataset or store leaves no file behind. The first ``fit()`` starts the run (``TrainingRun.start``):
+    the store is created by the first run that names it (with this run's filter bank), and the run
+    directory gets its config and provenance. ``shared_backbone`` trains one plain backbone shared by the
+    group's tasks (pretraining), which registers nothing."""
 
     def __init__(
         self,
@@ -129,84 +58,30 @@ class Trainer:
         shared_backbone: bool = False,
         replace: bool = False,
     ) -> None:
-        check_paths(cfg)
-        self.cfg = cfg
-        self.dist = distributed.context()
+        self.setup: TrainingRun = build_run(
+            cfg, resume=resume, overwrite=overwrite, shared_backbone=shared_backbone, replace=replace
+        )
+        s = self.setup
+        self.cfg, self.dist, self.device, self.paths = cfg, s.dist, s.device, s.paths
         self.is_main = self.dist.is_main
         self.progress = progress and self.is_main
-        self.paths = RunPaths.of(cfg)
+        self.train_set, self.val_set, self.tasks, self.plan = s.train_set, s.val_set, s.tasks, s.plan
+        self.weights, self.primaries = s.weights, s.primaries
+        self.model, self.optimizer, self.scheduler = s.model, s.optimizer, s.scheduler
+        self.max_iters, self.parameter_counts = s.max_iters, s.parameter_counts
         t = cfg.train
-        if self.dist.enabled and t.batch_size % self.dist.world_size:
-            raise ConfigError(
-                f"{cfg.source}: key 'train.batch_size': {t.batch_size} is the global batch and must split evenly "
-                f"over the {self.dist.world_size} processes of this run"
-            )
-        if not resume and self.paths.last.exists() and not (overwrite or replace):  # replacing = starting over
-            raise RunExistsError(
-                f"{self.paths.checkpoints} already holds checkpoints of a run of {cfg.group_name!r}; "
-                "continue it with --resume, or start over with --overwrite"
-            )
-        if resume and not self.paths.last.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.paths.last}")
-        seed_everything(t.seed)
-        self.device = distributed.process_device(t.device, self.dist) or resolve_device(t.device)
-        if self.dist.enabled and t.sync_bn and self.device.type != "cuda":
-            raise ConfigError(
-                f"{cfg.source}: key 'train.sync_bn': SyncBatchNorm needs CUDA devices, this run is on CPU"
-            )
-        self.train_set = build_dataset(cfg, cfg.dataset.train_split, train=True)
-        self.val_set = build_dataset(cfg, cfg.dataset.val_split, train=False)
-        self.tasks = build_tasks(cfg, self.train_set.info)
-        self.weights = loss_weights(cfg, self.tasks)
-        self.primaries = primary_metrics(self.tasks)
-        if self.dist.enabled:
-            for name, task in self.tasks.items():
-                metric = task.metric()
-                if not metric.state and type(metric).merge is Metric.merge:
-                    raise ConfigError(
-                        f"task {name!r}: its metric {type(metric).__name__} cannot merge the results of several "
-                        "processes (declare `state` or override `merge`); train it with one process"
-                    )
-        self.replace = replace
-        if self.is_main:
-            remove_stale_temporaries(self.paths.checkpoints)  # left by a process killed while writing
-        saved = load_checkpoint(self.paths.last) if resume else None
-        net = pretrained_backbone(cfg)
-        self.store: ModelStore | None = None
-        self.plan = GroupPlan()
-        if shared_backbone:
-            model = build_model(cfg, self.tasks, shared=True, net=net)
-        else:
-            # Every check before anything is written: a refused config leaves no store behind.
-            store = ModelStore(cfg.store)
-            check_store_backbone(cfg, store, net)
-            if saved is not None and "plan" in saved:  # what the run started with, whatever was added since
-                self.plan = GroupPlan.from_dict(saved["plan"])
-            else:
-                self.plan = plan_group(cfg, store.tasks if store.exists else [], replace)
-            with distributed.main_first():  # rank 0 makes the decomposition and the store; the others read them
-                decomposition, decomposition_file = load_ri(cfg, net, store)
-                self.store = open_store(cfg, net, decomposition, decomposition_file)
-            model = build_model(cfg, self.tasks, store=self.store, plan=self.plan, net=net, decomposition=decomposition)
-        if self.dist.enabled and t.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
-        self.model = model.to(self.device, memory_format=torch.channels_last)
-        self.max_iters = t.max_iters or t.epochs * math.ceil(len(self.train_set) / t.batch_size)
         self.checkpoint_every = t.checkpoint_every or t.val_every
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters)
         self.iteration = 0
         self.best_score: float | None = None
         self.reference: dict[str, dict[str, float]] | None = None
         self.last_metrics: dict[str, dict[str, float]] | None = None
-        self._stop_signal: int | None = None
+        self._signals = StopSignals()
         self._stop_requested = False
         if self.dist.enabled:
             # Every rank starts from the same weights (same seed); dropout and other draws differ per rank.
             torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
-        if saved is not None:
-            self._restore(saved)
+        if s.checkpoint is not None:
+            self._restore(s.checkpoint)
         # The module the step runs: DDP averages the gradients of the ranks. Buffers (BatchNorm statistics,
         # the filter bank) are not broadcast every step; rank 0's are given to all before an evaluation.
         step_module: torch.nn.Module = (
@@ -223,14 +98,6 @@ class Trainer:
         # (self.model stays the module that is checkpointed and registered)
         self.step_module = maybe_compile(step_module, t.compile)
         self.eval_module = maybe_compile(self.model, t.compile)
-        self.parameter_counts = {name: parameter_breakdown(self.model, name) for name in self.tasks}
-        # what produced the run: written by rank 0, which alone registers the group
-        self.environment = provenance.collect(cfg) if self.is_main else {}
-        if self.is_main:
-            self.paths.run.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.paths.run / "config.yaml")
-            atomic_write_text(self.paths.run / "parameters.json", to_json(self.parameter_counts, indent=2))
-            atomic_write_text(self.paths.run / "env.json", to_json(self.environment, indent=2))
         log.info(
             "group %s: tasks %s%s, %d train / %d val samples, %d iterations on %s%s; parameters per task:\n%s",
             cfg.group_name,
@@ -314,7 +181,7 @@ class Trainer:
             drop_last=True,
             pin_memory=self.device.type == "cuda",
             persistent_workers=t.num_workers > 0,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=ignore_stop_signals,
             # A private generator: creating the loader must not consume the global RNG, or a resumed
             # run would draw different dropout masks than an uninterrupted one.
             generator=torch.Generator().manual_seed(t.seed),
@@ -327,55 +194,27 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self, stop_after: int | None = None) -> dict[str, dict[str, float]] | None:
-        """Train until ``max_iters`` (or ``stop_after``); returns the last validation metrics.
+        """Start the run (its store and files, see ``TrainingRun.start``) and train until ``max_iters`` (or
+        ``stop_after``); returns the last validation metrics.
 
         SIGTERM or SIGINT (a preempted job, Ctrl-C) lets the current iteration finish, writes the
         checkpoint ``--resume`` continues from and raises ``TrainingInterrupted``; a second signal
         stops at once. In a distributed run the ranks agree on stopping at the same iteration."""
-        from torch.utils.tensorboard import SummaryWriter
-
+        self.setup.start()
         end = self.max_iters if stop_after is None else min(stop_after, self.max_iters)
-        writer = SummaryWriter(self.paths.run) if self.is_main else None
+        board = Board(self.paths.run, enabled=self.is_main)
         self.model.train()
         bar = tqdm(total=end, initial=self.iteration, desc=f"train {self.cfg.group_name}", disable=not self.progress)
         window = LossWindow(list(self.tasks), self.device)
-        previous_handlers = self._catch_stop_signals()
+        self._stop_requested = False
         try:
-            batches = DevicePrefetcher(self._train_loader(), self.device)
-            while self.iteration < end:
-                try:
-                    batch = next(batches)
-                except Exception:
-                    if self._stop_signal is None or self.dist.enabled:
-                        raise
-                    # the signal also reached the loader's workers (e.g. one that was still starting)
-                    log.warning("the data loader stopped after the %s", signal.Signals(self._stop_signal).name)
-                    self._stop_requested = True
-                else:
-                    window.add(self.iteration + 1, self._step(batch))
-                    self.iteration += 1
-                    bar.update(1)
-                if not self.dist.enabled and self._stop_signal is not None:
-                    self._stop_requested = True  # one process: stop now; several: agreed at the next fetch
-                validate = self.iteration % self.cfg.train.val_every == 0 or self.iteration == self.max_iters
-                save = validate or self.iteration % self.checkpoint_every == 0 or self.iteration == end
-                # Losses reach the host every log_every iterations, and before anything is validated or saved
-                # (a NaN is caught before it can reach a checkpoint); every rank fetches at the same iterations.
-                if save or self._stop_requested or self.iteration % self.cfg.train.log_every == 0:
-                    self._fetch_losses(window, writer, bar)
-                if validate and not self._stop_requested:
-                    self._validate(writer)
-                if save or self._stop_requested:
-                    self._save_last()
-                if self._stop_requested:
-                    distributed.barrier()  # rank 0 has written the checkpoint before any rank exits
-                    signum = self._stop_signal or signal.SIGTERM
-                    raise TrainingInterrupted(signum, self.iteration, self.paths.last)
+            with self._signals:
+                batches = DevicePrefetcher(self._train_loader(), self.device)
+                while self.iteration < end:
+                    self._iterate(batches, window, board, bar, end)
         finally:
-            self._restore_signals(previous_handlers)
             bar.close()
-            if writer is not None:
-                writer.close()
+            board.close()
         if self.iteration == self.max_iters and self.is_main:
             atomic_write_text(
                 self.paths.run / "metrics.json",
@@ -383,25 +222,36 @@ class Trainer:
             )
         return self.last_metrics
 
-    # ------------------------------------------------------------------ signals
-
-    def _catch_stop_signals(self) -> dict[int, Any]:
-        self._stop_signal = None
-        self._stop_requested = False
-        if threading.current_thread() is not threading.main_thread():
-            return {}  # signal handlers can only be set from the main thread
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt  # a second signal: stop now
-            self._stop_signal = signum
-
-        return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-
-    @staticmethod
-    def _restore_signals(previous: dict[int, Any]) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    def _iterate(self, batches: DevicePrefetcher, window: LossWindow, board: Board, bar: tqdm, end: int) -> None:
+        """One iteration, then what falls due after it: fetching the losses, validating, checkpointing,
+        stopping on a signal."""
+        try:
+            batch = next(batches)
+        except Exception:
+            if self._signals.received is None or self.dist.enabled:
+                raise
+            # the signal also reached the loader's workers (e.g. one that was still starting)
+            log.warning("the data loader stopped after the %s", signal.Signals(self._signals.received).name)
+            self._stop_requested = True
+        else:
+            window.add(self.iteration + 1, self._step(batch))
+            self.iteration += 1
+            bar.update(1)
+        if not self.dist.enabled and self._signals.received is not None:
+            self._stop_requested = True  # one process: stop now; several: agreed at the next fetch
+        validate = self.iteration % self.cfg.train.val_every == 0 or self.iteration == self.max_iters
+        save = validate or self.iteration % self.checkpoint_every == 0 or self.iteration == end
+        # Losses reach the host every log_every iterations, and before anything is validated or saved
+        # (a NaN is caught before it can reach a checkpoint); every rank fetches at the same iterations.
+        if save or self._stop_requested or self.iteration % self.cfg.train.log_every == 0:
+            self._fetch_losses(window, board, bar)
+        if validate and not self._stop_requested:
+            self._validate(board)
+        if save or self._stop_requested:
+            self._save_last()
+        if self._stop_requested:
+            distributed.barrier()  # rank 0 has written the checkpoint before any rank exits
+            raise TrainingInterrupted(self._signals.received or signal.SIGTERM, self.iteration, self.paths.last)
 
     # ------------------------------------------------------------------ step
 
@@ -422,14 +272,14 @@ class Trainer:
         self.scheduler.step()
         return torch.stack([loss.detach().float() for loss in task_losses.values()])
 
-    def _fetch_losses(self, window: LossWindow, writer, bar) -> None:
+    def _fetch_losses(self, window: LossWindow, board: Board, bar: tqdm) -> None:
         """The losses of the iterations since the last fetch, in one transfer (across ranks, one all-reduce
         that also carries the stop flag, so all ranks agree to stop at the same iteration). A NaN or
         infinite loss of any rank stops training naming its first iteration; TensorBoard gets the mean
         of each task's loss over the window."""
         if not window:
             return
-        flag = 0.0 if self._stop_signal is None else 1.0
+        flag = 0.0 if self._signals.received is None else 1.0
         rows, (stops,) = window.fetch([flag])
         if stops > 0:
             self._stop_requested = True
@@ -443,30 +293,11 @@ class Trainer:
                     )
         means = {name: sum(v[name] for _, v in rows) / len(rows) for name in window.names}
         means["total"] = sum(self.weights[name] * value for name, value in means.items())
-        if writer is not None:
-            for name, value in means.items():
-                writer.add_scalar(f"loss/{name}", value, self.iteration)
-            writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.iteration)
+        board.scalars("loss", means, self.iteration)
+        board.scalars("", {"lr": self.optimizer.param_groups[0]["lr"]}, self.iteration)
         bar.set_postfix(loss=f"{means['total']:.4f}")
 
-    def _validate(self, writer) -> None:
-        shown: list[bool] = []
-
-        def show(batch, predictions) -> None:
-            if shown:
-                return
-            shown.append(True)
-            n = min(4, batch["image"].shape[0])
-            writer.add_image("val/input", make_grid(denormalize(batch["image"][:n])), self.iteration)
-            for name, task in self.tasks.items():
-                target = batch[task.target_key][:n]
-                writer.add_image(f"val/{name}/target", make_grid([task.visualize(x) for x in target]), self.iteration)
-                writer.add_image(
-                    f"val/{name}/prediction",
-                    make_grid([task.visualize(x) for x in predictions[name][:n]]),
-                    self.iteration,
-                )
-
+    def _validate(self, board: Board) -> None:
         # Every rank evaluates rank 0's model (its BatchNorm statistics) on its shard; the metrics are merged.
         distributed.broadcast_buffers(self.model)
         metrics = evaluate(
@@ -476,12 +307,10 @@ class Trainer:
             self.device,
             self.cfg.train.amp,
             self.progress,
-            on_batch=show if writer is not None else None,
+            on_batch=board.predictions(self.tasks, self.iteration),
         )
         for name, values in metrics.items():
-            for key, value in values.items():
-                if writer is not None:
-                    writer.add_scalar(f"val/{name}/{key}", value, self.iteration)
+            board.scalars(f"val/{name}", values, self.iteration)
         if self.reference is None:
             self.reference = metrics
         # One score for a group: Delta_MTL against the first validation (for one task: its primary metric's
@@ -517,13 +346,14 @@ class Trainer:
         checkpoint: ``best`` or ``last``), its probe outputs, sources, config, parameter breakdown,
         validation metrics, model description and run environment (``env.json``). Earlier tasks and their
         files are not touched. In a distributed run rank 0 registers (once) while the others wait."""
-        if self.store is None:
+        if self.setup.store is None:
             raise RuntimeError("a pretraining run registers nothing in a model store")
         if self.iteration < self.max_iters:
             raise RuntimeError(
                 f"group {self.cfg.group_name!r} is trained to iteration {self.iteration} of {self.max_iters}; "
                 "finish it (--resume) before registering it"
             )
+        self.setup.start()  # a resumed run that was already at its end writes nothing before
         if not self.is_main:
             distributed.barrier()
             return []
@@ -559,15 +389,16 @@ class Trainer:
                     },
                     "model": spec.model_description(),
                     "dataset": spec.dataset,
-                    "environment": self.environment,
+                    "environment": self.setup.environment,
                 }
             )
-        probes = self.store.compute_probes(records, tensors)
-        registered = self.store.register_group(records, tensors, probes, replace=self.replace)
+        store = self.setup.store
+        probes = store.compute_probes(records, tensors)
+        registered = store.register_group(records, tensors, probes, replace=self.setup.replace)
         log.info(
             "registered %s in the store %s (group %d)",
             ", ".join(r.name for r in registered),
-            self.store.path,
+            store.path,
             registered[0].group,
         )
         return registered
