@@ -304,3 +304,9 @@ def test_check_targets_names_a_broken_transform_rule_and_a_target_the_dataset_la
     assert str(plugins["bad_reader"]) in str(err.value)
     with pytest.raises(DatasetError, match="'glare', which the dataset .* was not built to read"):
         check_targets(task, MultiTaskFolder(synth, "val", ["depth"]))
+
+
+def test_the_documented_plugin_is_the_one_the_tests_train():
+    """docs/adding-a-task.md shows this file in full; the README's walk-through points there."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "adding-a-task.md").read_text()
+    assert "# brightness_task.py\n" + BRIGHTNESS_PLUGIN.strip("\n") + "\n```" in docs
