@@ -8,6 +8,7 @@ import argparse
 import re
 import typing
 
+from rcm_nddr.commands.docker import DEFAULT_SHM_SIZE, DEFAULT_STOP_TIMEOUT, DEFAULT_TAG, MOUNTS, WORKDIR
 from rcm_nddr.config import CompileMode
 from rcm_nddr.registry import installed_names
 
@@ -372,3 +373,72 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--json", help="also write the report (setup, machine, rows per T, fits) to this JSON file")
     s.add_argument("--plot", help="also draw time and parameters against T into this PNG (default: no plot)")
     s.set_defaults(handler="rcm_nddr.commands.bench_scaling:main")
+
+
+# ----------------------------------------------------------------------------- rcm-nddr docker
+
+
+def add_docker_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``docker build`` and ``docker run`` subcommands, under ``p``."""
+    sub = p.add_subparsers(dest="docker_command", required=True)
+    b = command_parser(
+        sub,
+        "build",
+        help="build the image (the commit of the checkout is recorded in it)",
+        description="Build the rcm-nddr image from the Dockerfile of a checkout, streaming the build output.",
+    )
+    b.add_argument("--tag", default=DEFAULT_TAG, help=f"image name:tag (default: {DEFAULT_TAG})")
+    b.add_argument("--base-image", help="base image with Python and torch (default: the Dockerfile's BASE_IMAGE)")
+    b.add_argument("--context", help="build context holding the Dockerfile (default: this project's root)")
+    b.add_argument("--network", help="network of the build's RUN steps, e.g. host (default: the engine's)")
+    b.add_argument(
+        "--build-arg", action="append", default=[], metavar="KEY=VALUE", help="extra build argument (repeatable)"
+    )
+    b.add_argument("--pull", action="store_true", help="pull a newer base image first")
+    b.add_argument("--verbose", action="store_true", help="debug logging")
+    b.set_defaults(handler="rcm_nddr.commands.docker:build")
+
+    r = command_parser(
+        sub,
+        "run",
+        help="run a command (python train.py ...) in the image with the host folders mounted",
+        description=(
+            f"Run COMMAND in the image as the host user, with --data mounted read-only at {MOUNTS['data']}, "
+            f"--results at {MOUNTS['results']}, --ri at {MOUNTS['ri']} and --models at {MOUNTS['models']} "
+            f"(TORCH_HOME), in the working directory {WORKDIR}. Exits with the command's status."
+        ),
+    )
+    r.add_argument("--image", default=DEFAULT_TAG, help=f"image to run (default: {DEFAULT_TAG})")
+    r.add_argument("--gpus", default="none", help="GPUs: all, a count N, device=ID[,ID...], or none (default: none)")
+    r.add_argument("--data", required=True, help=f"host datasets folder, mounted read-only at {MOUNTS['data']}")
+    r.add_argument("--results", required=True, help=f"host results folder (created), mounted at {MOUNTS['results']}")
+    r.add_argument("--ri", help=f"host folder of RI decompositions (created), mounted at {MOUNTS['ri']}")
+    r.add_argument(
+        "--models",
+        help=f"host folder of pretrained weights (created), mounted at {MOUNTS['models']} = TORCH_HOME, "
+        "e.g. ~/.cache/torch (torchvision weights in hub/checkpoints/)",
+    )
+    r.add_argument(
+        "--shm-size",
+        default=DEFAULT_SHM_SIZE,
+        help=f"size limit of /dev/shm for DataLoader workers (default: {DEFAULT_SHM_SIZE})",
+    )
+    r.add_argument("--ipc-host", action="store_true", help="share the host's IPC namespace instead (--ipc=host)")
+    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable (repeatable)")
+    r.add_argument("--user", help="UID:GID to run as (default: the calling user's, so results belong to them)")
+    r.add_argument("--name", help="container name (default: a generated one)")
+    r.add_argument("--network", help="network mode, e.g. none or host (default: the engine's)")
+    r.add_argument(
+        "--stop-timeout",
+        type=non_negative_int,
+        default=DEFAULT_STOP_TIMEOUT,
+        help=f"seconds from SIGTERM to SIGKILL when interrupted (default: {DEFAULT_STOP_TIMEOUT})",
+    )
+    r.add_argument("--verbose", action="store_true", help="debug logging")
+    r.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="what to run, after --, e.g. -- python train.py --config configs/synthetic/semseg_RC_RI_NFF.yaml",
+    )
+    r.set_defaults(handler="rcm_nddr.commands.docker:run")

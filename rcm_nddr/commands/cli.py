@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rcm_nddr.commands import arguments as a
-from rcm_nddr.commands import docker  # light: it imports the Docker SDK only to talk to the engine
 from rcm_nddr.errors import UserError
 
 
@@ -91,7 +90,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_bench_arguments(
         a.command_parser(sub, "bench", "speed: deploy form and RC training vs plain networks; bench decomp|scaling")
     )
-    docker.add_arguments(a.command_parser(sub, "docker", "build the Docker image; run train.py/test.py in a container"))
+    a.add_docker_arguments(
+        a.command_parser(sub, "docker", "build the Docker image; run train.py/test.py in a container")
+    )
     return p
 
 
