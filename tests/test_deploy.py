@@ -184,6 +184,13 @@ def test_a_batched_model_of_every_task_answers_subsets_of_them(nddr_store, subse
         batched(x, tasks=["nope"])
 
 
+def test_the_batched_form_runs_the_one_multitask_forward_on_a_stack():
+    # the batched form changes how features are held between stages, not the stage loop
+    assert BatchedMultiTaskNet.forward is MultiTaskNet.forward
+    for hook in ("stage_input", "run_stage", "task_features"):
+        assert getattr(BatchedMultiTaskNet, hook) is not getattr(MultiTaskNet, hook)
+
+
 def test_the_batched_form_with_and_without_the_shared_stem(nddr_store):
     model = ModelStore(nddr_store).load_model(["normals"])  # reads semseg and depth: a stack of three
     shared = deploy(model, shared_stem=True, batched=True)

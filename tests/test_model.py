@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18, resnet50
 
-from rcm_nddr.nn.backbone import STAGES, WeightsError, resnet_backbone, torchvision_weights_path
+from rcm_nddr.nn.backbone import STAGES, WeightsError, once_per_input, resnet_backbone, torchvision_weights_path
 from rcm_nddr.nn.heads import DeepLabV3PlusHead
 
 
@@ -85,3 +85,17 @@ def test_deeplab_head_output_size(output_stride):
     assert out.shape == (2, 5, 64, 80)
     rates = [m.dilation[0] for m in head.aspp.modules() if isinstance(m, torch.nn.Conv2d) and m.dilation[0] > 1]
     assert rates == ([6, 12, 18] if output_stride == 16 else [12, 24, 36])
+
+
+def test_once_per_input_shares_a_computation_between_the_tasks_reading_one_tensor():
+    x, y = torch.randn(1, 2), torch.randn(1, 2)
+    calls = []
+
+    def shared(t):
+        calls.append(t)
+        return t * 2
+
+    out = once_per_input({"a": x, "b": x, "c": y}, shared)
+    assert len(calls) == 2 and out["a"] is out["b"] and torch.equal(out["c"], y * 2)
+    finished = once_per_input({"a": x, "b": x}, shared, lambda r, task: r + (task == "b"))
+    assert torch.equal(finished["a"], x * 2) and torch.equal(finished["b"], x * 2 + 1) and len(calls) == 3

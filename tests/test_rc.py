@@ -5,7 +5,7 @@ import torch
 
 from rcm_nddr.nn.backbone import STAGES, resnet_backbone
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256, reparameterized_convs
-from rcm_nddr.nn.rc import RCConv2d, RCResNet
+from rcm_nddr.nn.rc import RCBasicBlock, RCBottleneck, RCConv2d, RCResNet, rc_block
 
 
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -128,3 +128,28 @@ def test_resnet18_modulator_count_and_bank_identity():
     assert modulators == 1_396_736  # stem + 16 block convs, Co x Co each, no bias
     assert filter_bank_sha256(bank_weights(plain)) == filter_bank_sha256(bank_weights(pretrained_like()))
     assert filter_bank_sha256(bank_weights(plain)) != filter_bank_sha256(bank_weights(pretrained_like(seed=1)))
+
+
+def test_rc_blocks_are_torchvision_blocks_written_out_with_torchvision_names():
+    basic = RCResNet(pretrained_like("resnet18"), ["a"])
+    assert all(isinstance(b, RCBasicBlock) for s in STAGES[1:] for b in getattr(basic, s))
+    bottleneck = RCResNet(pretrained_like("resnet50"), ["a"])
+    assert all(isinstance(b, RCBottleneck) for s in STAGES[1:] for b in getattr(bottleneck, s))
+    # the bank tensors are named like the torchvision convs they come from
+    assert set(bottleneck.filter_bank()) == set(reparameterized_convs(pretrained_like("resnet50")))
+    assert {"layer1.0.conv3.filter_bank", "layer1.0.bn3.per_task.a.running_mean"} <= set(bottleneck.state_dict())
+    with pytest.raises(TypeError, match="BasicBlock and Bottleneck"):
+        rc_block(torch.nn.Identity(), ["a"])
+
+
+def test_an_rc_block_computes_its_task_s_torchvision_block():
+    """Without RI the modulators are free; set them to the identity and the block is the pretrained one."""
+    plain = pretrained_like("resnet50")
+    block = plain.layer2[0]  # a Bottleneck with a downsample
+    rc = rc_block(block, ["a"])
+    with torch.no_grad():
+        for conv in (rc.conv1, rc.conv2, rc.conv3):
+            conv.modulators["a"].weight.copy_(torch.eye(conv.out_channels)[:, :, None, None])
+    x = torch.randn(2, 256, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rc.eval()(x, "a"), block(x), rtol=1e-4, atol=1e-5)

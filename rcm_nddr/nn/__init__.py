@@ -1,6 +1,56 @@
-"""Layers: ResNet backbone stages, decoder heads (and, later, RC convs and NDDR fusion)."""
+"""The modeling layer: filter bank, RC blocks, NDDR fusion, heads, the multi-task network and its deploy form."""
 
-from rcm_nddr.nn.backbone import STAGES, ResNetBackbone, resnet_backbone
+from rcm_nddr.nn.accounting import owned_by, parameter_breakdown, task_state
+from rcm_nddr.nn.assembly import TaskSpec, assemble, build_head, build_network, probe_input, probe_outputs
+from rcm_nddr.nn.backbone import (
+    STAGES,
+    PerTaskBackbone,
+    ResNetBackbone,
+    SharedBackbone,
+    TaskBackbones,
+    once_per_input,
+    resnet_backbone,
+)
+from rcm_nddr.nn.batched import BatchedMultiTaskNet
+from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256, reparameterized_convs
 from rcm_nddr.nn.heads import DeepLabV3PlusHead
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.nn.nddr import NDDRFusion, NDDRLayer, NDDRShortcut, transitive_sources
+from rcm_nddr.nn.rc import RCBasicBlock, RCBlock, RCBottleneck, RCConv2d, RCResNet, TaskModules, rc_block
 
-__all__ = ["STAGES", "ResNetBackbone", "resnet_backbone", "DeepLabV3PlusHead"]
+# ``deploy`` (the function) is imported from ``rcm_nddr.nn.deploy``: binding it here would hide the module.
+__all__ = [
+    "STAGES",
+    "BatchedMultiTaskNet",
+    "DeepLabV3PlusHead",
+    "MultiTaskNet",
+    "NDDRFusion",
+    "NDDRLayer",
+    "NDDRShortcut",
+    "PerTaskBackbone",
+    "RCBasicBlock",
+    "RCBlock",
+    "RCBottleneck",
+    "RCConv2d",
+    "RCResNet",
+    "ResNetBackbone",
+    "SharedBackbone",
+    "TaskBackbones",
+    "TaskModules",
+    "TaskSpec",
+    "assemble",
+    "bank_weights",
+    "build_head",
+    "build_network",
+    "filter_bank_sha256",
+    "once_per_input",
+    "owned_by",
+    "parameter_breakdown",
+    "probe_input",
+    "probe_outputs",
+    "rc_block",
+    "reparameterized_convs",
+    "resnet_backbone",
+    "task_state",
+    "transitive_sources",
+]

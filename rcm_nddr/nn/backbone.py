@@ -11,8 +11,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
+
+from rcm_nddr.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ _ARCHS: dict[str, tuple[Callable[..., tv_resnet.ResNet], tv_resnet.WeightsEnum]]
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Pretrained weights that are missing, unreadable or do not fit the architecture."""
 
 
@@ -76,7 +79,53 @@ class ResNetBackbone(nn.Module):
         return features
 
 
-class TaskBackbones(nn.Module):
+def once_per_input(
+    features: Mapping[str, Tensor],
+    shared: Callable[[Tensor], Tensor],
+    per_task: Callable[[Tensor, str], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """``{task: per_task(shared(x), task)}`` for ``features = {task: x}``, with ``shared(x)`` computed once
+    per distinct input tensor (tasks reading the same image share it); without ``per_task`` every task
+    gets the shared result itself. The one place where tasks share a computation on their input."""
+    done: dict[int, Tensor] = {}
+    out = {}
+    for task, x in features.items():
+        if id(x) not in done:
+            done[id(x)] = shared(x)
+        out[task] = done[id(x)] if per_task is None else per_task(done[id(x)], task)
+    return out
+
+
+class PerTaskBackbone(nn.Module):
+    """Base of the multi-task backbones with one path per task: ``forward_stage({task: x}, stage)`` runs
+    each task's ``forward_task_stage(x, stage, task)``.
+
+    A subclass whose stem starts with a task-independent conv (the RC filter bank) sets ``shares_stem``
+    and splits its stem into ``stem_response(x)``, computed once per distinct input, and
+    ``finish_stem(response, task)``; ``forward_task_stage(x, "stem", task)`` must compute the same as
+    ``finish_stem(stem_response(x), task)``."""
+
+    stage_channels: dict[str, int]
+    stage_strides: dict[str, int]
+    output_stride: int
+    shares_stem: bool = False
+
+    def forward_task_stage(self, x: Tensor, stage: str, task: str) -> Tensor:
+        raise NotImplementedError
+
+    def stem_response(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not share its stem")
+
+    def finish_stem(self, response: Tensor, task: str) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not share its stem")
+
+    def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
+        if stage == "stem" and self.shares_stem:
+            return once_per_input(features, self.stem_response, self.finish_stem)
+        return {task: self.forward_task_stage(x, stage, task) for task, x in features.items()}
+
+
+class TaskBackbones(PerTaskBackbone):
     """An independent, fully trained ResNet per task (``reparam: none``, the single-task baselines)."""
 
     def __init__(self, paths: Mapping[str, ResNetBackbone]) -> None:
@@ -86,27 +135,21 @@ class TaskBackbones(nn.Module):
         self.stage_channels, self.stage_strides = first.stage_channels, first.stage_strides
         self.output_stride = first.output_stride
 
-    def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
-        return {task: self.paths[task].forward_stage(x, stage) for task, x in features.items()}
+    def forward_task_stage(self, x: Tensor, stage: str, task: str) -> Tensor:
+        return self.paths[task].forward_stage(x, stage)
 
 
 class SharedBackbone(nn.Module):
     """One ResNet shared by every task (hard parameter sharing), computed once per input."""
 
-    def __init__(self, net: ResNetBackbone) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
         self.stage_channels, self.stage_strides = net.stage_channels, net.stage_strides
         self.output_stride = net.output_stride
 
     def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
-        done: dict[int, Tensor] = {}
-        out = {}
-        for task, x in features.items():
-            if id(x) not in done:
-                done[id(x)] = self.net.forward_stage(x, stage)
-            out[task] = done[id(x)]
-        return out
+        return once_per_input(features, lambda x: self.net.forward_stage(x, stage))
 
 
 def _dilate(layer: nn.Sequential, dilation: int) -> None:
@@ -160,8 +203,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         raise WeightsError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -14,6 +14,10 @@ from rcm_nddr.nn.accounting import owned_by
 from rcm_nddr.nn.backbone import STAGES
 from rcm_nddr.task import Task
 
+#: the features of the running tasks between stages: ``{task: tensor}`` (or, in the batched deploy form,
+#: one tensor holding every task's channels)
+Features = dict[str, Tensor] | Tensor
+
 
 class MultiTaskNet(nn.Module):
     """Runs the requested tasks stage by stage so fusion modules can see every task's stage features.
@@ -71,7 +75,14 @@ class MultiTaskNet(nn.Module):
                     module.eval()
         return self
 
-    def _run_stage(self, features: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+    # The stage loop below is the one multi-task forward; a subclass changes how the features of the
+    # tasks are held (here ``{task: tensor}``; stacked in the batched deploy form) through three hooks.
+
+    def stage_input(self, images: Tensor, tasks: Sequence[str]) -> Features:
+        """What the first stage reads: the images, once for every task that must run for ``tasks``."""
+        return dict.fromkeys(tasks if self.fusion is None else self.fusion.required(tasks), images)
+
+    def run_stage(self, features: Features, stage: str) -> Features:
         """One stage and its fusion; frozen tasks first, without autograd (they read no live task)."""
         frozen = [t for t in features if t in self.frozen]
         live = [t for t in features if t not in self.frozen]
@@ -89,28 +100,30 @@ class MultiTaskNet(nn.Module):
                     fused.update({t: f for t, f in self.fusion(stage, out, tasks=group).items() if t in group})
         return fused
 
+    def task_features(self, features: Features, stage: str, task: str) -> Tensor:
+        """Task ``task``'s part of the features after ``stage``."""
+        return features[task]
+
     def forward(self, images: Tensor, tasks: Sequence[str] | None = None, raw: bool = False) -> dict[str, Tensor]:
         names = self.task_names if tasks is None else list(tasks)
         unknown = [t for t in names if t not in self.heads]
         if unknown:
             raise KeyError(f"unknown tasks {unknown}; this model has {self.task_names}")
         fusion = self.fusion
-        run = names if fusion is None else fusion.required(names)
-        shortcut = [] if fusion is None else [t for t in names if fusion.has_shortcut(t)]
-        kept: dict[str, list[Tensor]] = {t: [] for t in shortcut}
-        features = dict.fromkeys(run, images)
-        low: dict[str, Tensor] = {}
+        # the NDDR shortcut of a task reads its fused features of every stage it fuses at
+        kept: dict[str, list[Tensor]] = {t: [] for t in names if fusion is not None and fusion.has_shortcut(t)}
+        features = low = self.stage_input(images, names)
         for stage in STAGES:
-            features = self._run_stage(features, stage)
+            features = self.run_stage(features, stage)
             if stage == "layer1":
                 low = features
-            for t in shortcut:
+            for t, stage_features in kept.items():
                 if stage in fusion.stages[t]:
-                    kept[t].append(features[t])
-        for t in shortcut:
-            features[t] = fusion.shortcut(t, kept[t])
+                    stage_features.append(self.task_features(features, stage, t))
+        last = STAGES[-1]
+        high = {t: fusion.shortcut(t, kept[t]) if t in kept else self.task_features(features, last, t) for t in names}
         size = images.shape[-2:]
-        outputs = {t: self.heads[t](features[t], low[t], size) for t in names}
+        outputs = {t: self.heads[t](high[t], self.task_features(low, "layer1", t), size) for t in names}
         if raw:
             return outputs
         return {t: self.tasks[t].postprocess(out) for t, out in outputs.items()}

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from rcm_nddr.nn.backbone import STAGES, ResNetBackbone
+from rcm_nddr.nn.backbone import PerTaskBackbone, ResNetBackbone
 
 
 class RCConv2d(nn.Module):
@@ -109,43 +109,126 @@ class TaskModules(nn.Module):
         return self.per_task[task](x)
 
 
+def _eigenvectors(eigenvectors: Mapping[str, Tensor] | None, conv: str) -> Tensor | None:
+    return None if eigenvectors is None else eigenvectors[conv]
+
+
 class RCBlock(nn.Module):
-    """A torchvision BasicBlock or Bottleneck with every conv reparameterized and per-task BN/downsample."""
+    """Base of the RC residual blocks: torchvision's blocks with every conv an ``RCConv2d`` and per-task
+    BatchNorm and downsample (``TaskModules``). Build one from a torchvision block with ``rc_block``."""
+
+    expansion: int
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        raise NotImplementedError
+
+
+class RCBasicBlock(RCBlock):
+    """torchvision's ``BasicBlock`` (ResNet-18/34) for one task of many: two 3x3 RC convs."""
+
+    expansion = 1
 
     def __init__(
         self,
-        block: BasicBlock | Bottleneck,
+        block: BasicBlock,
         tasks: Sequence[str],
-        eigenvectors: Mapping[str, Tensor] | None,
-        nff: bool,
+        eigenvectors: Mapping[str, Tensor] | None = None,
+        nff: bool = False,
     ) -> None:
         super().__init__()
-        self.names = ["conv1", "conv2"] + (["conv3"] if isinstance(block, Bottleneck) else [])
-        for i, name in enumerate(self.names, start=1):
-            u = None if eigenvectors is None else eigenvectors[name]
-            setattr(self, name, RCConv2d.from_conv(getattr(block, name), tasks, u, nff))
-            setattr(self, f"bn{i}", TaskModules(getattr(block, f"bn{i}"), tasks))
+        self.conv1 = RCConv2d.from_conv(block.conv1, tasks, _eigenvectors(eigenvectors, "conv1"), nff)
+        self.bn1 = TaskModules(block.bn1, tasks)
+        self.conv2 = RCConv2d.from_conv(block.conv2, tasks, _eigenvectors(eigenvectors, "conv2"), nff)
+        self.bn2 = TaskModules(block.bn2, tasks)
         self.downsample = None if block.downsample is None else TaskModules(block.downsample, tasks)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
+        # The downsample runs first (torchvision runs it last): backward sums the gradients reaching x in
+        # the order its branches were built, and trained weights must stay what they always were.
         identity = x if self.downsample is None else self.downsample(x, task)
-        out = x
-        last = len(self.names)
-        for i, name in enumerate(self.names, start=1):
-            out = getattr(self, f"bn{i}")(getattr(self, name)(out, task), task)
-            if i < last:
-                out = self.relu(out)
-        return self.relu(out + identity)
+
+        out = self.conv1(x, task)
+        out = self.bn1(out, task)
+        out = self.relu(out)
+
+        out = self.conv2(out, task)
+        out = self.bn2(out, task)
+
+        out += identity
+        out = self.relu(out)
+        return out
 
 
-class RCResNet(nn.Module):
+class RCBottleneck(RCBlock):
+    """torchvision's ``Bottleneck`` (ResNet-50 and deeper) for one task of many: 1x1, 3x3 and 1x1 RC convs."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        block: Bottleneck,
+        tasks: Sequence[str],
+        eigenvectors: Mapping[str, Tensor] | None = None,
+        nff: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = RCConv2d.from_conv(block.conv1, tasks, _eigenvectors(eigenvectors, "conv1"), nff)
+        self.bn1 = TaskModules(block.bn1, tasks)
+        self.conv2 = RCConv2d.from_conv(block.conv2, tasks, _eigenvectors(eigenvectors, "conv2"), nff)
+        self.bn2 = TaskModules(block.bn2, tasks)
+        self.conv3 = RCConv2d.from_conv(block.conv3, tasks, _eigenvectors(eigenvectors, "conv3"), nff)
+        self.bn3 = TaskModules(block.bn3, tasks)
+        self.downsample = None if block.downsample is None else TaskModules(block.downsample, tasks)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        # The downsample runs first (torchvision runs it last): backward sums the gradients reaching x in
+        # the order its branches were built, and trained weights must stay what they always were.
+        identity = x if self.downsample is None else self.downsample(x, task)
+
+        out = self.conv1(x, task)
+        out = self.bn1(out, task)
+        out = self.relu(out)
+
+        out = self.conv2(out, task)
+        out = self.bn2(out, task)
+        out = self.relu(out)
+
+        out = self.conv3(out, task)
+        out = self.bn3(out, task)
+
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+def rc_block(
+    block: BasicBlock | Bottleneck,
+    tasks: Sequence[str],
+    eigenvectors: Mapping[str, Tensor] | None = None,
+    nff: bool = False,
+) -> RCBasicBlock | RCBottleneck:
+    """The RC form of a pretrained torchvision block; ``eigenvectors`` (RI) by conv name (``conv1`` ...)."""
+    if isinstance(block, Bottleneck):
+        return RCBottleneck(block, tasks, eigenvectors, nff)
+    if isinstance(block, BasicBlock):
+        return RCBasicBlock(block, tasks, eigenvectors, nff)
+    raise TypeError(f"no RC form of a {type(block).__name__}; RC reparameterizes BasicBlock and Bottleneck")
+
+
+class RCResNet(PerTaskBackbone):
     """A ResNet backbone whose convs share one frozen filter bank across tasks.
 
     Built from a pretrained plain ``ResNetBackbone`` (its conv weights become the bank; its BatchNorm
     and downsample modules the starting point of every task's copies). ``decomposition`` maps each
     reparameterized conv name (``conv1``, ``layer1.0.conv1`` ...) to its eigenvectors U (RI).
+
+    The tasks reading the same image share the stem's bank response (``shares_stem``); only the
+    modulators differ.
     """
+
+    shares_stem = True
 
     def __init__(
         self,
@@ -160,16 +243,32 @@ class RCResNet(nn.Module):
         self.output_stride = plain.output_stride
         self.tasks = list(tasks)
         u = decomposition
-        self.conv1 = RCConv2d.from_conv(plain.conv1, tasks, None if u is None else u["conv1"], nff)
+        self.conv1 = RCConv2d.from_conv(plain.conv1, tasks, _eigenvectors(u, "conv1"), nff)
         self.bn1 = TaskModules(plain.bn1, tasks)
-        self.relu, self.maxpool = nn.ReLU(inplace=True), copy.deepcopy(plain.maxpool)
-        for layer_name in STAGES[1:]:
-            blocks = []
-            for b, block in enumerate(getattr(plain, layer_name)):
-                prefix = f"{layer_name}.{b}."
-                block_u = None if u is None else {k[len(prefix) :]: v for k, v in u.items() if k.startswith(prefix)}
-                blocks.append(RCBlock(block, tasks, block_u, nff))
-            setattr(self, layer_name, nn.ModuleList(blocks))
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = copy.deepcopy(plain.maxpool)
+        self.layer1 = self._make_layer(plain.layer1, "layer1", tasks, u, nff)
+        self.layer2 = self._make_layer(plain.layer2, "layer2", tasks, u, nff)
+        self.layer3 = self._make_layer(plain.layer3, "layer3", tasks, u, nff)
+        self.layer4 = self._make_layer(plain.layer4, "layer4", tasks, u, nff)
+
+    @staticmethod
+    def _make_layer(
+        layer: nn.Sequential,
+        name: str,
+        tasks: Sequence[str],
+        decomposition: Mapping[str, Tensor] | None,
+        nff: bool,
+    ) -> nn.ModuleList:
+        """The RC blocks of one stage; each reads its convs' eigenvectors ``<name>.<b>.convK``."""
+        blocks = []
+        for b, block in enumerate(layer):
+            prefix = f"{name}.{b}."
+            u = None
+            if decomposition is not None:
+                u = {k[len(prefix) :]: v for k, v in decomposition.items() if k.startswith(prefix)}
+            blocks.append(rc_block(block, tasks, u, nff))
+        return nn.ModuleList(blocks)
 
     def add_task(self, task: str, nff: bool | None = None) -> None:
         """Give a new task its own modulators (weight-normalized when ``nff``, default: as at build),
@@ -200,22 +299,20 @@ class RCResNet(nn.Module):
                 )
             conv.filter_bank.copy_(bank[name])
 
+    def stem_response(self, x: Tensor) -> Tensor:
+        """The stem's bank response ``W_s * x``, the same for every task reading ``x``."""
+        return self.conv1.response(x)
+
+    def finish_stem(self, response: Tensor, task: str) -> Tensor:
+        """Task ``task``'s stem on the bank response: modulator, BatchNorm, ReLU, max pooling."""
+        out = self.conv1.modulators[task](response)
+        out = self.bn1(out, task)
+        out = self.relu(out)
+        return self.maxpool(out)
+
     def forward_task_stage(self, x: Tensor, stage: str, task: str) -> Tensor:
         if stage == "stem":
-            return self.maxpool(self.relu(self.bn1(self.conv1(x, task), task)))
+            return self.finish_stem(self.stem_response(x), task)
         for block in getattr(self, stage):
             x = block(x, task)
         return x
-
-    def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
-        if stage != "stem":
-            return {task: self.forward_task_stage(x, stage, task) for task, x in features.items()}
-        # The tasks reading the same image share the stem's bank response; only the modulators differ.
-        responses: dict[int, Tensor] = {}
-        out = {}
-        for task, x in features.items():
-            if id(x) not in responses:
-                responses[id(x)] = self.conv1.response(x)
-            modulated = self.conv1.modulators[task](responses[id(x)])
-            out[task] = self.maxpool(self.relu(self.bn1(modulated, task)))
-        return out
