@@ -70,6 +70,15 @@ def tiny_layout(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """The SYNTH_MT dataset most training tests share (6 train and 2 val samples of 48 x 48), rendered
+    once per session; tests read it and never write into it."""
+    from rcm_nddr.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def bank(tmp_path_factory) -> Path:
     """A pretrained-weights file (random, fixed) that model stores' filter banks are made from."""
     import torch
@@ -116,13 +125,35 @@ def aot_eager_compile(monkeypatch) -> list[str]:
     return modes
 
 
+#: the modules whose tests train or run real (tiny) networks end to end, start processes or run the
+#: commands: the ``integration`` tier. The rest is the ``unit`` tier (``make test-fast``); ``slow`` marks
+#: the longest tests of either tier.
+INTEGRATION_MODULES = {
+    "test_bench_scaling",
+    "test_bench_speed",
+    "test_cli",
+    "test_deploy",
+    "test_distributed",
+    "test_engine",
+    "test_evaluate",
+    "test_fast",
+    "test_incremental",
+    "test_nddr",
+    "test_plugin_task",
+    "test_predict",
+    "test_pretrain",
+    "test_real_configs",
+}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``cuda`` run where a CUDA device is present and are skipped elsewhere."""
+    """Sort the tests into tiers (``unit`` or ``integration``), and skip the tests marked ``cuda`` where no
+    CUDA device is present."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.integration if module in INTEGRATION_MODULES else pytest.mark.unit)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)

@@ -157,7 +157,7 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
     done = _torchrun("train.py", "--config", str(config), "--quiet")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "x 2 processes" in done.stderr  # rank 0 logs the run on 2 processes ...
-    assert done.stderr.count("registered semseg, depth in the store") == 1  # ... and registers once
+    assert done.stderr.count(f"registered group 1 in {store}: semseg, depth") == 1  # ... and registers once
 
     records = ModelStore(store).tasks
     assert [(r.name, r.group) for r in records] == [("semseg", 1), ("depth", 1)]

@@ -289,7 +289,6 @@ def test_check_targets_catches_a_reader_of_the_wrong_size(plugins, synth):
         check_targets({"contrast": TASKS.get("contrast")}, dataset)
 
 
-@pytest.mark.xfail(strict=True, reason="engine wiring pending: the Trainer calls check_targets before open_store")
 def test_a_reader_of_the_wrong_size_fails_before_the_store_is_created(tmp_path, plugins, synth, capsys):
     assert train(write_config(tmp_path, synth, "contrast", plugins["bad_reader"])) == 2
     assert "differs from the image's" in capsys.readouterr().err

@@ -12,8 +12,10 @@ from rcm_nddr.config import load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine import distributed
 from rcm_nddr.engine.pretrain import pretrain as pretrain_bank
+from rcm_nddr.engine.run import RunPaths
+from rcm_nddr.engine.signals import TrainingInterrupted
 from rcm_nddr.engine.tester import run_test
-from rcm_nddr.engine.trainer import RunPaths, Trainer, TrainingInterrupted
+from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.errors import UserError
 
 log = logging.getLogger("rcm_nddr")

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from rcm_nddr.config import Config, ConfigError, check_paths, save_config
+from rcm_nddr.data.check import check_targets
 from rcm_nddr.engine import distributed, provenance
 from rcm_nddr.engine.builders import (
     GroupPlan,
@@ -150,8 +151,8 @@ def build_run(
     train_set = build_dataset(cfg, cfg.dataset.train_split, train=True)
     val_set = build_dataset(cfg, cfg.dataset.val_split, train=False)
     tasks = build_tasks(cfg, train_set.info)
-    # Here goes the data layer's check that every task's target key is registered and provided by the
-    # dataset: after the tasks exist, before the model is built and before anything is written.
+    for dataset in (train_set, val_set):  # a plug-in's target mistakes, before anything is written
+        check_targets(tasks, dataset)
     if dist.enabled:
         _check_mergeable(tasks)
     checkpoint = load_checkpoint(paths.last) if resume else None

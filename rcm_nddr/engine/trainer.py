@@ -394,11 +394,4 @@ class Trainer:
             )
         store = self.setup.store
         probes = store.compute_probes(records, tensors)
-        registered = store.register_group(records, tensors, probes, replace=self.setup.replace)
-        log.info(
-            "registered %s in the store %s (group %d)",
-            ", ".join(r.name for r in registered),
-            store.path,
-            registered[0].group,
-        )
-        return registered
+        return store.register_group(records, tensors, probes, replace=self.setup.replace)  # the store logs it
