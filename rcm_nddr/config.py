@@ -17,7 +17,7 @@ import yaml
 
 from rcm_nddr.errors import ConfigError
 from rcm_nddr.inheritance import Origins, Where, below, load_tree, locator
-from rcm_nddr.registry import TASKS, discover, installed_names
+from rcm_nddr.registry import DATASETS, TASKS, discover, installed_names
 
 
 @dataclass
@@ -416,12 +416,16 @@ def check_paths(cfg: Config) -> None:
     """Files the run needs must exist: one error naming the dotted key and the path."""
     root = Path(cfg.dataset.root)
     if not root.is_dir():
-        raise ConfigError(f"{cfg.source}: key 'dataset.root': directory {root} does not exist")
+        discover(cfg.plugins)  # the dataset type says how to get its data
+        hint = getattr(DATASETS.get(cfg.dataset.name), "MISSING_ROOT_HINT", "") if cfg.dataset.name in DATASETS else ""
+        hint = f"; {hint.format(root=root)}" if hint else ""
+        raise ConfigError(f"{cfg.source}: key 'dataset.root': directory {root} does not exist{hint}")
     w = cfg.backbone.weights
     if w not in ("none", "torchvision") and not Path(w).is_file():
         raise ConfigError(
-            f"{cfg.source}: key 'backbone.weights': file {w} does not exist "
-            "(expected 'none', 'torchvision' or a path to a state dict)"
+            f"{cfg.source}: key 'backbone.weights': file {w} does not exist (expected 'none', 'torchvision' or "
+            f"a path to a state dict); pretrain a filter bank there with `rcm-nddr pretrain --config CONFIG "
+            f"--out {w}` (on SYNTH_MT: CONFIG = configs/synthetic/pretrain.yaml, or run `make demo`)"
         )
 
 

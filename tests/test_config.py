@@ -102,8 +102,21 @@ def test_missing_files_name_the_key(tmp_path):
     cfg = load_config(
         write(tmp_path, f"tasks: [semseg]\ndataset: {{root: {tmp_path / 'data'}}}\nbackbone: {{weights: w.pth}}\n")
     )
-    with pytest.raises(ConfigError, match=r"key 'backbone.weights': file w.pth does not exist"):
+    with pytest.raises(ConfigError, match=r"key 'backbone.weights': file w.pth does not exist") as info:
         check_paths(cfg)
+    assert "`rcm-nddr pretrain --config CONFIG --out w.pth`" in str(info.value)  # how to make one
+
+
+@pytest.mark.parametrize(
+    ("dataset", "fix"),
+    [("synthetic", "render SYNTH_MT there with `rcm-nddr data synth --out {root}`"), ("nyud", "docs/datasets.md")],
+)
+def test_a_missing_dataset_root_says_how_to_get_the_data(tmp_path, dataset, fix):
+    root = tmp_path / "absent"
+    cfg = load_config(write(tmp_path, f"tasks: [semseg]\ndataset: {{name: {dataset}, root: {root}}}\n"))
+    with pytest.raises(ConfigError, match=r"key 'dataset.root': directory .*absent does not exist") as info:
+        check_paths(cfg)
+    assert fix.format(root=root) in str(info.value)
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -223,6 +223,8 @@ class Cityscapes(MultiTaskFolder):
     placeholder.
     """
 
+    MISSING_ROOT_HINT: ClassVar[str] = "nothing is downloaded at run time; put Cityscapes there (see docs/datasets.md)"
+
     IMAGE: ClassVar[TargetReader] = _image_reader("<split>")
     TARGETS: ClassVar[Mapping[str, TargetReader]] = _target_readers("<split>", 19)
 

@@ -47,6 +47,8 @@ class MultiTaskFolder(Dataset):
     #: layout is the registry's)
     TARGETS: ClassVar[Mapping[str, TargetReader]] = {}
     SPLIT_FOLDER: ClassVar[str] = "gt_sets"
+    #: how to get the dataset, said when its root is missing (``{root}``: the root asked for)
+    MISSING_ROOT_HINT: ClassVar[str] = "render SYNTH_MT there with `rcm-nddr data synth --out {root}`"
 
     def __init__(
         self,
@@ -57,7 +59,8 @@ class MultiTaskFolder(Dataset):
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetError(f"dataset root {self.root} does not exist or is not a folder")
+            hint = self.MISSING_ROOT_HINT.format(root=self.root)
+            raise DatasetError(f"dataset root {self.root} does not exist or is not a folder; {hint}")
         if isinstance(targets, str):
             raise TypeError(f"targets must be a sequence of sample keys, not the string {targets!r}")
         readers = {key: self.target_reader(key) for key in dict.fromkeys(targets)}

@@ -194,6 +194,8 @@ def decode_nyud_edge(path: Path) -> Tensor:
 class NYUDMT(MultiTaskFolder):
     """Samples of one split of NYUD-MT (ASTMT or older layout, or a mix): semseg, depth, normals, edge."""
 
+    MISSING_ROOT_HINT: ClassVar[str] = "nothing is downloaded at run time; put NYUD-MT there (see docs/datasets.md)"
+
     IMAGE: ClassVar[TargetReader] = TargetReader(
         "images", (".jpg", ".png"), decode_image, "RGB uint8 H x W x 3 (.jpg or .png)"
     )

@@ -335,6 +335,8 @@ class PascalMT(MultiTaskFolder):
     ``LabelMap`` of the sample, which ``load`` reads once for the edges and the normals together.
     """
 
+    MISSING_ROOT_HINT: ClassVar[str] = "nothing is downloaded at run time; put PASCAL-MT there (see docs/datasets.md)"
+
     IMAGE: ClassVar[TargetReader] = TargetReader("JPEGImages", (".jpg",), decode_image, "RGB uint8 H x W x 3 JPEG")
     LABEL_MAP: ClassVar[TargetReader] = TargetReader(
         "pascal-context/trainval", (".mat",), decode_label_map, LABEL_MAP_LAYOUT
