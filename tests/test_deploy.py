@@ -18,7 +18,6 @@ from PIL import Image
 from rcm_nddr import ModelStore
 from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config
-from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn import deploy as deploy_module
 from rcm_nddr.nn.backbone import STAGES, SharedBackbone, resnet_backbone
@@ -26,11 +25,6 @@ from rcm_nddr.nn.deploy import BatchedBackbone, BatchedMultiTaskNet, DeployBackb
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.nn.rc import RCResNet
 from rcm_nddr.store import StoreError
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=2, progress=False)
 
 
 def train(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> None:

@@ -13,7 +13,6 @@ from rcm_nddr.tasks.binary import masked_bce_with_logits
 from rcm_nddr.tasks.segmentation import masked_cross_entropy
 
 from rcm_nddr.config import ConfigError, load_config
-from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine import fast
 from rcm_nddr.engine.checkpoint import load_checkpoint
 from rcm_nddr.engine.tester import run_test
@@ -22,11 +21,6 @@ from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.task import DatasetInfo
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "toy_tasks.py")
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=4, progress=False)
 
 
 def _targets(gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -16,13 +16,7 @@ from PIL import Image
 from rcm_nddr import ModelStore, StoreError
 from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config
-from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.trainer import Trainer
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=0, progress=False)
 
 
 def overrides(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> list[str]:

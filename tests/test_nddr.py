@@ -9,17 +9,11 @@ import torch
 from helpers import tiny_run
 
 from rcm_nddr.config import ConfigError, load_config
-from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import plan_group
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn.nddr import NDDRFusion, NDDRLayer
 
 RESNET18_CHANNELS = {"stem": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=0, progress=False)
 
 
 def tiny(store: Path, data: Path, tasks: str, *extra: str) -> list[str]:
@@ -96,7 +90,8 @@ def test_gradient_of_one_task_reaches_both_paths_of_a_joint_group(tmp_path, synt
     assert not reached("heads.depth.") and not reached("fusion.depth.layer4.")  # layer4 of depth feeds its head only
 
 
-def test_fusion_group_keeps_its_lr_ratio_through_the_schedule(tmp_path, synth):
+def test_fusion_parameters_train_in_their_own_group_with_their_decay(tmp_path, synth):
+    """On the real network; the lr ratio through the schedule is checked on a toy module (test_engine)."""
     extra = ("optimizer.name=sgd", "optimizer.lr=0.01", "fusion.lr_mult=100", "fusion.weight_decay=0.001")
     cfg = load_config(None, tiny(tmp_path, synth, "[semseg, depth]", *extra))
     trainer = Trainer(cfg, progress=False)
@@ -107,13 +102,7 @@ def test_fusion_group_keeps_its_lr_ratio_through_the_schedule(tmp_path, synth):
     trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
     assert {id(p) for p in base["params"]} | fusion_ids == trainable
     assert fused["weight_decay"] == 0.001 and base["weight_decay"] == 1e-4
-    seen = []  # the lrs each optimizer step applies
-    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append((base["lr"], fused["lr"])))
-    trainer.fit()
-    assert len(seen) == 4  # the last one, at iteration max_iters - 1, is the last with a non-zero poly lr
-    for i, (lr, fused_lr) in enumerate(seen):
-        assert lr == pytest.approx(0.01 * (1 - i / 4) ** 0.9) and fused_lr == pytest.approx(100 * lr)
-    assert seen[-1][0] > 0
+    assert fused["lr"] == pytest.approx(100 * base["lr"]) and base["lr"] == pytest.approx(0.01)
 
 
 def test_without_fusion_there_is_one_group_and_no_fusion_module(tmp_path, synth):

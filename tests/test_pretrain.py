@@ -10,7 +10,6 @@ from torch.nn.utils import parametrize
 
 from rcm_nddr.commands import cli
 from rcm_nddr.config import ConfigError, load_config
-from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_model
 from rcm_nddr.engine.pretrain import pretrain
 from rcm_nddr.engine.trainer import Trainer
@@ -30,11 +29,6 @@ TINY = [
     "train.device=cpu",
     "test.batch_size=4",
 ]
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("data") / "SYNTH_MT", 6, 2, size=(48, 48), seed=2, progress=False)
 
 
 def test_pretrain_exports_a_torchvision_state_dict_usable_as_a_bank(tmp_path, synth):
