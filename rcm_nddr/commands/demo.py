@@ -25,6 +25,7 @@ from rcm_nddr.engine.evaluate import delta_mtl, evaluate_trivial, primary_metric
 from rcm_nddr.engine.pretrain import pretrain
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.files import atomic_write_text
+from rcm_nddr.source import source_tree
 from rcm_nddr.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ INCREMENTAL = "incremental"
 
 def default_configs() -> Path:
     """``configs/synthetic`` of the source tree, else of the current directory."""
-    here = Path(__file__).resolve().parents[2] / "configs" / "synthetic"
+    here = source_tree() / "configs" / "synthetic"
     return here if here.is_dir() else Path("configs/synthetic")
 
 

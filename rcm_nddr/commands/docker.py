@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 from collections import deque
@@ -33,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from rcm_nddr import __version__
 from rcm_nddr.errors import UserError
+from rcm_nddr.source import git_output, source_tree
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -116,16 +116,8 @@ def git_build_args(root: Path) -> dict[str, str]:
     """``GIT_COMMIT`` (``git rev-parse HEAD``) and ``GIT_DIRTY`` (``true`` when ``git status --porcelain``
     lists anything, untracked files included, since they may be copied into the image) of the checkout
     at ``root``; ``unknown`` for both outside a git checkout or without git."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("--no-optional-locks", "status", "--porcelain")  # no index refresh, no lock
+    commit = git_output(root, "rev-parse", "HEAD")
+    status = git_output(root, "--no-optional-locks", "status", "--porcelain")  # no index refresh, no lock
     if commit is None or status is None:
         log.warning("%s is not a git checkout (or git is missing): the image records commit 'unknown'", root)
         return {"GIT_COMMIT": "unknown", "GIT_DIRTY": "unknown"}
@@ -411,7 +403,7 @@ def _explain(exc: BaseException) -> str:
 
 def default_context() -> Path:
     """The repository this package runs from (it holds the Dockerfile)."""
-    return Path(__file__).resolve().parents[2]
+    return source_tree()
 
 
 def build(args: argparse.Namespace) -> int:

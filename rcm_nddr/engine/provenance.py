@@ -11,7 +11,6 @@ import os
 import platform
 import re
 import socket
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from rcm_nddr.config import Config
 from rcm_nddr.engine import distributed
+from rcm_nddr.source import git_output, source_tree
 
 #: the distribution this package is installed as
 DISTRIBUTION = "rcm-nddr"
@@ -104,26 +104,13 @@ def torch_build() -> dict[str, Any]:
     }
 
 
-def source_tree() -> Path:
-    """The directory holding the ``rcm_nddr`` package (the repository root in a checkout)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def git_state(root: Path | None = None) -> dict[str, Any]:
     """The commit of the source tree and whether it has uncommitted changes. Outside a git checkout
     (an installed package, a Docker image) the values baked in at image build time are used."""
     root = root or source_tree()
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
     if (root / ".git").exists():
-        commit = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain")  # untracked files count: they may be imported or copied
+        commit = git_output(root, "rev-parse", "HEAD")
+        status = git_output(root, "status", "--porcelain")  # untracked files count: they may be imported or copied
         if commit is not None:
             return {"commit": commit.strip(), "dirty": bool(status and status.strip()), "source": "git"}
     commit = os.environ.get(GIT_VARIABLES["commit"])
