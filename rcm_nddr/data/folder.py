@@ -82,7 +82,8 @@ class MultiTaskFolder(Dataset):
                     f'(expected "classes": {{"{key}": [class names...]}})'
                 )
         self.ids = self._load_split(split)
-        log.info("%s %s: %d samples, targets %s", self.info.name, split, len(self.ids), self.targets)
+        # debug: a run builds a split more than once (training, trivial baselines, RI); the trainer logs the sizes
+        log.debug("%s %s: %d samples, targets %s", self.info.name, split, len(self.ids), self.targets)
 
     # -- targets --------------------------------------------------------------------------------
 
