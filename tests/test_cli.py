@@ -49,7 +49,11 @@ def test_plugins_key_errors_name_the_key(tmp_path):
 
 
 def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
-    tiny = dict(n_train=4, n_val=2, size=(48, 48), max_iters=1, pretrain_iters=1, progress=False)
+    bank = tmp_path / "demo" / "resnet18_bank.pth"
+    tiny = dict(bank=bank, n_train=4, n_val=2, size=(48, 48), max_iters=1, pretrain_iters=1, progress=False)
+    stale = tmp_path / "demo" / "resnet18_bank_ri.safetensors"  # the decomposition of an earlier bank
+    stale.parent.mkdir()
+    stale.write_bytes(b"not the decomposition of the bank the demo pretrains")
     summary = run_demo(out=tmp_path / "demo", data=tmp_path / "SYNTH_MT", **tiny)
     configs = REPO / "configs" / "synthetic" / "incremental"
     sequence = [load_config(p).tasks for p in sorted(configs.glob("*.yaml"))]

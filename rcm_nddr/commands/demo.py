@@ -64,12 +64,13 @@ def run_demo(
     # with the model for the cores.
     common = [f"dataset.root={data}", f"dataset.crop=[{size[0]}, {size[1]}]", "train.num_workers=0"]
     bank = Path(bank)
+    decomposition = bank.with_name(bank.stem + "_ri.safetensors")  # what the synthetic configs name
     schedule = [
         f"train.max_iters={max_iters}",
         "train.epochs=null",
         f"train.val_every={max_iters}",
         f"backbone.weights={bank}",
-        f"backbone.decomposition={bank.with_name(bank.stem + '_ri.safetensors')}",
+        f"backbone.decomposition={decomposition}",
     ]
 
     def config(path: Path, store: str) -> Config:
@@ -91,6 +92,7 @@ def run_demo(
             [*common, f"store={out / 'pretrain'}", f"train.max_iters={pretrain_iters}", "train.epochs=null"],
         )
         pretrain(cfg, bank, overwrite=True, progress=progress)
+        decomposition.unlink(missing_ok=True)  # made for the bank this one replaces; the first RC run remakes it
     log.info("filter bank ready (%.0f s)", time.monotonic() - start)
     for store in (BASELINE, VARIANT, INCREMENTAL):  # the demo's own stores start empty on every run
         shutil.rmtree(out / store, ignore_errors=True)
