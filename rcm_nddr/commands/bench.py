@@ -78,8 +78,6 @@ def _backbone():
 def _image_batches(n_images: int, size: tuple[int, int], batch: int, seed: int):
     """Smooth random images (noise at 1/8 resolution, upsampled), ImageNet-normalized; batch i is drawn
     from seed + i, so every method sees the same images without any of them holding all of them."""
-
-
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     h, w = size
     for i, start in enumerate(range(0, n_images, batch)):
@@ -90,8 +88,6 @@ def _image_batches(n_images: int, size: tuple[int, int], batch: int, seed: int):
 
 def response_shapes(size: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
     """(Co, H, W) of every reparameterized conv's response for one image of ``size``."""
-
-
     backbone = _backbone()
     modules = dict(backbone.named_modules())
     shapes: dict[str, tuple[int, int, int]] = {}
@@ -130,8 +126,6 @@ def reference_plan(n_images: int, size: tuple[int, int], ram_bytes: int) -> dict
 def _measure(method: str, n_images: int, size: tuple[int, int], batch: int, seed: int, subsample: int) -> dict:
     """One measurement, meant to run in a fresh process: peak RSS above the baseline after imports and
     model construction, and the wall time of collecting and decomposing the responses."""
-
-
     backbone = _backbone()
     reset = _reset_peak_rss()
     baseline = _proc_status_kib("VmRSS")
@@ -176,8 +170,6 @@ def _run_streaming(backbone, n_images, size, batch, seed) -> tuple[dict[str, lis
 def _run_reference(backbone, n_images, size, batch, seed, subsample) -> tuple[dict[str, list[float]], float, dict]:
     """What the official RCM code does: keep every response vector (float32), then per layer
     concatenate them and fit sklearn's PCA."""
-
-
     layers = reparameterized_convs(backbone)
     kept: dict[str, list[np.ndarray]] = {name: [] for name in layers}
 

@@ -95,7 +95,6 @@ def build_variant(
 ) -> nn.Module:
     """The training form of ``tasks`` (in store order) for ``variant`` (``rcm`` or ``rcm_nddr``), RC + RI +
     NFF over ``net``'s convs rotated by ``decomposition``, assembled like a model store's tasks."""
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; variants: {VARIANTS}")
     f = FusionConfig()  # the config's default stages, alpha, beta and shortcut
@@ -117,7 +116,6 @@ def _numel(module: nn.Module) -> int:
 def training_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, Any]:
     """The stored parameters of an RC training form: ``filter_bank`` (once), ``per_task[name]`` (every
     tensor the task owns, ``accounting.parameter_breakdown``) and its ``fusion`` part."""
-
     breakdowns = {name: parameter_breakdown(model, name) for name in names}
     per_task = {name: b["total"] for name, b in breakdowns.items()}
     owned, total = sum(per_task.values()), _numel(model)
@@ -149,7 +147,6 @@ def check_arguments(
     device: str, tasks_max: int, size: Sequence[int], batch: int, arch: str, warmup: int, repeats: int
 ) -> None:
     """Refuse bad settings before anything is built, with a ``ConfigError`` naming the option."""
-
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device: expected cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -182,7 +179,6 @@ def bench_scaling(
 ) -> dict[str, Any]:
     """Measure time, FLOPs and parameters for 1 .. ``tasks_max`` tasks (see the module docstring);
     returns the report (``setup``, ``machine``, ``rows`` (one per T), ``fits``)."""
-
     check_arguments(device, tasks_max, size, batch, arch, warmup, repeats)
     dev = torch.device(device)
     task_objects = _tasks(tasks_max)
@@ -365,9 +361,9 @@ def format_report(report: dict[str, Any]) -> str:
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
     """Two panels as a PNG at ``path`` (written atomically): inference ms per batch against T (measured
     points, fitted lines dashed) and parameters (millions) against T."""
+    # matplotlib takes a second to import and only --plot needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
 
     setup, rows, fits = report["setup"], report["rows"], report["fits"]
     ts = [r["tasks"] for r in rows]
@@ -400,7 +396,6 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``rcm-nddr bench scaling``: measure, print the table, write the JSON and the plot if asked."""
-
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise ConfigError(f"--plot: a .png file, got {args.plot}")
     report = bench_scaling(**run_options(args), tasks_max=args.tasks_max)

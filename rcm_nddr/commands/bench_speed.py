@@ -89,7 +89,6 @@ def random_start(arch: str, output_stride: int = 16) -> tuple[ResNetBackbone, di
     orthogonal "RI decomposition" (one Co x Co matrix per reparameterized conv), drawn from the global
     RNG after seeding it with 0 (callers fork the RNG around it: the benchmarks' networks are the same
     on every run without changing the caller's random state)."""
-
     torch.manual_seed(0)
     net = resnet_backbone(arch, weights="none", output_stride=output_stride)
     banks = RCResNet(net, [], None).filter_bank()
@@ -100,7 +99,6 @@ def random_start(arch: str, output_stride: int = 16) -> tuple[ResNetBackbone, di
 def build_networks(arch: str, tasks: Mapping[str, Any], output_stride: int = 16, head_channels: int = 256):
     """``(rc, plain)``: an RC + RI + NFF MultiTaskNet of ``tasks`` (random weights, a random orthogonal
     decomposition) and one plain single-task MultiTaskNet per task, all of the same architecture."""
-
     with torch.random.fork_rng(devices=[]):
         net, decomposition = random_start(arch, output_stride)
         backbone = RCResNet(net, list(tasks), decomposition, nff=True)
@@ -146,7 +144,6 @@ def inference_call(
 ) -> Callable[[], Any]:
     """A call of ``model`` on ``images`` computing ``tasks`` (default: all) under ``mode`` and, with ``amp``,
     bf16 autocast on the images' device: what the benchmarks time."""
-
     def call() -> Any:
         with mode(), autocast(images.device, amp):
             return model(images, tasks=tasks, raw=True)
@@ -226,7 +223,6 @@ def bench_model(
     TFLOP/s into model FLOP utilization (``mfu``). ``compile`` (true or a ``torch.compile`` mode, as
     ``train.compile``) times every network compiled, on both sides of each ratio; the warm-up calls
     compile (FLOPs are counted on the eager networks)."""
-
     mode = compile_mode(compile)  # (a bad mode fails here, before anything is built)
     dev = torch.device(device)
     peak = peak if peak is not None else peak_tflops(dev)
