@@ -20,6 +20,7 @@ import torch
 
 from rcm_nddr.config import Config
 from rcm_nddr.engine import distributed
+from rcm_nddr.files import file_sha256
 from rcm_nddr.source import git_output, source_tree
 
 #: the distribution this package is installed as
@@ -40,8 +41,8 @@ def config_sha256(cfg: Config) -> str:
 
 def _file_sha256(path: str) -> str | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
+        return file_sha256(path)
+    except OSError:  # a config given as a pipe or removed since it was read
         return None
 
 
