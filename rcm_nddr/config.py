@@ -18,6 +18,7 @@ import yaml
 from rcm_nddr.errors import ConfigError
 from rcm_nddr.inheritance import Origins, Where, below, load_tree, locator
 from rcm_nddr.registry import DATASETS, TASKS, discover, installed_names
+from rcm_nddr.yamlio import load_yaml
 
 
 @dataclass
@@ -279,7 +280,7 @@ def parse_override(item: str, where: str = "<command line>") -> tuple[list[str],
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"{where}: --set {item!r}: malformed key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: --set {item!r}: value is not valid YAML: {exc}") from exc
     return key.split("."), value

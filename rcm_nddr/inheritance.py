@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from rcm_nddr.errors import ConfigError
+from rcm_nddr.yamlio import load_yaml
 
 #: for an error about a dotted key: the file (or command line) that set it
 Where = Callable[[str], str]
@@ -72,7 +73,7 @@ def locator(origins: Origins, default: str) -> Where:
 def read_mapping(p: Path, label: str) -> dict[str, Any]:
     """One YAML file's top-level mapping (an empty file is an empty mapping)."""
     try:
-        loaded = yaml.safe_load(p.read_text())
+        loaded = load_yaml(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{label}: not valid YAML: {exc}") from exc
     except OSError as exc:

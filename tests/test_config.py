@@ -418,3 +418,18 @@ def test_a_plugin_task_type_is_found_through_the_config_plugins(tmp_path):
     assert cfg.tasks == ["shouting_semseg"]
     with pytest.raises(ConfigError, match="unknown task type 'shouting_semsegg'"):
         load_config(REPO_CONFIG, ["tasks=[shouting_semsegg]", "loss={}", f"plugins=[{plugin}]"])
+
+
+def test_the_fast_yaml_loader_reads_what_the_pure_python_safe_loader_reads():
+    from rcm_nddr.yamlio import load_yaml
+
+    texts = [p.read_text() for p in sorted((REPO / "configs").rglob("*.yaml"))]
+    texts.append(  # the kinds of values a store.yaml and an override hold
+        "schema: 2\ntasks:\n- name: semseg\n  files: {weights: tasks/semseg.safetensors}\n"
+        "  metrics: {mIoU: 33.07, loss: .inf, when: 2026-01-02}\n  sources: [semseg, depth]\n"
+        "  flags: [yes, no, on, null, ~, '0x1f', 0x1f, 1e-3, 1.0e-3, -0, '']\n"
+    )
+    for text in texts:
+        assert load_yaml(text) == yaml.safe_load(text)
+    with pytest.raises(yaml.YAMLError):
+        load_yaml("a: [1, 2")

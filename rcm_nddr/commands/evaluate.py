@@ -16,6 +16,7 @@ from rcm_nddr.engine.evaluate import to_json
 from rcm_nddr.engine.saved import evaluate_saved
 from rcm_nddr.errors import UserError
 from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
+from rcm_nddr.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def parse_options(items: list[str], flag: str) -> dict[str, Any]:
         if not sep or not key.strip():
             raise EvaluateError(f"{flag} {item!r}: expected key=value, e.g. {flag} classes=7")
         try:
-            options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            options[key.strip()] = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise EvaluateError(f"{flag} {item!r}: value is not valid YAML ({exc})") from exc
     return options

@@ -23,6 +23,7 @@ from rcm_nddr.store.format import (
     parse_store,
     plain_doc,
 )
+from rcm_nddr.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class StoreIndex:
         if not self.file.is_file():
             raise StoreError(f"no model store at {self.path} ({STORE_FILE} is missing)")
         try:
-            doc = yaml.safe_load(self.file.read_text())
+            doc = load_yaml(self.file.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise StoreError(f"{self.file} could not be read as YAML: {exc}") from exc
         return parse_store(doc, self.file)
@@ -95,7 +96,7 @@ class StoreIndex:
         if not pending.exists():
             return
         try:
-            journal = yaml.safe_load(pending.read_text())
+            journal = load_yaml(pending.read_text())
             renames, doc = dict(journal["renames"]), journal["store"]
         except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
             raise StoreError(f"{pending}: the journal of an interrupted registration is unreadable: {exc}") from exc
