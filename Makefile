@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml $(wildcard */__init__.py)
 demo: $(STAMP)
 	$(BIN)/rcm-nddr demo
 
+# The tests run on every core (at most 4 workers; TEST_WORKERS=0 runs them in this process).
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup
 
 # The edit-test loop: the unit tier, without the slow tests.
 test-fast: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -146,9 +147,25 @@ INTEGRATION_MODULES = {
 }
 
 
+#: module-scoped fixtures that train or measure for many seconds: under pytest-xdist the tests that use
+#: one of them run on one worker (``--dist loadgroup``), so it is built once, not once per worker
+SHARED_FIXTURES = ("nddr_store", "plain_store", "uninterrupted", "trained", "report")
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto``), each worker and the processes its tests start
+    use their share of the cores: two processes that each run as many torch threads as there are cores
+    slow each other down several times over (spinning OpenMP threads). Runs before torch is imported."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(workers)))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Sort the tests into tiers (``unit`` or ``integration``), and skip the tests marked ``cuda`` where no
-    CUDA device is present."""
+    """Sort the tests into tiers (``unit`` or ``integration``), skip the tests marked ``cuda`` where no
+    CUDA device is present, and run the integration tier first: under pytest-xdist the long tests start
+    early and the short ones fill the workers' last minutes."""
     import torch
 
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
@@ -157,3 +174,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         item.add_marker(pytest.mark.integration if module in INTEGRATION_MODULES else pytest.mark.unit)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{module}::{shared[0]}"))
+    items.sort(key=lambda item: "integration" not in item.keywords)  # stable: files and tests keep their order
