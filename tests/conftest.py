@@ -147,8 +147,8 @@ INTEGRATION_MODULES = {
 }
 
 
-#: module-scoped fixtures that train or measure for many seconds: under pytest-xdist the tests that use
-#: one of them run on one worker (``--dist loadgroup``), so it is built once, not once per worker
+#: module-scoped fixtures that train or measure for many seconds: under pytest-xdist every test of a
+#: module that has one runs on one worker, in order (``--dist loadgroup``), so each is built once
 SHARED_FIXTURES = ("nddr_store", "plain_store", "uninterrupted", "trained", "report")
 
 
@@ -169,12 +169,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     import torch
 
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    shared_modules = {
+        item.module.__name__.rpartition(".")[2] for item in items if set(SHARED_FIXTURES) & set(item.fixturenames)
+    }
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         item.add_marker(pytest.mark.integration if module in INTEGRATION_MODULES else pytest.mark.unit)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
-        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{module}::{shared[0]}"))
+        if module in shared_modules:
+            item.add_marker(pytest.mark.xdist_group(module))
     items.sort(key=lambda item: "integration" not in item.keywords)  # stable: files and tests keep their order
