@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from rcm_nddr.errors import ConfigError
-from rcm_nddr.inheritance import Origins, Where, below, load_tree, locator
+from rcm_nddr.inheritance import Origins, Where, base_paths, below, load_tree, locator
 from rcm_nddr.registry import DATASETS, TASKS, discover, installed_names
 from rcm_nddr.yamlio import load_yaml
 
@@ -184,15 +185,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", repr(tp))
 
 
-#: dotted key -> the file (or command line) that set it, for error messages
-
-
 def _coerce(value: Any, tp: Any, key: str, where: Where) -> Any:
     """Check ``value`` against the type ``tp`` and return it in canonical form."""
 
     def fail(expected: str | None = None) -> ConfigError:
         return ConfigError(f"{where(key)}: key '{key}': expected {expected or _type_name(tp)}, got {value!r}")
 
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf, for every key
+        raise fail("a finite number")
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -324,7 +324,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        data, origins = load_tree(p, where, where, [p.resolve()], bases)
+        try:
+            data, origins = load_tree(p, where, where, [p.resolve()], bases)
+        except UnicodeDecodeError:
+            raise _not_utf8(p, where, where, set()) or ConfigError(
+                f"{where}: a config file is not UTF-8 text"
+            ) from None
     if overrides:
         data = apply_overrides(data, overrides, where)
         where = f"{where} (with --set {' '.join(overrides)})"
@@ -339,6 +344,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg.bases = bases
     _check(cfg, at)
     return cfg
+
+
+def _not_utf8(p: Path, label: str, top: str, seen: set[Path]) -> ConfigError | None:
+    """The error for the first file that ``load_tree`` cannot decode: ``p`` or one of its bases, in the
+    order it reads them."""
+    raw = p.read_bytes()
+    try:
+        data = load_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1]
+        return ConfigError(f"{label}: not UTF-8 text (byte {exc.start} is {bad!r}); save the file as UTF-8")
+    except yaml.YAMLError:
+        return None
+    seen.add(p.resolve())
+    for base in base_paths(data, p, label) if isinstance(data, dict) else []:
+        if base.is_file() and base.resolve() not in seen:
+            found = _not_utf8(base, f"{base} (a base of {top})", top, seen)
+            if found is not None:
+                return found
+    return None
 
 
 def _unknown_task_types(cfg: Config) -> list[str]:
@@ -399,29 +424,63 @@ def _check(cfg: Config, where: Where) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise fail(key, f"expected a positive integer, got {value}")
+    if t.batch_size < 2:
+        raise fail(
+            "train.batch_size",
+            f"expected at least 2, got {t.batch_size}: BatchNorm in training needs more than one value per "
+            "channel, and the head's image pooling has one per image",
+        )
     if not cfg.dataset.scales or any(s <= 0 for s in cfg.dataset.scales):
         raise fail("dataset.scales", "expected a non-empty list of positive factors")
     if t.num_workers < 0:
         raise fail("train.num_workers", f"expected >= 0, got {t.num_workers}")
-    if cfg.optimizer.lr <= 0:
-        raise fail("optimizer.lr", f"expected > 0, got {cfg.optimizer.lr}")
-    if cfg.fusion.lr_mult <= 0:
-        raise fail("fusion.lr_mult", f"expected > 0, got {cfg.fusion.lr_mult}")
-    if cfg.fusion.weight_decay < 0:
-        raise fail("fusion.weight_decay", f"expected >= 0, got {cfg.fusion.weight_decay}")
+    _check_ranges(cfg, fail)
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 
 
+def _check_ranges(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) -> None:
+    """The values the optimizer and the schedule accept (torch refuses some only when the optimizer is
+    built, and a negative ``scheduler.power`` fails only at the last iteration)."""
+    o, s, f = cfg.optimizer, cfg.scheduler, cfg.fusion
+    positive = {"optimizer.lr": o.lr, "fusion.lr_mult": f.lr_mult, "scheduler.power": s.power}
+    not_negative = {"optimizer.weight_decay": o.weight_decay, "fusion.weight_decay": f.weight_decay}
+    fractions = {"optimizer.momentum": o.momentum, "optimizer.betas[0]": o.betas[0], "optimizer.betas[1]": o.betas[1]}
+    rules = [
+        ("> 0", lambda v: v > 0, {**positive, "scheduler.gamma": s.gamma}),
+        (">= 0", lambda v: v >= 0, {**not_negative, "scheduler.warmup_iters": s.warmup_iters}),
+        ("a value in [0, 1)", lambda v: 0 <= v < 1, fractions),
+    ]
+    for expected, ok, values in rules:
+        for key, value in values.items():
+            if not ok(value):
+                raise fail(key, f"expected {expected}, got {value}")
+
+
 def check_paths(cfg: Config) -> None:
     """Files the run needs must exist: one error naming the dotted key and the path."""
+    store, decomposition = Path(cfg.store), cfg.backbone.decomposition
+    for p in (store, *store.parents):  # the nearest existing one must be a directory to hold the store
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{cfg.source}: key 'store': {p} is a file; expected a model store directory")
+        if p.exists():
+            break
+    if decomposition is not None and Path(decomposition).is_dir():
+        raise ConfigError(
+            f"{cfg.source}: key 'backbone.decomposition': {decomposition} is a directory; expected the path of "
+            "a decomposition file (.safetensors, made there when missing)"
+        )
     root = Path(cfg.dataset.root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{cfg.source}: key 'dataset.root': {root} is a file; expected the dataset's directory")
     if not root.is_dir():
         discover(cfg.plugins)  # the dataset type says how to get its data
         hint = getattr(DATASETS.get(cfg.dataset.name), "MISSING_ROOT_HINT", "") if cfg.dataset.name in DATASETS else ""
         hint = f"; {hint.format(root=root)}" if hint else ""
         raise ConfigError(f"{cfg.source}: key 'dataset.root': directory {root} does not exist{hint}")
     w = cfg.backbone.weights
+    if w not in ("none", "torchvision") and Path(w).is_dir():
+        raise ConfigError(f"{cfg.source}: key 'backbone.weights': {w} is a directory; expected a state dict file")
     if w not in ("none", "torchvision") and not Path(w).is_file():
         raise ConfigError(
             f"{cfg.source}: key 'backbone.weights': file {w} does not exist (expected 'none', 'torchvision' or "
