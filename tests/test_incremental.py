@@ -17,6 +17,7 @@ from rcm_nddr import ModelStore, StoreError
 from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config
 from rcm_nddr.engine.trainer import Trainer
+from rcm_nddr.store.sealing import seal
 
 
 def overrides(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> list[str]:
@@ -175,7 +176,7 @@ def test_verify_reruns_the_probes(tmp_path, synth, bank):
     save_file(probe, str(probe_path))
     doc = yaml.safe_load((store / "store.yaml").read_text())
     doc["tasks"][0]["files"]["tasks/sal.probe.safetensors"] = hashlib.sha256(probe_path.read_bytes()).hexdigest()
-    (store / "store.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (store / "store.yaml").write_text(yaml.safe_dump(seal(doc), sort_keys=False))  # digests recomputed too
     assert s.verify(probes=False) == []
     (problem,) = s.verify()
     assert "task 'sal'" in problem and "sal.probe.safetensors" in problem and "differ" in problem

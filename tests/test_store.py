@@ -1,6 +1,7 @@
 """The model store: store.yaml, sha256 checks, registration rules, concurrent writers and `rcm-nddr store`."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from rcm_nddr.commands import cli
 from rcm_nddr.nn.filter_bank import filter_bank_sha256
 from rcm_nddr.store import ModelStore, StoreError, TaskRecord
+from rcm_nddr.store.sealing import seal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,10 +46,19 @@ def record(name: str, sources: tuple[str, ...] = (), **extra) -> dict:
     }
 
 
-def register(store: ModelStore, *names: str, sources: tuple[str, ...] = (), probe: bool = True, **kwargs):
+def probe(value: float = 0.0) -> dict[str, torch.Tensor]:
+    return {"prediction": torch.full((1, 2, 3, 3), value)}
+
+
+def register(store: ModelStore, *names: str, sources: tuple[str, ...] = (), **kwargs):
     tensors = {n: task_state(i) for i, n in enumerate(names)}
-    probes = {n: {"prediction": torch.full((1, 2, 3, 3), float(i))} for i, n in enumerate(names)} if probe else None
+    probes = {n: probe(float(i)) for i, n in enumerate(names)}
     return store.register_group([record(n, sources) for n in names], tensors, probes, **kwargs)
+
+
+def register_zeros(store: ModelStore, name: str = "semseg", **kwargs):
+    """Register ``name`` with the tensor ``w`` = zeros(3) (and a probe of zeros)."""
+    return store.register_group([record(name)], {name: {"w": torch.zeros(3)}}, {name: probe()}, **kwargs)
 
 
 @pytest.fixture
@@ -74,7 +85,7 @@ def test_create_register_and_reload(tmp_path, decomposition):
     created = ModelStore.create(path, "resnet18", "tiny bank", bank(), decomposition_file=decomposition)
     assert created.exists and created.tasks == []
     register(created, "semseg", "depth")
-    register(created, "edge", sources=("semseg",), probe=False)
+    register(created, "edge", sources=("semseg",))
 
     store = ModelStore(path)
     assert [(t.name, t.group, t.sources) for t in store.tasks] == [
@@ -85,7 +96,8 @@ def test_create_register_and_reload(tmp_path, decomposition):
     semseg = store.task("semseg")
     assert isinstance(semseg, TaskRecord)
     assert set(semseg.files) == {"tasks/semseg.safetensors", "tasks/semseg.probe.safetensors"}
-    assert set(store.task("edge").files) == {"tasks/edge.safetensors"}
+    assert set(store.task("edge").files) == {"tasks/edge.safetensors", "tasks/edge.probe.safetensors"}
+    assert store.task("edge").source_pins == {"semseg": semseg.files["tasks/semseg.safetensors"]}
     assert semseg.config["train"]["lr"] == 0.01 and semseg.trainable_parameters == 24
     assert semseg.primary_metric == ("mIoU", 33.25)
     assert all(torch.equal(v, task_state(1)[k]) for k, v in store.load_task_tensors("depth").items())
@@ -95,7 +107,7 @@ def test_create_register_and_reload(tmp_path, decomposition):
     assert store.decomposition_path == path / "ri.safetensors"
 
     doc = yaml.safe_load((path / "store.yaml").read_text())
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert doc["backbone"] == {
         "arch": "resnet18",
         "reparam": "rc",
@@ -153,15 +165,17 @@ def test_loading_a_corrupted_or_missing_file_raises(store):
     assert any("tasks/semseg.safetensors is missing" in p for p in store.verify())
 
 
-def edit_store_yaml(store: ModelStore, edit) -> None:
+def edit_store_yaml(store: ModelStore, edit, reseal: bool = True) -> None:
+    """Edit store.yaml as a document; ``reseal``: recompute its digests, as a careful forger would, so the
+    checks behind the digests are tested too."""
     doc = yaml.safe_load(store.store_file.read_text())
     edit(doc)
-    store.store_file.write_text(yaml.safe_dump(doc))
+    store.store_file.write_text(yaml.safe_dump(seal(doc) if reseal else doc, sort_keys=False))
 
 
 def test_unknown_schema_version_is_refused(store):
-    edit_store_yaml(store, lambda doc: doc.update(schema_version=2))
-    with pytest.raises(StoreError, match=r"store\.yaml: unknown schema_version 2"):
+    edit_store_yaml(store, lambda doc: doc.update(schema_version=3))
+    with pytest.raises(StoreError, match=r"store\.yaml: unknown schema_version 3"):
         _ = store.tasks
 
 
@@ -171,7 +185,15 @@ def test_unknown_schema_version_is_refused(store):
         (lambda doc: doc.pop("backbone"), "missing key 'backbone'"),
         (lambda doc: doc["backbone"].pop("filter_bank_sha256"), "backbone: missing key 'filter_bank_sha256'"),
         (lambda doc: doc["tasks"][0].update(group="one"), r"tasks\[0\]: key 'group' must be int"),
-        (lambda doc: doc["tasks"][0].update(sources=["ghost"]), "reads unregistered task.*ghost"),
+        (
+            lambda doc: doc["tasks"][0].update(sources=["ghost"], source_pins={"ghost": "0" * 64}),
+            "reads unregistered task.*ghost",
+        ),
+        (lambda doc: doc["tasks"][0].update(name="../semseg"), r"task name '\.\./semseg' must be letters"),
+        (
+            lambda doc: doc["tasks"][0]["files"].update({"/etc/passwd": "0" * 64}),
+            r"key 'files' must list exactly \['tasks/semseg.probe.safetensors', 'tasks/semseg.safetensors'\]",
+        ),
     ],
 )
 def test_malformed_store_yaml_names_the_key(store, edit, message):
@@ -211,10 +233,10 @@ def test_replace_refused_while_another_task_reads_it(store):
 def test_replace_rewrites_an_unread_task(store):
     register(store, "semseg")
     register(store, "depth")
-    (new,) = store.register_group([record("semseg")], {"semseg": {"w": torch.zeros(3)}}, replace=True)
+    (new,) = register_zeros(store, replace=True)
     assert [(t.name, t.group) for t in store.tasks] == [("depth", 2), ("semseg", 3)]
-    assert new.group == 3 and set(new.files) == {"tasks/semseg.safetensors"}
-    assert not (store.path / "tasks/semseg.probe.safetensors").exists()  # the old version's probe
+    assert new.group == 3 and set(new.files) == {"tasks/semseg.safetensors", "tasks/semseg.probe.safetensors"}
+    assert torch.equal(store.load_probe("semseg")["prediction"], probe()["prediction"])
     assert torch.equal(store.load_task_tensors("semseg")["w"], torch.zeros(3))
     assert store.verify(probes=False) == []  # records of no real network: sha256 only
 
@@ -233,7 +255,7 @@ def test_a_replace_that_dies_before_its_journal_leaves_the_old_store(store, monk
 
     monkeypatch.setattr(store_module, "atomic_write_text", die)  # the journal is never written
     with pytest.raises(Crash):
-        store.register_group([record("semseg")], {"semseg": {"w": torch.zeros(3)}}, replace=True)
+        register_zeros(store, replace=True)
     monkeypatch.undo()
     assert (store.path / "tasks/semseg.safetensors.staged").exists()  # the new version, staged
     fresh = ModelStore(store.path)
@@ -253,7 +275,7 @@ def test_a_replace_that_dies_after_its_journal_is_completed_by_the_next_access(s
 
     monkeypatch.setattr(ModelStore, "_finish_pending", die)
     with pytest.raises(Crash):
-        store.register_group([record("semseg")], {"semseg": {"w": torch.zeros(3)}}, replace=True)
+        register_zeros(store, replace=True)
     monkeypatch.undo()
     assert (store.path / "store.yaml.pending").exists()
     # store.yaml is still the old one, whose semseg file has not been touched
@@ -341,7 +363,7 @@ def test_cli_store_commands(store, capsys):
 
     assert cli.main(["store", "show", str(store.path), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["schema_version"] == 1 and shown["backbone"]["arch"] == "resnet18"
+    assert shown["schema_version"] == 2 and shown["backbone"]["arch"] == "resnet18"
     assert shown["tasks"][0]["parameters"] == {"modulators": 16, "head": 8, "total": 24, "filter_bank": 252}
     assert cli.main(["store", "show", str(store.path)]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["tasks"][1]["sources"] == ["semseg"]
@@ -360,3 +382,182 @@ def test_cli_store_commands(store, capsys):
     assert [t.name for t in store.tasks] == ["semseg"]
     assert cli.main(["store", "list", str(store.path.parent / "missing")]) == 2
     assert "error: no model store" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- store.yaml sealed by digests
+
+
+def three_tasks(store: ModelStore) -> bytes:
+    register(store, "semseg", "depth")
+    register(store, "edge", sources=("semseg",))
+    return store.store_file.read_bytes()
+
+
+def readers(store: ModelStore) -> dict:
+    return {
+        "tasks": lambda: store.tasks,
+        "metadata": store.metadata,
+        "filter_bank": store.filter_bank,
+        "decomposition_path": lambda: store.decomposition_path,
+        "load_task_tensors": lambda: store.load_task_tensors("semseg"),
+        "load_probe": lambda: store.load_probe("edge"),
+        "verify": lambda: store.verify(probes=False),
+        "remove": lambda: store.remove("edge"),
+        "register": lambda: register(store, "parts"),
+    }
+
+
+def test_every_truncation_of_store_yaml_is_refused_by_every_reader(store):
+    text = three_tasks(store)
+    lines = [i + 1 for i, byte in enumerate(text) if byte == ord("\n")]
+    offsets = sorted(
+        {0, *lines, *torch.randint(0, len(text), (60,), generator=torch.Generator().manual_seed(5)).tolist()}
+    )
+    offsets = [o for o in offsets if o < len(text.rstrip())]  # without its last newline the file is the same
+    assert len(offsets) > 100
+    for offset in offsets:
+        store.store_file.write_bytes(text[:offset])
+        for name, read in readers(store).items():
+            with pytest.raises(StoreError, match=r"store\.yaml"):
+                read()
+            assert store.store_file.read_bytes() == text[:offset], f"{name} changed a damaged store.yaml"
+    store.store_file.write_bytes(text)
+    assert [t.name for t in store.tasks] == ["semseg", "depth", "edge"] and store.verify(probes=False) == []
+
+
+def test_every_single_byte_change_of_store_yaml_is_refused_or_changes_nothing(store):
+    text = three_tasks(store)
+    intact = store.metadata()
+    g = torch.Generator().manual_seed(6)
+    harmless = 0
+    for offset in range(len(text)):
+        damaged = bytearray(text)
+        damaged[offset] ^= int(torch.randint(1, 256, (1,), generator=g))
+        store.store_file.write_bytes(bytes(damaged))
+        try:
+            read = store.metadata()
+        except StoreError:
+            continue
+        assert read == intact, f"a change at byte {offset} went unnoticed and changed store.yaml's content"
+        harmless += 1  # e.g. a quote or a space that YAML reads the same
+    assert harmless < len(text) / 100
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda doc: doc["tasks"][1].update(type="normals"), r"tasks\[1\] \(task 'depth'\): the record does not match"),
+        (lambda doc: doc["tasks"][2]["files"].pop("tasks/edge.probe.safetensors"), r"task 'edge'\): the record"),
+        (lambda doc: doc["tasks"].pop(1), r"tasks \(\['semseg', 'edge'\]\) does not match the file's digest"),
+        (lambda doc: doc["tasks"].reverse(), "does not match the file's digest"),
+        (lambda doc: doc["backbone"].update(output_stride=8), "the header or the list of tasks"),
+        (lambda doc: doc.update(decomposition_sha256="0" * 64), "the header or the list of tasks"),
+        (lambda doc: doc.pop("digest"), "missing key 'digest'"),
+        (lambda doc: doc["tasks"][0].pop("digest"), r"tasks\[0\] \(task 'semseg'\): the record has no 'digest'"),
+    ],
+)
+def test_an_edited_store_yaml_is_refused_naming_the_record(store, edit, message):
+    three_tasks(store)
+    edit_store_yaml(store, edit, reseal=False)
+    for read in readers(store).values():
+        with pytest.raises(StoreError, match=message):
+            read()
+
+
+def test_a_resealed_record_must_still_pin_its_sources(store):
+    three_tasks(store)
+    edit_store_yaml(store, lambda doc: doc["tasks"][2]["source_pins"].update(semseg="1" * 64))
+    with pytest.raises(StoreError, match="task 'edge' was trained against 'semseg' with sha256 1111"):
+        _ = store.tasks
+
+
+def test_a_non_utf8_store_yaml_is_one_clear_error(store):
+    text = three_tasks(store)
+    store.store_file.write_bytes(text[:40] + b"\xff\xfe" + text[42:])
+    with pytest.raises(StoreError, match=r"store\.yaml is not UTF-8 text \(byte 40\)"):
+        store.verify()
+
+
+def test_a_schema_1_store_is_refused_naming_the_migration(store):
+    three_tasks(store)
+    edit_store_yaml(store, lambda doc: doc.update(schema_version=1))
+    with pytest.raises(StoreError, match=r"schema_version 1 .*rcm-nddr store migrate"):
+        _ = store.tasks
+
+
+# ----------------------------------------------------------------------------- what a registration refuses
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_registration_refuses_non_finite_tensors_naming_them(store, bad):
+    state = task_state(0)
+    state["head.weight"][1, 2] = bad
+    before = store.store_file.read_bytes()
+    with pytest.raises(StoreError, match=r"task 'semseg': tensor 'head.weight' has 1 of 8 values that are NaN"):
+        store.register_group([record("semseg")], {"semseg": state}, {"semseg": probe()})
+    assert store.store_file.read_bytes() == before and not (store.path / "tasks" / "semseg.safetensors").exists()
+
+
+def test_registration_needs_a_probe_for_every_task(store):
+    with pytest.raises(StoreError, match=r"probes are given for \[\], expected \['semseg'\]"):
+        store.register_group([record("semseg")], {"semseg": task_state(0)}, {})
+
+
+def test_registration_refuses_a_source_replaced_since_the_pin(store):
+    (semseg,) = register(store, "semseg")
+    pin = semseg.files[semseg.tensors_file]
+    register_zeros(store, replace=True)  # semseg replaced while "edge" trained against the old one
+    with pytest.raises(StoreError, match="'edge' was trained against 'semseg' with sha256 .*it was replaced"):
+        store.register_group(
+            [record("edge", ("semseg",), source_pins={"semseg": pin})], {"edge": task_state(1)}, {"edge": probe()}
+        )
+    assert [t.name for t in store.tasks] == ["semseg"]
+
+
+def test_the_next_writer_deletes_temporaries_of_a_killed_one(store):
+    register(store, "semseg")
+    stale = [store.path / "tasks" / ".depth.safetensors.x1y2.tmp", store.path / ".store.yaml.a1b2.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    _ = store.tasks  # readers leave them
+    assert all(path.exists() for path in stale)
+    register(store, "depth")
+    assert not any(path.exists() for path in stale) and store.verify(probes=False) == []
+
+
+# ----------------------------------------------------------------------------- confinement and readers
+
+
+def test_remove_and_replace_never_touch_a_file_outside_the_store(store, tmp_path):
+    register(store, "semseg")
+    outside = tmp_path / "precious.bin"
+    inner = store.path / "tasks" / "semseg.safetensors"
+    outside.write_bytes(inner.read_bytes())
+    inner.unlink()
+    inner.symlink_to(outside)  # same bytes, so the sha256 matches: only the path gives it away
+    for action in (lambda: store.remove("semseg"), lambda: register_zeros(store, replace=True)):
+        with pytest.raises(StoreError, match="which is not inside the store"):
+            action()
+        assert outside.is_file() and inner.is_symlink()
+    assert [t.name for t in store.tasks] == ["semseg"]
+
+
+def test_a_reader_creates_no_lock_file_and_writes_nothing(store):
+    register(store, "semseg")
+    (store.path / "store.yaml.lock").unlink()
+    before = sorted(p.name for p in store.path.rglob("*"))
+    assert store.verify(probes=False) == [] and [t.name for t in store.tasks] == ["semseg"]
+    store.load_task_tensors("semseg")
+    assert sorted(p.name for p in store.path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_store_files_follow_the_umask(tmp_path, decomposition, umask, mode):
+    old = os.umask(umask)
+    try:
+        store = ModelStore.create(tmp_path / "store", "resnet18", "tiny bank", bank(), decomposition_file=decomposition)
+        register(store, "semseg")
+    finally:
+        os.umask(old)
+    files = [p for p in store.path.rglob("*") if p.is_file() and p.name != "store.yaml.lock"]
+    assert len(files) >= 5 and {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}

@@ -70,7 +70,6 @@ def _meminfo_bytes(field: str) -> int:
 
 def _backbone():
 
-
     torch.manual_seed(0)
     return resnet_backbone(ARCH, "none", output_stride=OUTPUT_STRIDE).eval()
 
@@ -321,7 +320,6 @@ def main(args: argparse.Namespace) -> int:
         f"{report['machine']['cpus']} CPUs, {report['machine']['ram_gib']} GiB RAM; {setup['memory']}."
     )
     if args.json:
-
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", args.json)
     return 0

@@ -144,6 +144,7 @@ def inference_call(
 ) -> Callable[[], Any]:
     """A call of ``model`` on ``images`` computing ``tasks`` (default: all) under ``mode`` and, with ``amp``,
     bf16 autocast on the images' device: what the benchmarks time."""
+
     def call() -> Any:
         with mode(), autocast(images.device, amp):
             return model(images, tasks=tasks, raw=True)
@@ -423,6 +424,5 @@ def publish(table: str, report: dict[str, Any], json_path: str | None) -> None:
     """A benchmark's result: ``table`` on stdout, and ``report`` written atomically to ``json_path``."""
     print(table)  # noqa: T201 - the benchmark's result is this table on stdout
     if json_path:
-
         atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", json_path)

@@ -221,9 +221,11 @@ def open_store(
     net: ResNetBackbone,
     decomposition: dict[str, torch.Tensor] | None,
     decomposition_file: Path | None,
+    decomposition_content: bytes | None = None,
 ) -> ModelStore:
-    """The config's model store, created with this bank when missing; an existing store with another
-    backbone or bank is refused with both sha256s named."""
+    """The config's model store, created with this bank and decomposition (``decomposition_content``,
+    else the file) when missing; an existing store with another backbone or bank is refused with both
+    sha256s named."""
     b = cfg.backbone
     return ModelStore.create(
         cfg.store,
@@ -236,6 +238,7 @@ def open_store(
         output_stride=b.output_stride,
         source_bank_sha256=filter_bank_sha256(bank_weights(net)),
         exist_ok=True,
+        decomposition_content=decomposition_content,
     )
 
 
@@ -257,17 +260,25 @@ def check_store_backbone(cfg: Config, store: ModelStore, net: ResNetBackbone) ->
 class GroupPlan:
     """How a group joins its store: ``sources[t]`` lists the tasks new task t reads through NDDR besides
     itself (stored tasks in store order, then its group mates; empty: no fusion) and ``frozen`` the
-    stored tasks the group needs, directly or through their own sources (loaded frozen)."""
+    stored tasks the group needs, directly or through their own sources (loaded frozen). ``pins`` holds
+    the sha256 of each frozen task's tensors file when the run started: registration refuses the group
+    if one of them was replaced meanwhile."""
 
     sources: dict[str, list[str]] = field(default_factory=dict)
     frozen: list[str] = field(default_factory=list)
+    pins: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sources": self.sources, "frozen": self.frozen}
+        return {"sources": self.sources, "frozen": self.frozen, "pins": self.pins}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GroupPlan:
-        return cls({k: list(v) for k, v in data["sources"].items()}, list(data["frozen"]))
+        sources = {k: list(v) for k, v in data["sources"].items()}
+        return cls(sources, list(data["frozen"]), dict(data.get("pins") or {}))
+
+    def source_pins(self, task: str) -> dict[str, str]:
+        """The pins of the stored tasks ``task`` reads (its group mates are pinned when registered)."""
+        return {s: self.pins[s] for s in self.sources.get(task, []) if s in self.pins}
 
 
 def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) -> GroupPlan:
@@ -315,7 +326,8 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
             log.warning("fusion.type is nddr but task %s has no other task to read: it gets no NDDR layers", t)
     needed = transitive_sources(older, {r.name: r.sources for r in records})
     frozen = [r.name for r in records if r.name in needed]
-    return GroupPlan({t: s for t, s in sources.items() if s}, frozen)
+    pins = {r.name: r.files[r.tensors_file] for r in records if r.name in needed}
+    return GroupPlan({t: s for t, s in sources.items() if s}, frozen, pins)
 
 
 def config_spec(cfg: Config, name: str, task: Task, sources: list[str]) -> TaskSpec:

@@ -41,6 +41,7 @@ from rcm_nddr.files import atomic_write_text, remove_stale_temporaries
 from rcm_nddr.nn.accounting import parameter_breakdown
 from rcm_nddr.nn.backbone import ResNetBackbone
 from rcm_nddr.store import ModelStore
+from rcm_nddr.store.format import DECOMPOSITION_FILE
 from rcm_nddr.task import Metric, Task
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,13 @@ class TrainingRun:
             return
         remove_stale_temporaries(self.paths.checkpoints)
         if self.store is not None:
+            # a decomposition made for the store's own ri.safetensors is written with the store, under its
+            # lock, so that of runs creating one store together the first one's is the one it records
+            content = None
+            if self.ri.path is not None and self.ri.path.resolve() == (self.store.path / DECOMPOSITION_FILE).resolve():
+                content, self.ri.content = self.ri.content, None
             self.ri.write()
-            self.store = open_store(self.cfg, self.net, self.ri.eigenvectors, self.ri.path)
+            self.store = open_store(self.cfg, self.net, self.ri.eigenvectors, self.ri.path, content)
         self.paths.run.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.paths.run / "config.yaml")
         atomic_write_text(self.paths.run / "parameters.json", to_json(self.parameter_counts, indent=2))

@@ -80,8 +80,10 @@ class TaskSpec:
             raise AssemblyError(f"{where}: its record's 'model' description is incomplete ({exc!r})") from exc
 
     def build_task(self) -> Task:
-        """The task plug-in instance (its type discovered from the built-ins, entry points and ``plugins``)."""
-        discover(self.plugins)
+        """The task plug-in instance, of a type registered already: a built-in, an installed entry point,
+        or a plug-in the caller imported (a record's ``plugins`` are never imported here: a store's
+        reader decides whether to trust them, see ``rcm_nddr.store.loading.import_plugins``)."""
+        discover()
         cls = TASKS.get(self.type)
         info = DatasetInfo(
             name=self.dataset.get("name", "unknown"),

@@ -3,6 +3,7 @@ into TaskRecords) and the safetensors files that hold its tensors (DESIGN §6)."
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -14,8 +15,10 @@ from torch import Tensor
 
 from rcm_nddr.errors import UserError
 from rcm_nddr.files import atomic_write, file_sha256
+from rcm_nddr.store.sealing import SealError, check_seal
 
-SCHEMA_VERSION = 1
+#: 2: store.yaml sealed by digests (``rcm_nddr.store.sealing``), source tasks pinned by sha256, probes required
+SCHEMA_VERSION = 2
 STORE_FILE = "store.yaml"
 LOCK_FILE = "store.yaml.lock"
 #: the journal of a registration that replaces files: its new store.yaml and the renames still to do
@@ -25,6 +28,10 @@ STAGED_SUFFIX = ".staged"
 BANK_FILE = "filter_bank.safetensors"
 DECOMPOSITION_FILE = "ri.safetensors"
 TASKS_DIR = "tasks"
+#: task names become file names: no path separators, and no dot (``x.probe`` would collide with the
+#: probe of task ``x``)
+TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class StoreError(UserError):
@@ -42,7 +49,8 @@ class TaskRecord:
     ``{"primary": "mIoU", "mIoU": 33.1}``). ``model`` describes the task's modules (NFF, head, NDDR
     stages, task options, plug-ins) and ``dataset`` its dataset (name, class names), so ``load_model``
     rebuilds it from the store alone. ``environment`` is the provenance of the run that trained it
-    (packages, devices, source commit, image, config sha256, seed, command line: its ``env.json``)."""
+    (packages, devices, source commit, image, config sha256, seed, command line: its ``env.json``).
+    ``source_pins`` maps each source task to the sha256 of the tensors file it was trained against."""
 
     name: str
     type: str
@@ -55,6 +63,7 @@ class TaskRecord:
     model: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    source_pins: dict[str, str] = field(default_factory=dict)
 
     @property
     def tensors_file(self) -> str:
@@ -114,7 +123,7 @@ def plain(value: Any, where: str) -> Any:
 
 
 def plain_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A parsed store.yaml document (tasks as TaskRecords) as the plain data that is written."""
+    """A parsed store.yaml document (tasks as TaskRecords) as the plain data that is written, unsealed."""
     tasks = [t.to_dict() if isinstance(t, TaskRecord) else t for t in doc["tasks"]]
     return plain({**doc, "tasks": tasks}, STORE_FILE)
 
@@ -142,17 +151,29 @@ def parse_task(doc: Any, where: str) -> TaskRecord:
     """One entry of store.yaml's ``tasks``, checked."""
     if not isinstance(doc, Mapping):
         raise StoreError(f"{where}: expected a mapping, got {doc!r}")
+    name = expect(doc, "name", str, where)
+    if not TASK_NAME.match(name):
+        raise StoreError(f"{where}: task name {name!r} must be letters, digits, '_' or '-' (it names files)")
     sources = expect(doc, "sources", list, where)
     files = expect(doc, "files", dict, where)
     parameters = expect(doc, "parameters", dict, where)
+    pins = expect(doc, "source_pins", dict, where)
     if not all(isinstance(s, str) for s in sources):
         raise StoreError(f"{where}: key 'sources' must be a list of task names, got {sources!r}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise StoreError(f"{where}: key 'files' must map relative paths to sha256 strings")
+    # a record names its own two files and nothing else: nothing outside the store is read or deleted
+    own = {f"{TASKS_DIR}/{name}.safetensors", f"{TASKS_DIR}/{name}.probe.safetensors"}
+    if set(files) != own:
+        raise StoreError(
+            f"{where}: key 'files' must list exactly {sorted(own)} (its tensors and probe), got {sorted(files)}"
+        )
+    if not all(isinstance(v, str) and SHA256.match(v) for v in files.values()):
+        raise StoreError(f"{where}: key 'files' must map each file to its sha256 (64 hexadecimal digits)")
+    if set(pins) != set(sources) or not all(isinstance(v, str) and SHA256.match(v) for v in pins.values()):
+        raise StoreError(f"{where}: key 'source_pins' must map each of its sources {sources} to a sha256, got {pins!r}")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in parameters.values()):
         raise StoreError(f"{where}: key 'parameters' must map categories to integer counts")
     return TaskRecord(
-        name=expect(doc, "name", str, where),
+        name=name,
         type=expect(doc, "type", str, where),
         group=expect(doc, "group", int, where),
         sources=list(sources),
@@ -163,6 +184,7 @@ def parse_task(doc: Any, where: str) -> TaskRecord:
         model=dict(expect(doc, "model", dict, where, optional=True) or {}),
         dataset=dict(expect(doc, "dataset", dict, where, optional=True) or {}),
         environment=dict(expect(doc, "environment", dict, where, optional=True) or {}),
+        source_pins=dict(pins),
     )
 
 
@@ -172,10 +194,19 @@ def parse_store(doc: Any, path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
     if "schema_version" not in doc:
         raise StoreError(f"{path}: missing key 'schema_version'")
+    if doc["schema_version"] == 1:
+        raise StoreError(
+            f"{path} has schema_version 1 (no digests, no source pins): run `rcm-nddr store migrate "
+            f"{path.parent}` once; it verifies the store and rewrites store.yaml as schema_version {SCHEMA_VERSION}"
+        )
     if doc["schema_version"] != SCHEMA_VERSION:
         raise StoreError(
             f"{path}: unknown schema_version {doc['schema_version']!r} (this version reads {SCHEMA_VERSION})"
         )
+    try:
+        doc = check_seal(doc, path)
+    except SealError as exc:
+        raise StoreError(str(exc)) from exc
     backbone = expect(doc, "backbone", dict, str(path))
     where = f"{path}: backbone"
     expect(backbone, "arch", str, where)
@@ -196,6 +227,13 @@ def parse_store(doc: Any, path: Path) -> dict[str, Any]:
         unknown = [s for s in t.sources if s not in names]
         if unknown:
             raise StoreError(f"{path}: task '{t.name}' reads unregistered task(s) {unknown} (key 'sources')")
+        for source, pin in t.source_pins.items():
+            held = tasks[names.index(source)]
+            if held.files[held.tensors_file] != pin:
+                raise StoreError(
+                    f"{path}: task '{t.name}' was trained against '{source}' with sha256 {pin}, but the store "
+                    f"holds '{source}' with sha256 {held.files[held.tensors_file]}"
+                )
     return {
         "schema_version": SCHEMA_VERSION,
         "backbone": dict(backbone),
@@ -205,6 +243,16 @@ def parse_store(doc: Any, path: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- tensor files
+
+
+def inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refused (StoreError) unless it resolves inside the store ``root`` (no absolute
+    path, no ``..``, no symbolic link leading out)."""
+    path = root / relative
+    base = root.resolve()
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(base):
+        raise StoreError(f"{root / STORE_FILE} names {relative!r}, which is not inside the store; refused")
+    return path
 
 
 def cpu_tensors(tensors: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:

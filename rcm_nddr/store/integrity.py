@@ -16,7 +16,15 @@ from rcm_nddr.files import file_sha256
 from rcm_nddr.nn.assembly import probe_outputs
 from rcm_nddr.nn.filter_bank import filter_bank_sha256
 from rcm_nddr.nn.multitask import MultiTaskNet
-from rcm_nddr.store.format import BANK_FILE, DECOMPOSITION_FILE, STORE_FILE, StoreError, TaskRecord, load_tensors
+from rcm_nddr.store.format import (
+    BANK_FILE,
+    DECOMPOSITION_FILE,
+    STORE_FILE,
+    StoreError,
+    TaskRecord,
+    inside,
+    load_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,7 @@ def load_checked(root: Path, record: TaskRecord, relative: str) -> dict[str, Ten
     """The tensors of ``record``'s file ``relative`` (a path inside the store ``root``), sha256-checked."""
     if relative not in record.files:
         raise StoreError(f"{root / STORE_FILE}: task '{record.name}' lists no file {relative}")
-    path = root / relative
+    path = inside(root, relative)
     check_file(root, path, record.files[relative])
     return load_tensors(path)
 
@@ -67,7 +75,7 @@ def stored_file_problems(root: Path, doc: Mapping[str, Any]) -> list[str]:
         problems += _file_problems(root, root / DECOMPOSITION_FILE, expected)
     for record in doc["tasks"]:
         for relative, sha in record.files.items():
-            problems += _file_problems(root, root / relative, sha)
+            problems += _file_problems(root, inside(root, relative), sha)
     return problems
 
 

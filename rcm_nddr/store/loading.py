@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rcm_nddr.nn.assembly import AssemblyError, assemble, probe_input, probe_outputs
+from rcm_nddr.nn.assembly import AssemblyError, assemble, plugin_paths, probe_input, probe_outputs
 from rcm_nddr.nn.deploy import deploy as deploy_form
 from rcm_nddr.nn.multitask import MultiTaskNet
-from rcm_nddr.registry import RegistryError
+from rcm_nddr.registry import TASKS, RegistryError, discover
 from rcm_nddr.store.format import STORE_FILE, StoreError, TaskRecord
 from rcm_nddr.store.integrity import load_checked, load_filter_bank, run_probes
 
@@ -21,9 +21,46 @@ from rcm_nddr.store.integrity import load_checked, load_filter_bank, run_probes
 Extra = Mapping[str, tuple[TaskRecord, Mapping[str, Tensor]]]
 
 
-def assemble_tasks(root: Path, doc: Mapping[str, Any], names: Sequence[str] | None, extra: Extra) -> MultiTaskNet:
+def import_plugins(store_file: Path, records: Sequence[TaskRecord], allow_plugins: Sequence[str]) -> None:
+    """Make the task types of ``records`` known. A type that is not built in, installed (entry point
+    ``rcm_nddr.tasks``) or already imported needs the plug-ins its record names, and those are imported
+    only when ``allow_plugins`` lists them (as a module name or a ``.py`` path): a store never runs code
+    it names on its own. StoreError names each plug-in and how to allow it."""
+    discover()
+    allowed = set(plugin_paths(allow_plugins))
+    for record in records:
+        if record.type in TASKS:
+            continue
+        named = [p for p in record.model.get("plugins") or [] if isinstance(p, str)]
+        if not named:
+            raise StoreError(
+                f"{store_file}: task '{record.name}' has type '{record.type}', which no installed plug-in "
+                f"registers (known: {', '.join(TASKS.names())}); install or import the plug-in that defines it"
+            )
+        refused = [p for p in plugin_paths(named) if p not in allowed]
+        if refused:
+            flags = " ".join(f"--allow-plugins {p}" for p in refused)
+            raise StoreError(
+                f"{store_file}: task '{record.name}' has type '{record.type}', registered by plug-in(s) {refused} "
+                f"that the store names; a store runs no code unless you allow it: if you trust that code, pass "
+                f"{flags} (Python: allow_plugins=[...]), or install the plug-in as an entry point"
+            )
+        try:
+            discover(plugin_paths(named))
+        except Exception as exc:
+            raise StoreError(f"{store_file}: task '{record.name}': plug-in(s) {named} failed to load: {exc}") from exc
+
+
+def assemble_tasks(
+    root: Path,
+    doc: Mapping[str, Any],
+    names: Sequence[str] | None,
+    extra: Extra,
+    allow_plugins: Sequence[str] = (),
+) -> MultiTaskNet:
     """The MultiTaskNet (training form, CPU) of the tasks ``names`` (default: all) of the store ``root``
-    whose store.yaml is ``doc``, plus ``extra`` records and tensors not written yet."""
+    whose store.yaml is ``doc``, plus ``extra`` records and tensors not written yet; the plug-ins the
+    records name are imported only where ``allow_plugins`` lists them (``import_plugins``)."""
     store_file = root / STORE_FILE
     records = [t for t in doc["tasks"] if t.name not in extra] + [r for r, _ in extra.values()]
     if names is None:
@@ -38,6 +75,7 @@ def assemble_tasks(root: Path, doc: Mapping[str, Any], names: Sequence[str] | No
     def load(name: str) -> Mapping[str, Tensor]:
         return extra[name][1] if name in extra else load_checked(root, known[name], known[name].tensors_file)
 
+    import_plugins(store_file, [known[n] for n in names], allow_plugins)
     bank = load_filter_bank(root, doc["backbone"]["filter_bank_sha256"])
     try:
         model = assemble(doc["backbone"], bank, records, list(names), load)
@@ -53,9 +91,10 @@ def load_model(
     deploy: bool,
     batched: bool,
     check_deploy: bool,
+    allow_plugins: Sequence[str] = (),
 ) -> MultiTaskNet:
     """``ModelStore.load_model`` on the CPU, over the store ``root`` whose store.yaml is ``doc``."""
-    model = assemble_tasks(root, doc, list(tasks) if tasks is not None else None, {})
+    model = assemble_tasks(root, doc, list(tasks) if tasks is not None else None, {}, allow_plugins)
     if deploy:
         model = deploy_form(model, batched=batched)
         if check_deploy:
@@ -74,7 +113,7 @@ def check_deploy_form(root: Path, model: MultiTaskNet, doc: Mapping[str, Any]) -
     """StoreError naming every task of ``model`` (the deploy form, on the CPU) whose outputs on its
     probe input differ from the recorded ones (``doc``'s records) beyond rounding."""
     names = set(model.task_names)
-    records = [r for r in doc["tasks"] if r.name in names and r.probe_file in r.files]
+    records = [r for r in doc["tasks"] if r.name in names]
     problems = run_probes(root, model, records)
     if problems:
         raise StoreError(
@@ -84,16 +123,17 @@ def check_deploy_form(root: Path, model: MultiTaskNet, doc: Mapping[str, Any]) -
         )
 
 
-def probe_problems(root: Path, doc: Mapping[str, Any]) -> list[str]:
-    """Run every task with a probe on its probe input and compare with the recorded outputs."""
-    with_probe = [r for r in doc["tasks"] if r.probe_file in r.files]
-    if not with_probe:
+def probe_problems(root: Path, doc: Mapping[str, Any], allow_plugins: Sequence[str] = ()) -> list[str]:
+    """Run every task on its probe input and compare with the recorded outputs."""
+    records = doc["tasks"]
+    if not records:
         return []
+    import_plugins(root / STORE_FILE, records, allow_plugins)  # a refused plug-in is an error, not a finding
     try:
-        model = assemble_tasks(root, doc, [r.name for r in with_probe], {})
+        model = assemble_tasks(root, doc, [r.name for r in records], {}, allow_plugins)
     except StoreError as exc:
         return [f"the tasks could not be loaded to run their probes: {exc}"]
-    return run_probes(root, model, with_probe)
+    return run_probes(root, model, records)
 
 
 def compute_probes(model: MultiTaskNet, names: Sequence[str]) -> dict[str, dict[str, Tensor]]:

@@ -3,17 +3,15 @@ against the tasks the store already holds."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from rcm_nddr.store.format import StoreError, TaskRecord, cpu_tensors, expect, plain
+from rcm_nddr.store.format import SHA256, TASK_NAME, StoreError, TaskRecord, cpu_tensors, expect, plain
 
-# Task names become file names, and a dot would let "x.probe" collide with the probe of task "x".
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 _RECORD_INPUT_KEYS = {
     "name",
     "type",
@@ -26,6 +24,7 @@ _RECORD_INPUT_KEYS = {
     "model",
     "dataset",
     "environment",
+    "source_pins",
 }
 
 
@@ -40,11 +39,14 @@ def record_from_input(record: TaskRecord | Mapping[str, Any], index: int) -> Tas
     if unknown:
         raise StoreError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(_RECORD_INPUT_KEYS)}")
     name = expect(record, "name", str, where)
-    if not _TASK_NAME.match(name):
+    if not TASK_NAME.match(name):
         raise StoreError(f"{where}: task name {name!r} must be letters, digits, '_' or '-' (it names files)")
     sources = list(record.get("sources") or [])
     if not all(isinstance(s, str) for s in sources):
         raise StoreError(f"{where}: key 'sources' must be a list of task names, got {sources!r}")
+    pins = dict(record.get("source_pins") or {})
+    if not set(pins) <= set(sources) or not all(isinstance(v, str) and SHA256.match(v) for v in pins.values()):
+        raise StoreError(f"{where}: key 'source_pins' must map sources of the task to sha256s, got {pins!r}")
     parameters = plain(dict(record.get("parameters") or {}), f"{where}.parameters")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in parameters.values()):
         raise StoreError(f"{where}: key 'parameters' must map categories to integer counts, got {parameters!r}")
@@ -58,6 +60,7 @@ def record_from_input(record: TaskRecord | Mapping[str, Any], index: int) -> Tas
         model=plain(dict(record.get("model") or {}), f"{where}.model"),
         dataset=plain(dict(record.get("dataset") or {}), f"{where}.dataset"),
         environment=plain(dict(record.get("environment") or {}), f"{where}.environment"),
+        source_pins=pins,
     )
 
 
@@ -76,11 +79,29 @@ def checked_group(
         raise StoreError(f"register_group: a task name appears twice in {names}")
     if set(tensors) != set(names):
         raise StoreError(f"register_group: tensors are given for {sorted(tensors)}, expected {sorted(names)}")
-    if not set(probes) <= set(names):
-        raise StoreError(f"register_group: probes for unknown task(s) {sorted(set(probes) - set(names))}")
+    if set(probes) != set(names):
+        raise StoreError(
+            f"register_group: probes are given for {sorted(probes)}, expected {sorted(names)} "
+            "(every task has one: ModelStore.compute_probes makes them)"
+        )
     state = {n: cpu_tensors(tensors[n], f"tensors of task '{n}'") for n in names}
     probe_state = {n: cpu_tensors(p, f"probe of task '{n}'") for n, p in probes.items()}
+    for name in names:
+        check_finite(state[name], f"task '{name}'")
+        check_finite(probe_state[name], f"the probe of task '{name}'")
     return new, state, probe_state
+
+
+def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
+    """StoreError naming the first tensor of ``tensors`` that holds a NaN or an infinity."""
+    for key, value in tensors.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise StoreError(
+                    f"register_group: {what}: tensor '{key}' has {bad} of {value.numel()} values that are NaN or "
+                    "infinite (training diverged: lower optimizer.lr, or check the data); nothing was registered"
+                )
 
 
 def check_registration(store_file: Path, existing: list[TaskRecord], new: list[TaskRecord], replace: bool) -> None:
@@ -104,3 +125,22 @@ def check_registration(store_file: Path, existing: list[TaskRecord], new: list[T
             raise StoreError(f"task '{r.name}' reads unregistered task(s) {unknown} (key 'sources')")
         if r.name in r.sources:
             raise StoreError(f"task '{r.name}' lists itself in its 'sources'")
+    stored = {t.name: t for t in existing if t.name not in names}
+    for r in new:
+        for source, pin in r.source_pins.items():
+            if source in stored and stored[source].files[stored[source].tensors_file] != pin:
+                current = stored[source].files[stored[source].tensors_file]
+                raise StoreError(
+                    f"task '{r.name}' was trained against '{source}' with sha256 {pin}, but {store_file} now holds "
+                    f"'{source}' with sha256 {current}: it was replaced while '{r.name}' trained; train "
+                    f"'{r.name}' again. Nothing was registered"
+                )
+
+
+def pin_sources(new: list[TaskRecord], existing: list[TaskRecord]) -> None:
+    """Fill in each new record's ``source_pins``: the sha256 of every source's tensors file, a group mate's
+    as just written (its ``files`` filled in), a stored task's as the store records it."""
+    files = {t.name: t.files[t.tensors_file] for t in existing}
+    files.update({r.name: r.files[r.tensors_file] for r in new})
+    for r in new:
+        r.source_pins = {s: files[s] for s in r.sources}

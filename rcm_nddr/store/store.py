@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rcm_nddr.files import file_sha256
+from rcm_nddr.files import atomic_write, file_sha256
 from rcm_nddr.nn.filter_bank import filter_bank_sha256
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.store import loading
@@ -24,6 +24,7 @@ from rcm_nddr.store.format import (
     TaskRecord,
     copy_file,
     cpu_tensors,
+    inside,
     new_store_doc,
     save_tensors,
 )
@@ -36,7 +37,7 @@ from rcm_nddr.store.integrity import (
     load_filter_bank,
     stored_file_problems,
 )
-from rcm_nddr.store.registration import check_registration, checked_group, record_from_input
+from rcm_nddr.store.registration import check_registration, checked_group, pin_sources, record_from_input
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +79,38 @@ class ModelStore:
         output_stride: int = 16,
         source_bank_sha256: str | None = None,
         exist_ok: bool = False,
+        decomposition_content: bytes | None = None,
     ) -> ModelStore:
         """A new store holding ``filter_bank`` (the bank as the convs use it: rotated by the RI
-        eigenvectors when ``ri``), and the RI decomposition, copied in when given.
+        eigenvectors when ``ri``), and the RI decomposition: ``decomposition_content`` (the file's bytes)
+        written, or ``decomposition_file`` copied in, when given.
 
         ``weights_source`` describes where the bank's weights came from; when it names an existing
         file and ``weights_sha256`` is not given, that file's sha256 is recorded. An existing store is
         an error unless ``exist_ok``: then it must hold the same backbone (arch, ``reparam``, ``ri``,
         output stride) and a bit-identical bank, or it is refused with both sha256s named (a store holds
-        one filter bank). Creation happens under the lock, so two runs starting together agree on one
-        bank."""
+        one filter bank). Creation happens under the lock: of runs starting together the first writes
+        the bank and the decomposition, the others check that their bank is the same and write
+        nothing."""
         store = cls(path)
         bank = cpu_tensors(filter_bank, "filter bank")
         with store._index.locked():
             if not store.exists:
-                if decomposition_file is not None and not Path(decomposition_file).is_file():
+                if (
+                    decomposition_content is None
+                    and decomposition_file is not None
+                    and not Path(decomposition_file).is_file()
+                ):
                     raise StoreError(f"decomposition file {decomposition_file} does not exist")
                 if weights_sha256 is None and Path(weights_source).is_file():
                     weights_sha256 = file_sha256(weights_source)
                 save_tensors(store.path / BANK_FILE, bank)
                 decomposition_sha256 = None
-                if decomposition_file is not None:
+                if decomposition_content is not None:
+                    target = store.path / DECOMPOSITION_FILE
+                    atomic_write(target, lambda tmp: tmp.write_bytes(decomposition_content))
+                    decomposition_sha256 = file_sha256(target)
+                elif decomposition_file is not None:
                     decomposition_sha256 = copy_file(Path(decomposition_file), store.path / DECOMPOSITION_FILE)
                 backbone = {
                     "arch": arch,
@@ -211,6 +223,7 @@ class ModelStore:
         deploy: bool = False,
         batched: bool = False,
         check_deploy: bool = True,
+        allow_plugins: Sequence[str] = (),
     ) -> MultiTaskNet:
         """A MultiTaskNet computing ``tasks`` (default: every task, in store order): called on a batch of
         ImageNet-normalized images it returns ``{task: prediction}`` post-processed at input resolution
@@ -230,11 +243,16 @@ class ModelStore:
 
         ``check_deploy`` (default): the deploy form runs, on the CPU in fp32, each of its tasks' recorded
         probe input and must give the recorded outputs within ``PROBE_RTOL``, else StoreError: folding is
-        exact for the built-in layers, and this catches a plug-in head it would not be exact for."""
+        exact for the built-in layers, and this catches a plug-in head it would not be exact for.
+
+        ``allow_plugins``: the plug-ins (module names or ``.py`` paths) that store records name and that
+        may be imported to define their task types. A store runs no code of its own accord: a type that
+        is not built in, installed or already imported needs its plug-in listed here, else StoreError."""
         if batched and not deploy:
             raise ValueError("load_model(batched=True) batches the deploy form: pass deploy=True as well")
         with self._index.locked(shared=True):
-            model = loading.load_model(self.path, self._index.read(), tasks, deploy, batched, check_deploy)
+            doc = self._index.read()
+            model = loading.load_model(self.path, doc, tasks, deploy, batched, check_deploy, allow_plugins)
         return loading.on_device(model, device)
 
     def compute_probes(
@@ -252,17 +270,18 @@ class ModelStore:
             model = loading.assemble_tasks(self.path, self._index.read(), names, extra)
         return loading.compute_probes(model, names)
 
-    def verify(self, probes: bool = True) -> list[str]:
+    def verify(self, probes: bool = True, allow_plugins: Sequence[str] = ()) -> list[str]:
         """Every problem found: files missing, sha256 mismatches (bank, decomposition, task files and
         probes) and, with ``probes``, tasks whose outputs on their probe input differ from the recorded
         ones (beyond rounding: relative tolerance ``PROBE_RTOL``). Empty when the store is intact. A
-        store.yaml that cannot be read raises StoreError."""
+        store.yaml that does not match its digests, or names a plug-in not in ``allow_plugins`` (see
+        ``load_model``), raises StoreError."""
         with self._index.locked(shared=True):
             doc = self._index.read()
             problems = stored_file_problems(self.path, doc)
             # Probes run only on intact files: a changed file is already named by its sha256.
             if probes and not problems:
-                problems += loading.probe_problems(self.path, doc)
+                problems += loading.probe_problems(self.path, doc, allow_plugins)
         return problems
 
     # ------------------------------------------------------------------ writing
@@ -271,30 +290,31 @@ class ModelStore:
         self,
         records: Sequence[TaskRecord | Mapping[str, Any]],
         tensors: Mapping[str, Mapping[str, Tensor]],
-        probes: Mapping[str, Mapping[str, Tensor]] | None = None,
+        probes: Mapping[str, Mapping[str, Tensor]],
         replace: bool = False,
     ) -> list[TaskRecord]:
         """Register the tasks trained together as one new group and return their records.
 
         ``records`` give each task's ``name``, ``type`` and optionally ``sources``, ``config``,
-        ``parameters`` and ``metrics`` (``group`` and ``files`` are filled in here); ``tensors`` and
-        ``probes`` map task names to their state and probe outputs. A registered name is refused
-        unless ``replace``, which is refused in turn while a task outside the group reads it."""
-        new, state, probe_state = checked_group(records, tensors, dict(probes or {}))
+        ``parameters``, ``metrics`` and ``source_pins`` (``group`` and ``files`` are filled in here);
+        ``tensors`` and ``probes`` map every task name to its state and its probe (``compute_probes``).
+        A registered name is refused unless ``replace``, which is refused in turn while a task outside
+        the group reads it; so is a tensor with NaN or infinite values, and a source whose tensors file
+        is no longer the one ``source_pins`` names (it was replaced while this group trained)."""
+        new, state, probe_state = checked_group(records, tensors, dict(probes))
         names = [r.name for r in new]
         with self._index.locked():
             doc = self._index.read()
             existing = doc["tasks"]
             check_registration(self.store_file, existing, new, replace)
             group = max((t.group for t in existing), default=0) + 1
-            replaced = {t.name: t for t in existing if t.name in names}
             # A file that a registered task still owns is not overwritten in place: the new one is staged
             # beside it and renamed by a journal (PENDING_FILE), so a crash at any point leaves either the
             # old store or, once the journal is written, one that the next access completes.
             staged: dict[str, str] = {}
 
             def save(relative: str, tensors: dict[str, Tensor]) -> str:
-                final = self.path / relative
+                final = inside(self.path, relative)
                 if not final.exists():
                     return save_tensors(final, tensors)
                 staged[relative + STAGED_SUFFIX] = relative
@@ -303,18 +323,14 @@ class ModelStore:
             for record in new:
                 record.group = group
                 record.files[record.tensors_file] = save(record.tensors_file, state[record.name])
-                if record.name in probe_state:
-                    record.files[record.probe_file] = save(record.probe_file, probe_state[record.name])
+                record.files[record.probe_file] = save(record.probe_file, probe_state[record.name])
+            pin_sources(new, existing)
             doc["tasks"] = [t for t in existing if t.name not in names] + new
             if staged:
                 self._index.write_journal(doc, staged)
                 self._finish_pending()
             else:
                 self._index.write(doc)
-            for old in replaced.values():  # e.g. a probe the new version no longer has
-                new_files = next(r.files for r in new if r.name == old.name)
-                for relative in set(old.files) - set(new_files):
-                    (self.path / relative).unlink(missing_ok=True)
         log.info("registered group %d in %s: %s", group, self.path, ", ".join(names))
         return new
 
@@ -336,8 +352,9 @@ class ModelStore:
             if readers:
                 raise StoreError(f"cannot remove '{name}' from {self.store_file}: task(s) {readers} read it")
             doc["tasks"] = [t for t in tasks if t.name != name]
+            doomed = [inside(self.path, relative) for relative in record.files]  # refused before any change
             # store.yaml first: a crash in between leaves stray files, never a record without its files
             self._index.write(doc)
-            for relative in record.files:
-                (self.path / relative).unlink(missing_ok=True)
+            for path in doomed:
+                path.unlink(missing_ok=True)
         log.info("removed task '%s' from %s", name, self.path)
