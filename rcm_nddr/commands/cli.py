@@ -1,13 +1,22 @@
 """The ``rcm-nddr`` console script (= ``python -m rcm_nddr``) and the ``train.py``/``test.py`` entry points:
 parse the arguments, then import and run the function the chosen command names (so that ``--help`` and
-argument errors never wait for PyTorch), reporting bad input in one ``error:`` line."""
+argument errors never wait for PyTorch), reporting bad input in one ``error:`` line.
+
+Exit statuses, the same for every command (docs/training.md, "Exit codes"): 0 success; 1 problems found
+(``rcm-nddr store verify``); 2 bad input or a refusal (a UserError, an argument error, a path the machine
+cannot read or write); 130 interrupted (SIGINT), 143 stopped by SIGTERM (training writes its checkpoint
+first); 70 an internal error (a bug, reported with its traceback)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -15,9 +24,56 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from rcm_nddr.commands import arguments as a
 from rcm_nddr.errors import UserError
 
+#: bad input or a refusal; an internal error (sysexits' EX_SOFTWARE); interrupted (128 + SIGINT)
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 70, 130
+
+#: OSErrors of the machine or of a path the user gave, reported in one line (exit 2), with what to do;
+#: any other OSError is a bug and gets a traceback
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there and run the command again (train.py --auto-resume "
+    "continues from the last checkpoint, if there is one)",
+    errno.EDQUOT: "the disk quota is exhausted: free space there and run the command again",
+    errno.EROFS: "the file system is mounted read-only: use a writable directory",
+    errno.EACCES: "this user may not write or read there: fix the permissions or use another directory",
+    errno.EPERM: "this user may not write or read there: fix the permissions or use another directory",
+    errno.EIO: "the disk or the network file system failed",
+    errno.ENOENT: "",
+    errno.ENOTDIR: "",
+    errno.EISDIR: "",
+    errno.EEXIST: "",
+    errno.ENAMETOOLONG: "",
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """``exc`` in one line (path, cause, what to do) when the machine or a path the user gave caused it;
+    None when it is a bug."""
+    if exc.errno is None:  # raised with a message of its own, e.g. "--resume: no checkpoint to resume from at ..."
+        return str(exc) if isinstance(exc, (FileNotFoundError, FileExistsError)) else None
+    if exc.errno not in OS_ERROR_HINTS:
+        return None
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else exc.filename
+    hint = OS_ERROR_HINTS[exc.errno]
+    return f"{f'{where}: ' if where is not None else ''}{exc.strerror or exc}{f'; {hint}' if hint else ''}"
+
+
+#: seconds a process other than rank 0 waits before exiting with an error rank 0 reports: torchrun stops
+#: every process as soon as one exits, and rank 0 must get to print the error first
+QUIET_RANK_WAIT_S = 5.0
+
+
+def _report(exc: UserError) -> None:
+    """Print ``exc`` in one ``error:`` line. Under torchrun an error every process raises alike is printed
+    by rank 0 alone, while the other processes wait for it to exit first."""
+    if exc.same_on_every_rank and os.environ.get("RANK", "0") != "0":
+        time.sleep(QUIET_RANK_WAIT_S)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+
 
 def run_command(args: argparse.Namespace) -> int:
-    """Set up logging, run the handler ``args`` names, and report bad input in one ``error:`` line (exit 2)."""
+    """Set up logging, run the handler ``args`` names and turn what ends it into the exit status: bad input
+    in one ``error:`` line (2), an interruption (130), a bug with its traceback (70)."""
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -28,12 +84,29 @@ def run_command(args: argparse.Namespace) -> int:
         handler = getattr(importlib.import_module(module), function)
         with logging_redirect_tqdm():
             return handler(args)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        _report(exc)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        line = os_error_line(exc)
+        if line is None:
+            return _internal_error(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> int:
+    traceback.print_exception(exc, file=sys.stderr)
+    print(
+        f"internal error: {type(exc).__name__}: {exc} (a bug: please report it with the traceback above)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL_ERROR
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from rcm_nddr.config import ConfigError
+from rcm_nddr.config import Config, ConfigError
+from rcm_nddr.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,51 @@ def _launcher_environment() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+class LaunchError(ConfigError):
+    """A config that does not fit the number of processes torchrun started: every process finds it, rank 0
+    alone reports it."""
+
+    same_on_every_rank = True
+
+
+class RankZeroError(UserError):
+    """Bad input found by rank 0 in work it did for every rank (``from_main``): rank 0 reports it."""
+
+    same_on_every_rank = True
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), known before joining them."""
+    launched = _launcher_environment()
+    return 1 if launched is None else launched[1]
+
+
+def check_global_batch(cfg: Config, world_size: int) -> None:
+    """``train.batch_size`` is the global batch: it must split evenly over the processes and leave each at
+    least two images, since BatchNorm in training needs more than one value per channel (the head's image
+    pooling has one per image). SyncBatchNorm normalizes over the global batch, which may then leave one
+    image per process."""
+    if world_size < 2:
+        return
+    batch = cfg.train.batch_size
+    least = 1 if cfg.train.sync_bn else 2
+    per_process = batch // world_size
+    if batch % world_size == 0 and per_process >= least:
+        return
+    smallest = least * world_size
+    why = (
+        f"must split evenly over the {world_size} processes of this run"
+        if batch % world_size
+        else f"leaves {per_process} image per process over the {world_size} processes of this run, and "
+        "BatchNorm in training needs more than one value per channel (train.sync_bn: true normalizes over "
+        "the global batch, on CUDA)"
+    )
+    raise LaunchError(
+        f"{cfg.source}: key 'train.batch_size': {batch} is the global batch and {why}; use a multiple of "
+        f"{world_size} that is at least {smallest}, e.g. --set train.batch_size={smallest}"
+    )
+
+
 def init_from_environment(device: str) -> Context:
     """Join the process group torchrun describes (nothing to do in a single process).
 
@@ -86,7 +132,7 @@ def init_from_environment(device: str) -> Context:
         raise ConfigError("this PyTorch build has no torch.distributed; run a single process")
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if device.startswith("cuda:"):
-        raise ConfigError(
+        raise LaunchError(
             f"key 'train.device': {device!r} names one GPU, but {world} processes run; use 'cuda' or 'auto' "
             "(each process takes the GPU of its LOCAL_RANK)"
         )
@@ -138,14 +184,16 @@ def from_main(compute: Callable[[], T]) -> T:
     payload: list[Any] = [None]
     if ctx.is_main:
         try:
-            payload = [(compute(), None)]
+            payload = [(compute(), None, False)]
         except Exception as exc:
-            dist.broadcast_object_list([(None, f"{type(exc).__name__}: {exc}")], src=0)
+            dist.broadcast_object_list([(None, f"{type(exc).__name__}: {exc}", isinstance(exc, UserError))], src=0)
+            if isinstance(exc, UserError):
+                exc.same_on_every_rank = False  # rank 0 reports it; the others raise RankZeroError quietly
             raise
     dist.broadcast_object_list(payload, src=0)
-    value, error = payload[0]
+    value, error, bad_input = payload[0]
     if error is not None:
-        raise RuntimeError(f"rank 0 failed: {error}")
+        raise (RankZeroError if bad_input else RuntimeError)(f"rank 0 failed: {error}")
     return value
 
 

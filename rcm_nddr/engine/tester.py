@@ -14,7 +14,7 @@ import torch
 from rcm_nddr.config import Config, ConfigError, check_paths
 from rcm_nddr.engine import distributed, provenance
 from rcm_nddr.engine.builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
-from rcm_nddr.engine.checkpoint import load_checkpoint
+from rcm_nddr.engine.checkpoint import CheckpointError, cause, load_checkpoint
 from rcm_nddr.engine.evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
 from rcm_nddr.engine.fast import configure_backends, maybe_compile
 from rcm_nddr.engine.run import RunPaths
@@ -58,7 +58,9 @@ def run_test(
         raise FileNotFoundError(
             f"no {which} checkpoint at {ckpt_path}: train this config first (python train.py --config {cfg.source})"
         )
-    state = load_checkpoint(ckpt_path)
+    other = "last" if which == "best" else "best"
+    again = f"train the group again (train.py --replace), or evaluate the {other} checkpoint (--checkpoint {other})"
+    state = load_checkpoint(ckpt_path, remedy=again)
     dataset = build_dataset(cfg, split, train=False)
     tasks = build_tasks(cfg, dataset.info)
     ctx = distributed.context()
@@ -67,7 +69,10 @@ def run_test(
     store = ModelStore(cfg.store)
     plan = GroupPlan.from_dict(state["plan"]) if "plan" in state else GroupPlan()
     model = build_model(cfg, tasks, store=store if store.exists else None, plan=plan, for_checkpoint=True)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt_path} does not fit the model of {cfg.source} ({cause(exc)}); {again}") from exc
     # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
     model.to(device, memory_format=torch.channels_last)
     configure_backends(device)

@@ -3,6 +3,7 @@ What the loop trains is built without side effects by ``rcm_nddr.engine.run``.""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -17,7 +18,14 @@ from rcm_nddr.config import Config
 from rcm_nddr.engine import distributed
 from rcm_nddr.engine.board import Board
 from rcm_nddr.engine.builders import config_spec
-from rcm_nddr.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from rcm_nddr.engine.checkpoint import (
+    CheckpointError,
+    cause,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from rcm_nddr.engine.evaluate import autocast, delta_mtl, eval_loader, evaluate, to_json
 from rcm_nddr.engine.fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
 from rcm_nddr.engine.run import RunExistsError, RunPaths, TrainingRun, build_run
@@ -26,16 +34,52 @@ from rcm_nddr.engine.signals import StopSignals, TrainingInterrupted, ignore_sto
 from rcm_nddr.errors import UserError
 from rcm_nddr.files import atomic_write_text
 from rcm_nddr.nn.accounting import format_breakdown, owned_by
-from rcm_nddr.store import TaskRecord
+from rcm_nddr.store import ModelStore, TaskRecord
 
 # RunExistsError, RunPaths and TrainingInterrupted are imported from here by the commands
-__all__ = ["NonFiniteLossError", "RunExistsError", "RunPaths", "Trainer", "TrainingInterrupted"]
+__all__ = ["NonFiniteLossError", "RunExistsError", "RunPaths", "Trainer", "TrainingInterrupted", "stored_group"]
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError, RuntimeError):
     """A task's loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+    same_on_every_rank = True  # the losses are summed over the ranks: every rank finds the same value
+
+
+#: what to do about an unreadable ``best.pt`` when registering
+BEST_REMEDY = "delete it (the group is then registered from the last checkpoint) or set test.checkpoint: last"
+
+
+def _canonical(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stored_group(cfg: Config) -> tuple[list[TaskRecord], bool]:
+    """The records the config's store holds under the names of the config's tasks, and whether they are
+    this run's own registration: the whole group registered together, with this resolved config, and
+    with the tensors of the run's checkpoint that registering takes (``test.checkpoint``). That is what a
+    requeued ``--auto-resume`` job finds when its run had already ended."""
+    store = ModelStore(cfg.store)
+    records = [r for r in store.tasks if r.name in cfg.tasks] if store.exists else []
+    if not records:
+        return [], False
+    together = [r.name for r in store.tasks if r.group == records[0].group]
+    same_config = all(_canonical(r.config) == _canonical(cfg.to_dict()) for r in records)
+    if sorted(together) != sorted(cfg.tasks) or len(records) != len(cfg.tasks) or not same_config:
+        return records, False
+    paths = RunPaths.of(cfg)
+    which = paths.best if cfg.test.checkpoint == "best" and paths.best.is_file() else paths.last
+    if not which.is_file():
+        return records, False
+    state = load_checkpoint(which)["model"]
+    for r in records:
+        stored = store.load_task_tensors(r.name)
+        trained = {k: v for k, v in state.items() if owned_by(k, r.name)}
+        if stored.keys() != trained.keys() or not all(torch.equal(stored[k], trained[k]) for k in stored):
+            return records, False
+    return records, True
 
 
 class Trainer:
@@ -130,13 +174,19 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("group") != self.cfg.group_name:
-            raise RuntimeError(
-                f"{self.paths.last} belongs to group {state.get('group')!r}, not {self.cfg.group_name!r}"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        last, again = self.paths.last, "resume with the config that wrote it, or start over with --overwrite"
+        keys = ("group", "iteration", "optimizer", "scheduler", "rng", "best_score", "reference", "last_metrics")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise CheckpointError(f"{last} is not a resumable checkpoint (no {', '.join(missing)}); {again}")
+        if state["group"] != self.cfg.group_name:
+            raise CheckpointError(f"{last} belongs to group {state['group']!r}, not {self.cfg.group_name!r}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{last} does not fit the model of this config ({cause(exc)}); {again}") from exc
         rng = state["rng"]
         if isinstance(rng, dict):  # written by a version that saved one process's generators
             rng = [rng]
@@ -365,7 +415,7 @@ class Trainer:
     def _register(self) -> list[TaskRecord]:
         which = self.cfg.test.checkpoint
         if which == "best" and self.paths.best.is_file():
-            saved = load_checkpoint(self.paths.best)
+            saved = load_checkpoint(self.paths.best, remedy=BEST_REMEDY)
             state, metrics, iteration = saved["model"], saved["metrics"], saved["iteration"]
         else:
             state, metrics, iteration = self.model.state_dict(), self.last_metrics, self.iteration
@@ -379,6 +429,7 @@ class Trainer:
                     "name": name,
                     "type": spec.type,
                     "sources": spec.sources,
+                    "source_pins": self.plan.source_pins(name),  # refused if a source was replaced since
                     "config": self.cfg.to_dict(),
                     "parameters": self.parameter_counts[name],
                     "metrics": {
