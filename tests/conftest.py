@@ -144,12 +144,13 @@ INTEGRATION_MODULES = {
     "test_predict",
     "test_pretrain",
     "test_real_configs",
+    "test_store_trust",
 }
 
 
 #: module-scoped fixtures that train or measure for many seconds: under pytest-xdist every test of a
 #: module that has one runs on one worker, in order (``--dist loadgroup``), so each is built once
-SHARED_FIXTURES = ("nddr_store", "plain_store", "uninterrupted", "trained", "report")
+SHARED_FIXTURES = ("nddr_store", "plain_store", "uninterrupted", "trained", "report", "real_store")
 
 
 def pytest_configure(config) -> None:

@@ -561,3 +561,20 @@ def test_store_files_follow_the_umask(tmp_path, decomposition, umask, mode):
         os.umask(old)
     files = [p for p in store.path.rglob("*") if p.is_file() and p.name != "store.yaml.lock"]
     assert len(files) >= 5 and {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}
+
+
+def test_a_plugin_named_by_a_store_is_imported_only_when_allowed(store, tmp_path):
+    marker = tmp_path / "it-ran"
+    plugin = tmp_path / "planted.py"
+    plugin.write_text(f"from pathlib import Path\n\nPath({str(marker)!r}).touch()\n")
+    register(store, "semseg")
+    edit_store_yaml(store, lambda doc: doc["tasks"][0].update(type="planted", model={"plugins": [str(plugin)]}))
+    refused = rf"task 'semseg' has type 'planted', registered by plug-in\(s\) \['{plugin}'\].*--allow-plugins {plugin}"
+    for read in (store.verify, store.load_model, lambda: store.load_model(allow_plugins=["some_other_module"])):
+        with pytest.raises(StoreError, match=refused):
+            read()
+    assert not marker.exists()
+    # allowed, it is imported (the record, made by hand, describes no network: the load stops there)
+    with pytest.raises(StoreError, match=r"store\.yaml: task 'semseg'"):
+        store.load_model(allow_plugins=[str(plugin)])
+    assert marker.exists()

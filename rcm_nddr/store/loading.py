@@ -14,8 +14,8 @@ from rcm_nddr.nn.assembly import AssemblyError, assemble, plugin_paths, probe_in
 from rcm_nddr.nn.deploy import deploy as deploy_form
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.registry import TASKS, RegistryError, discover
-from rcm_nddr.store.format import STORE_FILE, StoreError, TaskRecord
-from rcm_nddr.store.integrity import load_checked, load_filter_bank, run_probes
+from rcm_nddr.store.format import STORE_FILE, StoreError, TaskRecord, inside
+from rcm_nddr.store.integrity import check_file, load_checked, load_filter_bank, run_probes
 
 #: the records and tensors of tasks about to be registered, by name
 Extra = Mapping[str, tuple[TaskRecord, Mapping[str, Tensor]]]
@@ -95,6 +95,9 @@ def load_model(
 ) -> MultiTaskNet:
     """``ModelStore.load_model`` on the CPU, over the store ``root`` whose store.yaml is ``doc``."""
     model = assemble_tasks(root, doc, list(tasks) if tasks is not None else None, {}, allow_plugins)
+    for record in doc["tasks"]:  # the probes too: a store is whole or refused (the bank is checked above)
+        if record.name in model.task_names:
+            check_file(root, inside(root, record.probe_file), record.files[record.probe_file])
     if deploy:
         model = deploy_form(model, batched=batched)
         if check_deploy:
