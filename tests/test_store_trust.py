@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import rc_run
 from PIL import Image
 
@@ -181,3 +182,52 @@ def test_readers_work_on_a_read_only_store(read_only, tmp_path, lock_file, capsy
     ):
         assert cli.main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "out").is_dir() and (copy / "store.yaml.lock").exists() == lock_file
+
+
+def as_schema_1(store: Path, without_probe: str) -> None:
+    """Rewrite store.yaml as an earlier version wrote it: no digests, no source pins, and (as registrations
+    without probes could be) no probe for ``without_probe``."""
+    doc = yaml.safe_load((store / "store.yaml").read_text())
+    doc.pop("digest")
+    doc["schema_version"] = 1
+    for task in doc["tasks"]:
+        task.pop("digest"), task.pop("source_pins")
+        if task["name"] == without_probe:
+            task["files"].pop(f"tasks/{without_probe}.probe.safetensors")
+            (store / "tasks" / f"{without_probe}.probe.safetensors").unlink()
+    (store / "store.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_migrate_checks_a_schema_1_store_and_seals_it_without_touching_a_tensor(real_store, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(real_store, store)
+    baseline = outputs(store)
+    as_schema_1(store, "depth")
+    tensors = {p.name: p.read_bytes() for p in (store / "tasks").glob("*.safetensors")}
+    with pytest.raises(StoreError, match="schema_version 1 .*rcm-nddr store migrate"):
+        ModelStore(store).load_model()
+    done = ModelStore(store).migrate()
+    assert done == [
+        "recorded the probe of task 'depth'",
+        "pinned the sources of task 'sal': ['semseg', 'depth']",
+        f"sealed {store / 'store.yaml'} as schema_version 2",
+    ]
+    s = ModelStore(store)
+    assert s.verify() == [] and s.migrate() == []  # current now
+    assert all((store / "tasks" / name).read_bytes() == data for name, data in tensors.items())
+    assert all(torch.equal(outputs(store)[k], baseline[k]) for k in baseline)
+    assert s.task("sal").source_pins == ModelStore(real_store).task("sal").source_pins
+
+
+def test_migrate_refuses_a_damaged_schema_1_store_and_changes_nothing(real_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(real_store, store)
+    as_schema_1(store, "depth")
+    data = bytearray((store / "tasks" / "semseg.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    (store / "tasks" / "semseg.safetensors").write_bytes(bytes(data))
+    before = (store / "store.yaml").read_bytes()
+    with pytest.raises(StoreError, match=r"was not migrated: sha256 mismatch for .*tasks/semseg\.safetensors"):
+        ModelStore(store).migrate()
+    assert (store / "store.yaml").read_bytes() == before
+    assert not (store / "tasks" / "depth.probe.safetensors").exists()

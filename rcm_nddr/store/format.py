@@ -147,8 +147,9 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
-def parse_task(doc: Any, where: str) -> TaskRecord:
-    """One entry of store.yaml's ``tasks``, checked."""
+def parse_task(doc: Any, where: str, legacy: bool = False) -> TaskRecord:
+    """One entry of store.yaml's ``tasks``, checked; ``legacy``: of schema_version 1 (no ``source_pins``,
+    the probe optional)."""
     if not isinstance(doc, Mapping):
         raise StoreError(f"{where}: expected a mapping, got {doc!r}")
     name = expect(doc, "name", str, where)
@@ -157,18 +158,22 @@ def parse_task(doc: Any, where: str) -> TaskRecord:
     sources = expect(doc, "sources", list, where)
     files = expect(doc, "files", dict, where)
     parameters = expect(doc, "parameters", dict, where)
-    pins = expect(doc, "source_pins", dict, where)
+    pins = {} if legacy else expect(doc, "source_pins", dict, where)
     if not all(isinstance(s, str) for s in sources):
         raise StoreError(f"{where}: key 'sources' must be a list of task names, got {sources!r}")
     # a record names its own two files and nothing else: nothing outside the store is read or deleted
     own = {f"{TASKS_DIR}/{name}.safetensors", f"{TASKS_DIR}/{name}.probe.safetensors"}
-    if set(files) != own:
+    if set(files) != own and not (legacy and f"{TASKS_DIR}/{name}.safetensors" in files and set(files) <= own):
         raise StoreError(
             f"{where}: key 'files' must list exactly {sorted(own)} (its tensors and probe), got {sorted(files)}"
         )
     if not all(isinstance(v, str) and SHA256.match(v) for v in files.values()):
         raise StoreError(f"{where}: key 'files' must map each file to its sha256 (64 hexadecimal digits)")
-    if set(pins) != set(sources) or not all(isinstance(v, str) and SHA256.match(v) for v in pins.values()):
+    if (
+        not legacy
+        and set(pins) != set(sources)
+        or not all(isinstance(v, str) and SHA256.match(v) for v in pins.values())
+    ):
         raise StoreError(f"{where}: key 'source_pins' must map each of its sources {sources} to a sha256, got {pins!r}")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in parameters.values()):
         raise StoreError(f"{where}: key 'parameters' must map categories to integer counts")
@@ -188,25 +193,30 @@ def parse_task(doc: Any, where: str) -> TaskRecord:
     )
 
 
-def parse_store(doc: Any, path: Path) -> dict[str, Any]:
-    """Check the structure of a loaded store.yaml; the tasks come back as TaskRecords."""
+def parse_store(doc: Any, path: Path, legacy: bool = False) -> dict[str, Any]:
+    """Check the structure of a loaded store.yaml; the tasks come back as TaskRecords. ``legacy``: read a
+    store.yaml of schema_version 1 (for ``ModelStore.migrate`` only), which has no digests."""
     if not isinstance(doc, Mapping):
         raise StoreError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
     if "schema_version" not in doc:
         raise StoreError(f"{path}: missing key 'schema_version'")
-    if doc["schema_version"] == 1:
+    if legacy:
+        if doc["schema_version"] != 1:
+            raise StoreError(f"{path}: schema_version {doc['schema_version']!r}, expected 1")
+    elif doc["schema_version"] == 1:
         raise StoreError(
             f"{path} has schema_version 1 (no digests, no source pins): run `rcm-nddr store migrate "
             f"{path.parent}` once; it verifies the store and rewrites store.yaml as schema_version {SCHEMA_VERSION}"
         )
-    if doc["schema_version"] != SCHEMA_VERSION:
+    elif doc["schema_version"] != SCHEMA_VERSION:
         raise StoreError(
             f"{path}: unknown schema_version {doc['schema_version']!r} (this version reads {SCHEMA_VERSION})"
         )
-    try:
-        doc = check_seal(doc, path)
-    except SealError as exc:
-        raise StoreError(str(exc)) from exc
+    else:
+        try:
+            doc = check_seal(doc, path)
+        except SealError as exc:
+            raise StoreError(str(exc)) from exc
     backbone = expect(doc, "backbone", dict, str(path))
     where = f"{path}: backbone"
     expect(backbone, "arch", str, where)
@@ -219,7 +229,7 @@ def parse_store(doc: Any, path: Path) -> dict[str, Any]:
     expect(backbone, "filter_bank_sha256", str, where)
     expect(doc, "decomposition_sha256", str, str(path), optional=True)
     tasks_doc = expect(doc, "tasks", list, str(path))
-    tasks = [parse_task(t, f"{path}: tasks[{i}]") for i, t in enumerate(tasks_doc)]
+    tasks = [parse_task(t, f"{path}: tasks[{i}]", legacy) for i, t in enumerate(tasks_doc)]
     names = [t.name for t in tasks]
     for t in tasks:
         if names.count(t.name) > 1:

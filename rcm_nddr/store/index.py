@@ -100,8 +100,8 @@ class StoreIndex:
             f"open the store once with write access (e.g. rcm-nddr store verify {self.path})"
         )
 
-    def read(self) -> dict[str, Any]:
-        """store.yaml parsed and checked (tasks as TaskRecords)."""
+    def read(self, legacy: bool = False) -> dict[str, Any]:
+        """store.yaml parsed and checked (tasks as TaskRecords); ``legacy``: one of schema_version 1."""
         if not self._held and (self.path / PENDING_FILE).exists():
             with self.locked(shared=True):  # completes the interrupted registration first
                 pass
@@ -113,7 +113,15 @@ class StoreIndex:
             raise StoreError(f"{self.file} is not UTF-8 text (byte {exc.start}): it is damaged") from exc
         except (OSError, yaml.YAMLError) as exc:
             raise StoreError(f"{self.file} could not be read as YAML: {exc}") from exc
-        return parse_store(doc, self.file)
+        return parse_store(doc, self.file, legacy)
+
+    def schema_version(self) -> Any:
+        """The ``schema_version`` store.yaml states (None when it states none), without checking the rest."""
+        try:
+            doc = load_yaml(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise StoreError(f"{self.file} could not be read as YAML: {exc}") from exc
+        return doc.get("schema_version") if isinstance(doc, Mapping) else None
 
     def write(self, doc: Mapping[str, Any]) -> None:
         """Replace store.yaml with ``doc`` atomically (under the exclusive lock)."""

@@ -18,6 +18,7 @@ from rcm_nddr.store import loading
 from rcm_nddr.store.format import (
     BANK_FILE,
     DECOMPOSITION_FILE,
+    SCHEMA_VERSION,
     STAGED_SUFFIX,
     STORE_FILE,
     StoreError,
@@ -35,6 +36,7 @@ from rcm_nddr.store.integrity import (
     check_same_bank,
     load_checked,
     load_filter_bank,
+    run_probes,
     stored_file_problems,
 )
 from rcm_nddr.store.registration import check_registration, checked_group, pin_sources, record_from_input
@@ -337,6 +339,40 @@ class ModelStore:
     def _finish_pending(self) -> None:
         # Its own method so that a test can crash a registration between its journal and its renames.
         self._index.finish_pending()
+
+    def migrate(self, allow_plugins: Sequence[str] = ()) -> list[str]:
+        """Rewrite a store.yaml of schema_version 1 as the current one, under the lock: every file is
+        checked against its sha256 and every recorded probe re-run first (any problem refuses the
+        migration and changes nothing); a task without a probe gets one, each task's sources are pinned,
+        and store.yaml is sealed by its digests. No tensor file is touched. Returns what it did (empty:
+        the store is current)."""
+        with self._index.locked():
+            if self._index.schema_version() != 1:
+                self._index.read()  # current (checked), or refused naming why
+                return []
+            doc = self._index.read(legacy=True)
+            problems = stored_file_problems(self.path, doc)
+            records = doc["tasks"]
+            model = None
+            if records and not problems:
+                model = loading.assemble_tasks(self.path, doc, None, {}, allow_plugins)
+                problems = run_probes(self.path, model, [r for r in records if r.probe_file in r.files])
+            if problems:
+                raise StoreError(f"{self.store_file} was not migrated: " + "; ".join(problems))
+            done = []
+            missing = [r.name for r in records if r.probe_file not in r.files]
+            probes = loading.compute_probes(model, missing) if missing else {}
+            for record in records:
+                if record.name in probes:
+                    tensors = cpu_tensors(probes[record.name], f"probe of task '{record.name}'")
+                    record.files[record.probe_file] = save_tensors(inside(self.path, record.probe_file), tensors)
+                    done.append(f"recorded the probe of task '{record.name}'")
+            pin_sources(records, [])
+            done += [f"pinned the sources of task '{r.name}': {r.sources}" for r in records if r.sources]
+            self._index.write(doc)
+            done.append(f"sealed {self.store_file} as schema_version {SCHEMA_VERSION}")
+        log.info("migrated %s: %s", self.path, "; ".join(done))
+        return done
 
     def remove(self, name: str) -> None:
         """Remove a task's record and files; refused while another task reads it through NDDR."""
