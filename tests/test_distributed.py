@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,12 +195,25 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
 
 
 @pytest.mark.slow
-def test_torchrun_refuses_a_global_batch_that_does_not_split(tmp_path, synth):
-    config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", "train.batch_size=3")
+@pytest.mark.parametrize(
+    ("batch", "why"),
+    [
+        (3, "3 is the global batch and must split evenly over the 2 processes"),
+        (2, "2 is the global batch and leaves 1 image per process over the 2 processes"),
+    ],
+)
+def test_torchrun_refuses_a_global_batch_that_does_not_split_in_one_line_from_rank_0(tmp_path, synth, batch, why):
+    """One image per process fails in BatchNorm (the head's image pooling): refused before training, in
+    one line printed by rank 0 alone, naming the smallest valid batch; no process prints a traceback."""
+    config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", f"train.batch_size={batch}")
     done = _torchrun("train.py", "--config", str(config), "--quiet")
     assert done.returncode != 0
-    assert "key 'train.batch_size': 3 is the global batch and must split evenly over the 2 processes" in done.stderr
-    assert not (tmp_path / "store" / "store.yaml").exists()
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert f"key 'train.batch_size': {why}" in errors[0] and "at least 4" in errors[0]
+    assert str(ROOT / "rcm_nddr") not in done.stderr  # no traceback through the project's code
+    assert re.search(r"exitcode\s*:\s*2\b", done.stderr)  # torchrun's report: the process that failed exited 2
+    assert not (tmp_path / "store").exists()
 
 
 # ----------------------------------------------------------------------------- crash safety
