@@ -5,6 +5,8 @@ predicts with ``rcm-nddr predict``; a plug-in's mistakes are one clear error bef
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +268,16 @@ def test_a_single_file_plugin_task_trains_and_predicts(tmp_path, plugins, synth)
         assert ((prediction >= 0) & (prediction <= 1)).all()
         with Image.open(out / "brightness" / f"{stem}.png") as im:
             assert im.mode == "RGB" and im.size == (size[1], size[0])
+    # In a fresh process the store's plug-in is imported only when the user allows it.
+    fresh = [sys.executable, "-m", "rcm_nddr", *argv[:-2], "--out", str(tmp_path / "fresh"), "--device", "cpu"]
+    refused = subprocess.run(fresh, capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.count("error:") == 1, refused.stderr
+    assert f"registered by plug-in(s) ['{plugins['brightness']}']" in refused.stderr
+    assert f"--allow-plugins {plugins['brightness']}" in refused.stderr and not (tmp_path / "fresh").exists()
+    allowed = subprocess.run([*fresh, "--allow-plugins", str(plugins["brightness"])], capture_output=True, cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr.decode()
+    room = "brightness/room.npy"
+    assert np.array_equal(np.load(tmp_path / "fresh" / room), np.load(out / room))
 
 
 def test_an_unregistered_target_key_is_one_error_before_anything_is_written(tmp_path, plugins, synth, capsys):

@@ -231,3 +231,16 @@ def test_migrate_refuses_a_damaged_schema_1_store_and_changes_nothing(real_store
         ModelStore(store).migrate()
     assert (store / "store.yaml").read_bytes() == before
     assert not (store / "tasks" / "depth.probe.safetensors").exists()
+
+
+def test_the_migrate_command(real_store, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(real_store, store)
+    as_schema_1(store, "sal")
+    assert cli.main(["store", "verify", str(store)]) == 2
+    assert "rcm-nddr store migrate" in capsys.readouterr().err
+    assert cli.main(["store", "migrate", str(store)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "recorded the probe of task 'sal'"
+    assert cli.main(["store", "migrate", str(store)]) == 0
+    assert "is current (schema_version 2); nothing to do" in capsys.readouterr().out
+    assert cli.main(["store", "verify", str(store)]) == 0

@@ -200,6 +200,7 @@ def add_store_arguments(sub: argparse._SubParsersAction) -> None:
         ("show", "show", "everything store.yaml records"),
         ("verify", "verify", "recheck every sha256 and rerun every probe; exit 1 naming each problem"),
         ("remove", "remove", "remove a task no other task reads"),
+        ("migrate", "migrate", "check a store of schema_version 1 and rewrite its store.yaml as the current one"),
     ):
         p = command_parser(commands, name, help_text)
         p.add_argument("store", metavar="STORE", help="model store directory (holds store.yaml)")
@@ -208,11 +209,25 @@ def add_store_arguments(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--json", action="store_true", help="JSON instead of YAML")
         if name == "verify":
             p.add_argument("--sha-only", action="store_true", help="check the sha256s only, run no probe")
+        if name in ("verify", "migrate"):
+            add_allow_plugins_argument(p)
         if name == "remove":
             p.add_argument("name", metavar="NAME", help="task to remove")
 
 
 # ----------------------------------------------------------------------------- rcm-nddr predict, evaluate
+
+
+def add_allow_plugins_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-plugins",
+        action="append",
+        default=[],
+        metavar="PLUGIN",
+        help="a plug-in (module name or .py path) that the store's records name and that may be imported to "
+        "define their task types (repeat for several); a store runs no code unless it is listed here "
+        "(see docs/store.md, Trust)",
+    )
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -236,6 +251,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         help="deploy: modulators and BatchNorm folded into the convs; batched: the deploy form with the tasks' "
         "backbone convs grouped; training: the unfolded network as trained (same outputs up to float rounding)",
     )
+    add_allow_plugins_argument(p)
     add_compile_argument(p, "run the network through torch.compile (the first batch of each image size compiles)")
     p.add_argument(
         "--amp",

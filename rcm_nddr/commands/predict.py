@@ -233,7 +233,11 @@ def main(args: argparse.Namespace) -> int:
     store = ModelStore(args.store)
     requested = _requested_tasks(args.tasks, [t.name for t in store.tasks], store.path)
     model = store.load_model(
-        tasks=requested, device=device, deploy=args.form != "training", batched=args.form == "batched"
+        tasks=requested,
+        device=device,
+        deploy=args.form != "training",
+        batched=args.form == "batched",
+        allow_plugins=args.allow_plugins,
     )
     model.to(memory_format=torch.channels_last)
     configure_backends(device)

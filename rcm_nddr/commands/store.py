@@ -1,4 +1,5 @@
-"""``rcm-nddr store list|show|verify|remove``: read and check a model store, or remove a task."""
+"""``rcm-nddr store list|show|verify|remove|migrate``: read and check a model store, remove a task, or
+upgrade a store written by an earlier version."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import yaml
 
 from rcm_nddr.store import ModelStore
+from rcm_nddr.store.format import SCHEMA_VERSION
 
 log = logging.getLogger("rcm_nddr")
 
@@ -34,7 +36,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    problems = ModelStore(args.store).verify(probes=not args.sha_only)
+    problems = ModelStore(args.store).verify(probes=not args.sha_only, allow_plugins=args.allow_plugins)
     for problem in problems:
         print(f"problem: {problem}")
     print(f"{len(problems)} problem(s) in {args.store}" if problems else "ok")
@@ -44,4 +46,13 @@ def verify(args: argparse.Namespace) -> int:
 def remove(args: argparse.Namespace) -> int:
     ModelStore(args.store).remove(args.name)
     log.info("task '%s' removed from %s", args.name, args.store)
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    done = ModelStore(args.store).migrate(allow_plugins=args.allow_plugins)
+    for line in done:
+        print(line)
+    if not done:
+        print(f"{args.store} is current (schema_version {SCHEMA_VERSION}); nothing to do")
     return 0
