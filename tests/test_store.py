@@ -396,6 +396,7 @@ def three_tasks(store: ModelStore) -> bytes:
 def readers(store: ModelStore) -> dict:
     return {
         "tasks": lambda: store.tasks,
+        "load_model": store.load_model,
         "metadata": store.metadata,
         "filter_bank": store.filter_bank,
         "decomposition_path": lambda: store.decomposition_path,
