@@ -300,6 +300,20 @@ def test_train_py_in_a_process_exits_2_with_one_line(tmp_path):
     assert str(config) in error_line(done.stderr)
 
 
+@pytest.mark.slow
+def test_a_bad_file_read_by_a_loader_worker_is_one_line_and_the_process_exits(tmp_path, synth):
+    """The worker's traceback stays out of the line, and the workers (which ignore SIGTERM) do not keep the
+    failed process from exiting."""
+    data = tmp_path / "SYNTH_MT"
+    shutil.copytree(synth, data)
+    for sample in ("000001", "000002", "000003", "000004", "000005"):  # sample 0 is checked before training
+        (data / "images" / f"{sample}.png").write_bytes(b"not a png")
+    args = train_args(config_file(tmp_path), tmp_path / "store", data, "train.num_workers=2")
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert re.match(rf"error: bad file {re.escape(str(data / 'images'))}/00000[1-5]\.png: ", error_line(done.stderr))
+
+
 # ----------------------------------------------------------------------------- 8: the global batch under torchrun
 
 

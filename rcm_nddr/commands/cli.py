@@ -62,13 +62,22 @@ def os_error_line(exc: OSError) -> str | None:
 QUIET_RANK_WAIT_S = 5.0
 
 
+def _one_line(message: str) -> str:
+    """An error re-raised from a DataLoader worker carries the worker's traceback in its message: the last
+    line of that is the error itself."""
+    if "\nOriginal Traceback (most recent call last):" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _report(exc: UserError) -> None:
     """Print ``exc`` in one ``error:`` line. Under torchrun an error every process raises alike is printed
     by rank 0 alone, while the other processes wait for it to exit first."""
     if exc.same_on_every_rank and os.environ.get("RANK", "0") != "0":
         time.sleep(QUIET_RANK_WAIT_S)
     else:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -84,29 +93,36 @@ def run_command(args: argparse.Namespace) -> int:
         handler = getattr(importlib.import_module(module), function)
         with logging_redirect_tqdm():
             return handler(args)
-    except UserError as exc:
+    except KeyboardInterrupt as exc:
+        print("interrupted", file=sys.stderr)
+        return _released(exc, EXIT_INTERRUPTED)
+    except Exception as exc:
+        return _released(exc, _report_failure(exc))
+
+
+def _report_failure(exc: Exception) -> int:
+    """Report what ended a command; returns its exit status."""
+    if isinstance(exc, UserError):
         _report(exc)
         return EXIT_USER_ERROR
-    except OSError as exc:
-        line = os_error_line(exc)
-        if line is None:
-            return _internal_error(exc)
-        print(f"error: {line}", file=sys.stderr)
+    line = os_error_line(exc) if isinstance(exc, OSError) else None
+    if line is not None:
+        print(f"error: {_one_line(line)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        return _internal_error(exc)
-
-
-def _internal_error(exc: BaseException) -> int:
     traceback.print_exception(exc, file=sys.stderr)
     print(
         f"internal error: {type(exc).__name__}: {exc} (a bug: please report it with the traceback above)",
         file=sys.stderr,
     )
     return EXIT_INTERNAL_ERROR
+
+
+def _released(exc: BaseException, status: int) -> int:
+    """``status``, once the failed command's frames have let go of what they held: DataLoader workers ignore
+    SIGTERM, and multiprocessing would wait for them forever at exit if a reference cycle through the
+    exception kept their loader alive until then."""
+    traceback.clear_frames(exc.__traceback__)
+    return status
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
