@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from rcm_nddr.errors import ConfigError
-from rcm_nddr.inheritance import Origins, Where, base_paths, below, load_tree, locator
+from rcm_nddr.inheritance import Origins, Where, below, load_tree, locator
 from rcm_nddr.registry import DATASETS, TASKS, discover, installed_names
 from rcm_nddr.yamlio import load_yaml
 
@@ -324,12 +324,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        try:
-            data, origins = load_tree(p, where, where, [p.resolve()], bases)
-        except UnicodeDecodeError:
-            raise _not_utf8(p, where, where, set()) or ConfigError(
-                f"{where}: a config file is not UTF-8 text"
-            ) from None
+        data, origins = load_tree(p, where, where, [p.resolve()], bases)
     if overrides:
         data = apply_overrides(data, overrides, where)
         where = f"{where} (with --set {' '.join(overrides)})"
@@ -344,26 +339,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg.bases = bases
     _check(cfg, at)
     return cfg
-
-
-def _not_utf8(p: Path, label: str, top: str, seen: set[Path]) -> ConfigError | None:
-    """The error for the first file that ``load_tree`` cannot decode: ``p`` or one of its bases, in the
-    order it reads them."""
-    raw = p.read_bytes()
-    try:
-        data = load_yaml(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        bad = raw[exc.start : exc.start + 1]
-        return ConfigError(f"{label}: not UTF-8 text (byte {exc.start} is {bad!r}); save the file as UTF-8")
-    except yaml.YAMLError:
-        return None
-    seen.add(p.resolve())
-    for base in base_paths(data, p, label) if isinstance(data, dict) else []:
-        if base.is_file() and base.resolve() not in seen:
-            found = _not_utf8(base, f"{base} (a base of {top})", top, seen)
-            if found is not None:
-                return found
-    return None
 
 
 def _unknown_task_types(cfg: Config) -> list[str]:

@@ -14,21 +14,28 @@ import numpy as np
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it and rename it into place, so a
-    crash leaves either the old file or the new one, never a torn one."""
+    crash leaves either the old file or the new one, never a torn one. An OSError of the temporary file
+    (a full disk, a folder that cannot be written) is raised naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         # mkstemp makes 0600 (and a writer may replace the file): the result follows the umask like open()
         os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename).parent != path.parent:
+            raise  # about another path (e.g. a file that ``write`` reads): it names the right one
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -73,7 +73,11 @@ def locator(origins: Origins, default: str) -> Where:
 def read_mapping(p: Path, label: str) -> dict[str, Any]:
     """One YAML file's top-level mapping (an empty file is an empty mapping)."""
     try:
-        loaded = load_yaml(p.read_text())
+        raw = p.read_bytes()
+        loaded = load_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1]
+        raise ConfigError(f"{label}: not UTF-8 text (byte {exc.start} is {bad!r}); save the file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{label}: not valid YAML: {exc}") from exc
     except OSError as exc:

@@ -136,6 +136,7 @@ INTEGRATION_MODULES = {
     "test_deploy",
     "test_distributed",
     "test_engine",
+    "test_errors",
     "test_evaluate",
     "test_fast",
     "test_incremental",

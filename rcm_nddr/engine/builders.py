@@ -326,7 +326,7 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
             log.warning("fusion.type is nddr but task %s has no other task to read: it gets no NDDR layers", t)
     needed = transitive_sources(older, {r.name: r.sources for r in records})
     frozen = [r.name for r in records if r.name in needed]
-    pins = {r.name: r.files[r.tensors_file] for r in records if r.name in needed}
+    pins = {r.name: r.files[r.tensors_file] for r in records if r.name in needed and r.tensors_file in r.files}
     return GroupPlan({t: s for t, s in sources.items() if s}, frozen, pins)
 
 

@@ -212,12 +212,8 @@ def build_run(
 def _check_launch(cfg: Config, dist: distributed.Context, paths: RunPaths, resume: bool, restart: bool) -> None:
     """The global batch splits over the processes; a fresh run does not overwrite an earlier run's
     checkpoints unless ``restart``; ``resume`` has a checkpoint to continue from."""
-    t = cfg.train
-    if dist.enabled and t.batch_size % dist.world_size:
-        raise ConfigError(
-            f"{cfg.source}: key 'train.batch_size': {t.batch_size} is the global batch and must split evenly "
-            f"over the {dist.world_size} processes of this run"
-        )
+    if dist.enabled:
+        distributed.check_global_batch(cfg, dist.world_size)
     if not resume and paths.last.exists() and not restart:
         raise RunExistsError(
             f"{paths.checkpoints} already holds checkpoints of a run of {cfg.group_name!r}; "

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from rcm_nddr.errors import UserError
@@ -280,7 +280,8 @@ def cpu_tensors(tensors: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
 
 def save_tensors(path: Path, tensors: dict[str, Tensor]) -> str:
     """Write ``tensors`` to ``path`` atomically; the file's sha256."""
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    data = save(tensors)  # bytes: a full disk is then an OSError of the write, not a SafetensorError
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return file_sha256(path)
 
 
