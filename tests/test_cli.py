@@ -1,6 +1,7 @@
 """The rcm-nddr command: data synth, the demo (tiny), python -m rcm_nddr, and error reporting."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +79,15 @@ def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     assert f"{summary['delta_mtl']['RC_RI_NFF_NDDR']:+.2f}%" in table
     assert (tmp_path / "demo" / "demo_results.md").read_text().strip() == table.strip()
     assert json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"] == rows
-    # a second run starts its stores afresh and reuses the bank
-    again = run_demo(out=tmp_path / "demo", data=tmp_path / "SYNTH_MT", **tiny)
-    assert [r["task"] for r in again["rows"]] == names and [t.name for t in store.tasks] == names
+    # a second run starts its stores afresh and reuses the bank (on the sequence's first step alone)
+    shorter = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", shorter)  # the configs' _base_ paths are relative to them
+    for step in sorted((shorter / "synthetic" / "incremental").glob("*.yaml"))[1:]:
+        step.unlink()
+    written = bank.stat().st_mtime_ns
+    again = run_demo(out=tmp_path / "demo", data=tmp_path / "SYNTH_MT", configs=shorter / "synthetic", **tiny)
+    assert [r["task"] for r in again["rows"]] == sequence[0] == [t.name for t in store.tasks]
+    assert bank.stat().st_mtime_ns == written
 
 
 @pytest.mark.cuda

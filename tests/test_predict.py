@@ -267,7 +267,7 @@ class FakeStore:
     def tasks(self):
         return [SimpleNamespace(name=name) for name in TASK_NAMES]
 
-    def load_model(self, tasks=None, device=None, deploy=False, batched=False):
+    def load_model(self, tasks=None, device=None, deploy=False, batched=False, allow_plugins=()):
         FakeStore.loaded.append((tasks, device, deploy, batched))
         return FakeModel(tasks or TASK_NAMES)
 

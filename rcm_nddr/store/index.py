@@ -105,23 +105,23 @@ class StoreIndex:
         if not self._held and (self.path / PENDING_FILE).exists():
             with self.locked(shared=True):  # completes the interrupted registration first
                 pass
+        return parse_store(self._load(), self.file, legacy)
+
+    def schema_version(self) -> Any:
+        """The ``schema_version`` store.yaml states (None when it states none), without checking the rest."""
+        doc = self._load()
+        return doc.get("schema_version") if isinstance(doc, Mapping) else None
+
+    def _load(self) -> Any:
+        """store.yaml as YAML, unchecked."""
         if not self.file.is_file():
             raise StoreError(f"no model store at {self.path} ({STORE_FILE} is missing)")
         try:
-            doc = load_yaml(self.file.read_text(encoding="utf-8"))
+            return load_yaml(self.file.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
             raise StoreError(f"{self.file} is not UTF-8 text (byte {exc.start}): it is damaged") from exc
         except (OSError, yaml.YAMLError) as exc:
             raise StoreError(f"{self.file} could not be read as YAML: {exc}") from exc
-        return parse_store(doc, self.file, legacy)
-
-    def schema_version(self) -> Any:
-        """The ``schema_version`` store.yaml states (None when it states none), without checking the rest."""
-        try:
-            doc = load_yaml(self.file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise StoreError(f"{self.file} could not be read as YAML: {exc}") from exc
-        return doc.get("schema_version") if isinstance(doc, Mapping) else None
 
     def write(self, doc: Mapping[str, Any]) -> None:
         """Replace store.yaml with ``doc`` atomically (under the exclusive lock)."""

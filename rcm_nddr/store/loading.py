@@ -94,10 +94,11 @@ def load_model(
     allow_plugins: Sequence[str] = (),
 ) -> MultiTaskNet:
     """``ModelStore.load_model`` on the CPU, over the store ``root`` whose store.yaml is ``doc``."""
-    model = assemble_tasks(root, doc, list(tasks) if tasks is not None else None, {}, allow_plugins)
-    for record in doc["tasks"]:  # the probes too: a store is whole or refused (the bank is checked above)
-        if record.name in model.task_names:
+    names = set(tasks) if tasks is not None else {r.name for r in doc["tasks"]}
+    for record in doc["tasks"]:  # their probes too, first: a store is whole or refused
+        if record.name in names:
             check_file(root, inside(root, record.probe_file), record.files[record.probe_file])
+    model = assemble_tasks(root, doc, list(tasks) if tasks is not None else None, {}, allow_plugins)
     if deploy:
         model = deploy_form(model, batched=batched)
         if check_deploy:
