@@ -149,11 +149,6 @@ INTEGRATION_MODULES = {
 }
 
 
-#: module-scoped fixtures that train or measure for many seconds: under pytest-xdist every test of a
-#: module that has one runs on one worker, in order (``--dist loadgroup``), so each is built once
-SHARED_FIXTURES = ("nddr_store", "plain_store", "uninterrupted", "trained", "report", "real_store")
-
-
 def pytest_configure(config) -> None:
     """Under pytest-xdist (``make test`` runs ``-n auto``), each worker and the processes its tests start
     use their share of the cores: two processes that each run as many torch threads as there are cores
@@ -166,19 +161,15 @@ def pytest_configure(config) -> None:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Sort the tests into tiers (``unit`` or ``integration``), skip the tests marked ``cuda`` where no
-    CUDA device is present, and run the integration tier first: under pytest-xdist the long tests start
-    early and the short ones fill the workers' last minutes."""
+    CUDA device is present, and run the integration tier first: under pytest-xdist (``make test`` runs
+    ``--dist loadfile``: a file's tests run on one worker, so its module fixtures are built once) the long
+    files start early and the short ones fill the workers' last minutes."""
     import torch
 
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
-    shared_modules = {
-        item.module.__name__.rpartition(".")[2] for item in items if set(SHARED_FIXTURES) & set(item.fixturenames)
-    }
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         item.add_marker(pytest.mark.integration if module in INTEGRATION_MODULES else pytest.mark.unit)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
-        if module in shared_modules:
-            item.add_marker(pytest.mark.xdist_group(module))
     items.sort(key=lambda item: "integration" not in item.keywords)  # stable: files and tests keep their order
