@@ -57,12 +57,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
                     raise sink.error from None
                 raise
 
-    try:
-        atomic_write(path, write)
-    except OSError as exc:
-        if exc.filename is not None and Path(exc.filename).parent != path.parent:
-            raise  # e.g. the checkpoint directory itself could not be made: that names the right path
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    atomic_write(path, write)  # an OSError of the temporary file is raised naming ``path``
 
 
 def load_checkpoint(path: str | Path, remedy: str = RESUME_REMEDY) -> dict[str, Any]:
