@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import difflib
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 from rcm_nddr.errors import ConfigError
 from rcm_nddr.inheritance import Origins, Where, below, load_tree, locator
 from rcm_nddr.registry import DATASETS, TASKS, discover, installed_names
+from rcm_nddr.schema import build, coerce
 from rcm_nddr.yamlio import load_yaml
 
 
@@ -68,6 +68,32 @@ class FusionConfig:
 class HeadConfig:
     type: Literal["deeplabv3plus"] = "deeplabv3plus"
     channels: int = 256
+
+
+@dataclass
+class ConsistencyConfig:
+    """One cross-task consistency term (an item of ``loss.consistency``): a transfer net maps the raw output
+    of ``source`` to the output space of ``target``; the transferred prediction is scored with ``loss`` (a
+    transfer loss of the target's task type) against the target's own prediction, its label, or both
+    (``supervise``), and added to the loss of ``target`` (of ``source`` when the target is a stored task):
+    ``mix: add`` adds ``weight`` times the term, ``mix: convex`` makes the loss ``(1 - weight)`` times the
+    task's own loss plus ``weight`` times the term (as xtask). ``detach_target``: the target's prediction is
+    a fixed reference (the gradient reaches the source and the transfer net only)."""
+
+    source: str = ""
+    target: str = ""
+    loss: str = ""
+    weight: float = 1.0
+    supervise: Literal["prediction", "label", "both"] = "prediction"
+    detach_target: bool = True
+    mix: Literal["add", "convex"] = "add"
+    #: the transfer net's options: BatchNorm after its convs, doubled widths
+    batch_norm: bool = False
+    wider: bool = False
+
+
+#: the keys of ``loss`` that are not task names
+LOSS_KEYS = ("weighting", "consistency")
 
 
 @dataclass
@@ -134,8 +160,10 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    #: per task: ``weight`` plus options of the task type (e.g. ``edge: {weight: 50, pos_weight: 0.95}``)
-    loss: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per task: ``weight`` plus options of the task type (e.g. ``edge: {weight: 50, pos_weight: 0.95}``);
+    #: ``weighting: {type: ..., lr, weight_decay, options}`` (the loss weighting, default fixed) and
+    #: ``consistency: [...]`` (``ConsistencyConfig`` items)
+    loss: dict[str, Any] = field(default_factory=dict)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -144,6 +172,17 @@ class Config:
     source: str = field(default="<defaults>", metadata={"internal": True})
     #: the ``_base_`` files merged under it, every one of them in merge order (not a YAML key)
     bases: list[str] = field(default_factory=list, metadata={"internal": True})
+
+    @property
+    def weighting(self) -> dict[str, Any]:
+        """``loss.weighting`` with its defaults: ``type`` (fixed), ``lr`` (None), ``weight_decay`` (0) and the
+        method's options."""
+        return {"type": "fixed", "lr": None, "weight_decay": 0.0, **self.loss.get("weighting", {})}
+
+    @property
+    def consistency(self) -> list[ConsistencyConfig]:
+        """``loss.consistency``: the cross-task consistency terms."""
+        return list(self.loss.get("consistency", []))
 
     @property
     def group_name(self) -> str:
@@ -167,105 +206,6 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     return obj
-
-
-# ----------------------------------------------------------------------------- schema walking
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return repr(tp).replace("typing.", "")
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", repr(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, where: Where) -> Any:
-    """Check ``value`` against the type ``tp`` and return it in canonical form."""
-
-    def fail(expected: str | None = None) -> ConfigError:
-        return ConfigError(f"{where(key)}: key '{key}': expected {expected or _type_name(tp)}, got {value!r}")
-
-    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf, for every key
-        raise fail("a finite number")
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise fail(f"a mapping of {', '.join(f.name for f in _fields(tp))}")
-        return _build(tp, value, key, where)
-    if origin is Literal:
-        if isinstance(value, bool) or value not in typing.get_args(tp):
-            raise fail()
-        return value
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key, where)
-            except ConfigError:
-                continue
-        raise fail()
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise fail()
-        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is tuple:
-        items = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise fail()
-        pairs = enumerate(zip(value, items, strict=True))
-        return tuple(_coerce(v, t, f"{key}[{i}]", where) for i, (v, t) in pairs)
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise fail()
-        return {_coerce(k, key_tp, key, where): _coerce(v, value_tp, f"{key}.{k}", where) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise fail()
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise fail()
-        return value
-    raise TypeError(f"unsupported schema type {tp!r} for {key}")
-
-
-def _fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, where: Where) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in _fields(cls)}
-    for k in data:
-        if k not in known:
-            dotted = f"{prefix}.{k}" if prefix else str(k)
-            raise ConfigError(f"{where(dotted)}: unknown key '{dotted}'; known keys here: {', '.join(sorted(known))}")
-    kwargs = {}
-    for k, v in data.items():
-        dotted = f"{prefix}.{k}" if prefix else k
-        kwargs[k] = _coerce(v, hints[k], dotted, where)
-    return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -334,7 +274,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 del origins[key]
             origins[dotted] = where
     at = locator(origins, where)
-    cfg = _build(Config, data, "", at)
+    cfg = build(Config, data, "", at)
     cfg.source = where
     cfg.bases = bases
     _check(cfg, at)
@@ -370,13 +310,7 @@ def _check(cfg: Config, where: Where) -> None:
             f"unknown task type {unknown[0]!r}{hint}; known: {', '.join(TASKS.names())} "
             "(a plug-in's task types need its module under 'plugins:')",
         )
-    for name in cfg.loss:
-        if name not in cfg.tasks:
-            raise fail(f"loss.{name}", f"not a task of this run (tasks: {cfg.tasks})")
-    for name, options in cfg.loss.items():
-        w = options.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise fail(f"loss.{name}.weight", f"expected a number >= 0, got {w!r}")
+    _check_loss(cfg, where, fail)
     t = cfg.train
     if t.max_iters is not None and t.epochs is not None:
         raise ConfigError(
@@ -412,6 +346,51 @@ def _check(cfg: Config, where: Where) -> None:
     _check_ranges(cfg, fail)
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+def _check_loss(cfg: Config, where: Where, fail: typing.Callable[[str, str], ConfigError]) -> None:
+    """``loss``: task entries (mappings of a task of the run, ``weight >= 0``), ``weighting`` (a mapping
+    with a ``type`` name, ``lr > 0`` or null, ``weight_decay >= 0``; the method's options are checked when
+    the run is built) and ``consistency`` (a list of ``ConsistencyConfig``, replaced by the parsed items)."""
+    for name, options in cfg.loss.items():
+        if name == "consistency":
+            items = coerce(options, list[ConsistencyConfig], "loss.consistency", where)
+            for i, item in enumerate(items):
+                key = f"loss.consistency[{i}]"
+                for part in ("source", "target", "loss"):
+                    if not getattr(item, part):
+                        raise fail(f"{key}.{part}", "required (e.g. {source: semseg, target: depth, loss: l1})")
+                if item.source == item.target:
+                    raise fail(f"{key}.target", f"expected a task other than the source {item.source!r}")
+                if not 0 <= item.weight < (1 if item.mix == "convex" else math.inf):
+                    bound = "in [0, 1) with mix: convex" if item.mix == "convex" else ">= 0"
+                    raise fail(f"{key}.weight", f"expected a number {bound}, got {item.weight}")
+            cfg.loss["consistency"] = items
+            continue
+        if not isinstance(options, dict):
+            raise fail(f"loss.{name}", f"expected a mapping, got {options!r}")
+        if name == "weighting":
+            kind = options.get("type", "fixed")
+            if not isinstance(kind, str) or not kind:
+                raise fail("loss.weighting.type", f"expected the name of a loss weighting, got {kind!r}")
+            lr, decay = options.get("lr"), options.get("weight_decay", 0.0)
+            if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
+                raise fail("loss.weighting.lr", f"expected a number > 0 or null, got {lr!r}")
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < math.inf:
+                raise fail("loss.weighting.weight_decay", f"expected a number >= 0, got {decay!r}")
+            continue
+        if name not in cfg.tasks:
+            raise fail(f"loss.{name}", f"not a task of this run (tasks: {cfg.tasks}) nor one of {', '.join(LOSS_KEYS)}")
+        w = options.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise fail(f"loss.{name}.weight", f"expected a number >= 0, got {w!r}")
+    convex: dict[str, float] = {}
+    for item in cfg.consistency:
+        if item.mix == "convex":
+            convex[item.target] = convex.get(item.target, 0.0) + item.weight
+    for target, total in convex.items():
+        if total >= 1:
+            raise fail("loss.consistency", f"the convex weights of the terms into {target!r} sum to {total} (>= 1)")
 
 
 def _check_ranges(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) -> None:

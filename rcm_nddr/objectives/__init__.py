@@ -1,0 +1,13 @@
+"""Group objectives: how a training group's outputs and targets become the gradients of one step.
+
+A ``GroupObjective`` sees every task's raw output and target of the group. It adds the cross-task
+consistency terms (``loss.consistency``: transfer nets mapping one task's prediction to another's) to the
+tasks' own losses, and hands the task losses to a loss ``Weighting`` (``loss.weighting``), which turns them
+into gradients: a fixed weighted sum, learned weights (uncertainty), gradient balancing (GradNorm),
+loss-ratio weights (DWA), gradient surgery (PCGrad) or an O(1) balancing method (FAMO). Weightings are
+built by name from the ``WEIGHTINGS`` registry (plug-ins add their own with
+``@WEIGHTINGS.register("name")``)."""
+
+from rcm_nddr.objectives.weighting import WEIGHTINGS, StepContext, Weighting
+
+__all__ = ["WEIGHTINGS", "StepContext", "Weighting"]
