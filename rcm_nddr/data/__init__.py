@@ -5,6 +5,7 @@ from rcm_nddr.data.check import check_target_keys, check_targets
 from rcm_nddr.data.cityscapes import Cityscapes
 from rcm_nddr.data.folder import DatasetError, MultiTaskFolder
 from rcm_nddr.data.nyud import NYUDMT
+from rcm_nddr.data.nyuv2_mtan import NYUv2MTAN
 from rcm_nddr.data.pascal import PascalMT
 from rcm_nddr.data.targets import TARGET_KEYS, register_target
 from rcm_nddr.data.transforms import build_transforms
@@ -15,6 +16,7 @@ __all__ = [
     "Cityscapes",
     "DatasetError",
     "MultiTaskFolder",
+    "NYUv2MTAN",
     "PascalMT",
     "build_transforms",
     "check_target_keys",

@@ -6,7 +6,8 @@ and ``camera_trainvaltest.zip`` unzipped into one root. A sample id is ``<city>/
 ``stem = <city>_<seq>_<frame>`` (e.g. ``aachen/aachen_000000_000019``); the ids of a split are the
 images ``leftImg8bit/<split>/*/*_leftImg8bit.png``, sorted. The splits are the folders of
 ``leftImg8bit/`` (``train``, ``val``, ``test``); there are no split files and no ``meta.json``. Only
-the files of the requested targets are read. Images are 1024 x 2048 and are not resized here.
+the files of the requested targets are read. Images are 1024 x 2048; the option ``resize: [h, w]``
+resizes every sample to h x w when it is read (default: not resized, see "Resizing" below).
 
 - ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png``: RGB uint8 -> float32 3 x H x W,
   ImageNet-normalized.
@@ -32,6 +33,14 @@ the files of the requested targets are read. Images are 1024 x 2048 and are not 
   ``DEFAULT_BASELINE`` = 0.209313 m and ``DEFAULT_FX`` = 2262.52 px.
 
 ``info.extra`` holds ``"ignore_index": 255``, ``"depth_unit": "m"`` and ``"classes"`` (7 or 19).
+
+Resizing (option ``resize: [h, w]``, e.g. ``[128, 256]`` for the 128 x 256 multi-task benchmarks): the
+image is resized bilinearly (antialiased, so a large reduction averages the pixels it drops), semseg and
+depth by nearest neighbour (each value is a copy of one source pixel's, never a blend of classes or of
+depths across a boundary; 255 and 0 stay the ignore and invalid values). Depth values are unchanged:
+resizing the whole image keeps the camera's field of view, so a pixel still sees a scene point at the
+same distance (unlike the random-scale augmentation, which zooms and so divides depth by its factor).
+``meta["size"]`` is the resized size, the size predictions are compared at.
 """
 
 from __future__ import annotations
@@ -47,10 +56,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.transforms.v2 import functional as F
 
 from rcm_nddr.data.folder import MultiTaskFolder
 from rcm_nddr.data.readers import IGNORE_INDEX, DatasetError, decode_image, read_png
 from rcm_nddr.data.targets import TargetReader
+from rcm_nddr.data.transforms import PASSTHROUGH_KEYS, rule_for
 from rcm_nddr.registry import DATASETS
 from rcm_nddr.task import DatasetInfo
 
@@ -187,6 +198,39 @@ def decode_disparity(path: Path) -> Tensor:
     return torch.from_numpy(depth.astype(np.float32)).unsqueeze(0)
 
 
+def check_resize(resize: Any) -> tuple[int, int] | None:
+    """The ``resize`` option as ``(height, width)``, or None; anything else is a ``DatasetError``."""
+    if resize is None:
+        return None
+    if (
+        not isinstance(resize, (list, tuple))
+        or len(resize) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resize)
+    ):
+        raise DatasetError(
+            f"Cityscapes option 'resize' must be null or [height, width] of two positive ints, got {resize!r}"
+        )
+    return int(resize[0]), int(resize[1])
+
+
+def resize_sample(sample: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """Every tensor of ``sample`` resized to ``size`` with its target key's interpolation (the image
+    bilinear and antialiased, label maps and depth nearest), values unchanged; ``meta["size"]`` updated."""
+    out: dict[str, Any] = {}
+    for key, value in sample.items():
+        if key in PASSTHROUGH_KEYS:
+            out[key] = value
+            continue
+        interpolation = rule_for(key).interpolation
+        if value.ndim == 2:  # class maps are H x W; torchvision wants a channel dimension
+            out[key] = F.resize(value[None], list(size), interpolation=interpolation, antialias=True)[0]
+        else:
+            out[key] = F.resize(value, list(size), interpolation=interpolation, antialias=True)
+    if "meta" in out:
+        out["meta"] = {**out["meta"], "size": size}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -217,10 +261,11 @@ def _target_readers(split: str, classes: int) -> dict[str, TargetReader]:
 class Cityscapes(MultiTaskFolder):
     """Samples of one split of Cityscapes (official layout): semseg (7 or 19 classes) and depth.
 
-    ``classes`` (keyword option, 7 or 19) picks the segmentation setting. The readers depend on the
-    split (their folders) and on ``classes`` (the label mapping), so each instance builds its own
-    ``IMAGE`` and ``TARGETS``; the class-level tables show the default setting with a ``<split>``
-    placeholder.
+    ``classes`` (keyword option, 7 or 19) picks the segmentation setting; ``resize`` (keyword option,
+    ``[height, width]`` or None) resizes every sample when it is read (see the module docstring). The
+    readers depend on the split (their folders) and on ``classes`` (the label mapping), so each instance
+    builds its own ``IMAGE`` and ``TARGETS``; the class-level tables show the default setting with a
+    ``<split>`` placeholder.
     """
 
     MISSING_ROOT_HINT: ClassVar[str] = "nothing is downloaded at run time; put Cityscapes there (see docs/datasets.md)"
@@ -236,16 +281,23 @@ class Cityscapes(MultiTaskFolder):
         transform: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None,
         *,
         classes: int = 19,
+        resize: Sequence[int] | None = None,
     ) -> None:
         if isinstance(classes, bool) or not isinstance(classes, int) or classes not in SETTINGS:
             raise DatasetError(
                 f"Cityscapes option 'classes' must be one of {', '.join(map(str, sorted(SETTINGS)))}, got {classes!r}"
             )
         self.num_classes = classes
+        self.resize = check_resize(resize)
         # per-instance readers, shadowing the class-level tables (see the class docstring)
         self.IMAGE = _image_reader(split)
         self.TARGETS = _target_readers(split, classes)
         super().__init__(root, split, targets, transform)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The untransformed sample of the ``index``-th id, resized to ``resize`` when that option is set."""
+        sample = super().load(index)
+        return sample if self.resize is None else resize_sample(sample, self.resize)
 
     def _load_info(self) -> DatasetInfo:
         """Cityscapes has no ``meta.json``: the name and the class names of the setting are built in."""
@@ -281,6 +333,8 @@ __all__ = [
     "Cityscapes",
     "Label",
     "camera_path",
+    "check_resize",
     "decode_disparity",
     "read_camera",
+    "resize_sample",
 ]
