@@ -133,13 +133,18 @@ def options_error(component: Callable[..., Any], args: tuple[Any, ...], options:
 
 TASKS: Registry = Registry("task type", "rcm_nddr.tasks")
 DATASETS: Registry = Registry("dataset", "rcm_nddr.datasets")
+#: loss weightings by name (``loss.weighting.type``)
+WEIGHTINGS: Registry = Registry("loss weighting", "rcm_nddr.weightings")
 
 
 def discover(plugins: Iterable[str] = ()) -> None:
-    """Register the built-in task types and datasets, the config's plug-ins and the entry points."""
+    """Register the built-in task types, datasets and loss weightings, the config's plug-ins and the entry
+    points."""
     importlib.import_module("rcm_nddr.tasks")
     importlib.import_module("rcm_nddr.data")
+    importlib.import_module("rcm_nddr.objectives")
     for spec in plugins:
         import_plugin(spec)
     TASKS.load_entry_points()
     DATASETS.load_entry_points()
+    WEIGHTINGS.load_entry_points()

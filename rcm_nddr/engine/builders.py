@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,10 +403,11 @@ _SCHEDULES: dict[str, Callable[[SchedulerConfig, int, float], float]] = {
 }
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module, extra: Sequence[dict] = ()) -> torch.optim.Optimizer:
     """The config's optimizer over every trainable parameter of ``model``. The fusion's parameters (if
-    any) form a second group with ``lr * fusion.lr_mult`` and ``fusion.weight_decay``; the schedule
-    scales both groups alike, so the ratio holds throughout."""
+    any) form a second group with ``lr * fusion.lr_mult`` and ``fusion.weight_decay``; ``extra`` groups
+    follow (the group objective's parameters). The schedule scales every group alike, so the ratios hold
+    throughout."""
     fusion = getattr(model, "fusion", None)
     fused = [] if fusion is None else [p for p in fusion.parameters() if p.requires_grad]
     held = {id(p) for p in fused}
@@ -415,6 +416,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if fused:
         f = cfg.fusion
         groups.append({"params": fused, "lr": cfg.optimizer.lr * f.lr_mult, "weight_decay": f.weight_decay})
+    groups += list(extra)
     return _OPTIMIZERS[cfg.optimizer.name](groups, cfg.optimizer)
 
 

@@ -36,6 +36,7 @@ from rcm_nddr.engine.builders import (
 )
 from rcm_nddr.engine.checkpoint import load_checkpoint
 from rcm_nddr.engine.evaluate import primary_metrics, to_json
+from rcm_nddr.engine.objective import BuiltObjective, build_objective
 from rcm_nddr.errors import UserError
 from rcm_nddr.files import atomic_write_text, remove_stale_temporaries
 from rcm_nddr.nn.accounting import parameter_breakdown
@@ -99,6 +100,7 @@ class TrainingRun:
     net: ResNetBackbone
     ri: ResponseInit
     model: nn.Module
+    objective: BuiltObjective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     max_iters: int
@@ -181,8 +183,14 @@ def build_run(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
     model = model.to(device, memory_format=torch.channels_last)
-    max_iters = t.max_iters or t.epochs * math.ceil(len(train_set) / t.batch_size)
-    optimizer = build_optimizer(cfg, model)
+    epoch = math.ceil(len(train_set) / t.batch_size)
+    max_iters = t.max_iters or t.epochs * epoch
+    weights = loss_weights(cfg, tasks)
+    objective = build_objective(cfg, tasks, weights, model, store, device, epoch, dist.enabled)
+    w = cfg.weighting
+    optimizer = build_optimizer(
+        cfg, model, objective.objective.param_groups(w["lr"], w["weight_decay"], cfg.optimizer.weight_decay)
+    )
     return TrainingRun(
         cfg=cfg,
         dist=dist,
@@ -191,13 +199,14 @@ def build_run(
         train_set=train_set,
         val_set=val_set,
         tasks=tasks,
-        weights=loss_weights(cfg, tasks),
+        weights=weights,
         primaries=primary_metrics(tasks),
         store=store,
         plan=plan,
         net=net,
         ri=ri,
         model=model,
+        objective=objective,
         optimizer=optimizer,
         scheduler=build_scheduler(cfg, optimizer, max_iters),
         max_iters=max_iters,

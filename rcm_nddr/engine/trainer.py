@@ -112,6 +112,7 @@ class Trainer:
         self.train_set, self.val_set, self.tasks, self.plan = s.train_set, s.val_set, s.tasks, s.plan
         self.weights, self.primaries = s.weights, s.primaries
         self.model, self.optimizer, self.scheduler = s.model, s.optimizer, s.scheduler
+        self.objective = s.objective  # the group objective (its weighting, consistency terms, shared layers)
         self.max_iters, self.parameter_counts = s.max_iters, s.parameter_counts
         t = cfg.train
         self.checkpoint_every = t.checkpoint_every or t.val_every
@@ -161,6 +162,7 @@ class Trainer:
         return {
             "iteration": self.iteration,
             "model": self.model.state_dict(),
+            "objective": self.objective.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             # every rank's generators (one entry per rank), so each rank resumes its own draws
@@ -181,8 +183,14 @@ class Trainer:
             raise CheckpointError(f"{last} is not a resumable checkpoint (no {', '.join(missing)}); {again}")
         if state["group"] != self.cfg.group_name:
             raise CheckpointError(f"{last} belongs to group {state['group']!r}, not {self.cfg.group_name!r}")
+        objective = self.objective.objective
+        if "objective" not in state and objective.state_dict():
+            kind = self.cfg.weighting["type"]
+            raise CheckpointError(f"{last} holds no state of the group objective ({kind}); {again}")
         try:
             self.model.load_state_dict(state["model"])
+            if "objective" in state:
+                objective.load_state_dict(state["objective"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -255,7 +263,7 @@ class Trainer:
         board = Board(self.paths.run, enabled=self.is_main)
         self.model.train()
         bar = tqdm(total=end, initial=self.iteration, desc=f"train {self.cfg.group_name}", disable=not self.progress)
-        window = LossWindow(list(self.tasks), self.device)
+        window = LossWindow(self.objective.objective.log_names, self.device)
         self._stop_requested = False
         try:
             with self._signals:
@@ -266,10 +274,11 @@ class Trainer:
             bar.close()
             board.close()
         if self.iteration == self.max_iters and self.is_main:
-            atomic_write_text(
-                self.paths.run / "metrics.json",
-                to_json({"iteration": self.iteration, "metrics": self.last_metrics}, indent=2),
-            )
+            weighting = self.objective.objective.weighting
+            final = dict(zip(weighting.names, weighting.current().tolist(), strict=True))
+            summary = {"iteration": self.iteration, "metrics": self.last_metrics}
+            summary["objective"] = {"weighting": self.cfg.weighting["type"], "weights": final}
+            atomic_write_text(self.paths.run / "metrics.json", to_json(summary, indent=2))
         return self.last_metrics
 
     def _iterate(self, batches: DevicePrefetcher, window: LossWindow, board: Board, bar: tqdm, end: int) -> None:
@@ -306,21 +315,24 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def _step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """One optimizer step; returns the detached task losses (a vector on the device, not read here:
-        the step never waits for the device)."""
+        """One optimizer step: the group objective fills the gradients (``GroupObjective.step``), the
+        optimizer steps, the objective updates its weighting. Returns the detached values of the objective's
+        ``log_names`` (a vector on the device, not read here: the step never waits for the device)."""
         images = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
-        with autocast(self.device, self.cfg.train.amp):
-            outputs = self.step_module(images, raw=True)
-        task_losses = {}
-        for name, task in self.tasks.items():
-            target = batch[task.target_key].to(self.device, non_blocking=True)
-            task_losses[name] = task.loss(outputs[name].float(), target)
-        total = sum(self.weights[name] * loss for name, loss in task_losses.items())
+
+        def forward() -> dict[str, torch.Tensor]:
+            with autocast(self.device, self.cfg.train.amp):
+                return self.step_module(images, raw=True)
+
+        outputs = forward()
+        targets = {n: batch[task.target_key].to(self.device, non_blocking=True) for n, task in self.tasks.items()}
+        context = self.objective.context(self.iteration + 1, forward, targets, images, [self.model])
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        values = self.objective.objective.step(outputs, targets, context, images)
         self.optimizer.step()
+        self.objective.objective.after_step(context)
         self.scheduler.step()
-        return torch.stack([loss.detach().float() for loss in task_losses.values()])
+        return values
 
     def _fetch_losses(self, window: LossWindow, board: Board, bar: tqdm) -> None:
         """The losses of the iterations since the last fetch, in one transfer (across ranks, one all-reduce
@@ -336,16 +348,20 @@ class Trainer:
         for iteration, values in rows:
             for name, value in values.items():
                 if not math.isfinite(value):
+                    what = f"the loss of task {name!r}" if name in self.tasks else f"the objective's {name!r}"
                     raise NonFiniteLossError(
-                        f"the loss of task {name!r} is {value} at iteration {iteration}; training stopped. "
+                        f"{what} is {value} at iteration {iteration}; training stopped. "
                         f"The last good checkpoint is kept at {self.paths.last}"
                         + ("" if self.paths.last.exists() else " (none was written yet)")
                     )
         means = {name: sum(v[name] for _, v in rows) / len(rows) for name in window.names}
-        means["total"] = sum(self.weights[name] * value for name, value in means.items())
-        board.scalars("loss", means, self.iteration)
+        losses = {name: means.pop(name) for name in self.tasks}
+        # the total as the weighting saw it: each task's loss times its (mean) weight over the window
+        losses["total"] = sum(means[f"weights/{name}"] * value for name, value in losses.items())
+        board.scalars("loss", losses, self.iteration)
+        board.scalars("", means, self.iteration)  # consistency/<term> and weights/<task>
         board.scalars("", {"lr": self.optimizer.param_groups[0]["lr"]}, self.iteration)
-        bar.set_postfix(loss=f"{means['total']:.4f}")
+        bar.set_postfix(loss=f"{losses['total']:.4f}")
 
     def _validate(self, board: Board) -> None:
         # Every rank evaluates rank 0's model (its BatchNorm statistics) on its shard; the metrics are merged.

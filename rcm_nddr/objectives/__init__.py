@@ -8,6 +8,21 @@ loss-ratio weights (DWA), gradient surgery (PCGrad) or an O(1) balancing method 
 built by name from the ``WEIGHTINGS`` registry (plug-ins add their own with
 ``@WEIGHTINGS.register("name")``)."""
 
+from rcm_nddr.objectives import fixed, uncertainty  # noqa: F401 - register the built-in weightings
+from rcm_nddr.objectives.consistency import ConsistencyTerm
+from rcm_nddr.objectives.objective import GroupObjective
+from rcm_nddr.objectives.shared import shared_layers, shared_parameters, task_reach
+from rcm_nddr.objectives.transfer import TaskTransferNet
 from rcm_nddr.objectives.weighting import WEIGHTINGS, StepContext, Weighting
 
-__all__ = ["WEIGHTINGS", "StepContext", "Weighting"]
+__all__ = [
+    "WEIGHTINGS",
+    "ConsistencyTerm",
+    "GroupObjective",
+    "StepContext",
+    "TaskTransferNet",
+    "Weighting",
+    "shared_layers",
+    "shared_parameters",
+    "task_reach",
+]

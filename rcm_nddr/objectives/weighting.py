@@ -10,12 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rcm_nddr.registry import Registry
+from rcm_nddr.registry import WEIGHTINGS
 from rcm_nddr.task import Task
 
-#: loss weightings by name (``loss.weighting.type``); plug-ins register under the entry-point group
-#: ``rcm_nddr.weightings`` or in a module named under ``plugins:``
-WEIGHTINGS: Registry = Registry("loss weighting", "rcm_nddr.weightings")
+__all__ = ["WEIGHTINGS", "StepContext", "Weighting", "mean_over_ranks"]
 
 
 @dataclass
