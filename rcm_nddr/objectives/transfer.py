@@ -36,12 +36,9 @@ class TaskTransferNet(nn.Module):
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"TaskTransferNet needs positive channel counts, got {in_channels} -> {out_channels}")
         w1, w2, w3 = (2 * w if wider else w for w in WIDTHS)
-        self.encoder = nn.ModuleList(
-            [_double_conv(in_channels, w1, batch_norm), _double_conv(w1, w2, batch_norm), _double_conv(w2, w3, batch_norm)]
-        )
-        self.decoder = nn.ModuleList(
-            [_double_conv(w3, w2, batch_norm), _double_conv(w2, w1, batch_norm), _double_conv(w1, w1, batch_norm)]
-        )
+        levels = ((in_channels, w1), (w1, w2), (w2, w3))
+        self.encoder = nn.ModuleList(_double_conv(a, b, batch_norm) for a, b in levels)
+        self.decoder = nn.ModuleList(_double_conv(a, b, batch_norm) for a, b in ((w3, w2), (w2, w1), (w1, w1)))
         self.out = nn.Conv2d(w1, out_channels, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
