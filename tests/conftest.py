@@ -141,6 +141,7 @@ INTEGRATION_MODULES = {
     "test_fast",
     "test_incremental",
     "test_nddr",
+    "test_objectives_training",
     "test_plugin_task",
     "test_predict",
     "test_pretrain",

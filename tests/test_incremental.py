@@ -60,8 +60,16 @@ def test_older_tasks_stay_bit_identical_as_groups_that_read_them_are_added(tmp_p
     assert "tasks/semseg.probe.safetensors" in files_a
     assert ModelStore(store).verify() == []
 
-    b = train(store, synth, bank, "[depth]", *nddr)  # B reads A
+    # B reads A, and learns from A's predictions through two consistency terms: a transfer net from B's
+    # depth to A's semseg prediction, and one from A's semseg output to B's depth (its label and prediction)
+    consistency = (
+        "loss.consistency=[{source: depth, target: semseg, loss: cross, weight: 0.1},"
+        " {source: semseg, target: depth, loss: l1, weight: 0.1, supervise: both, detach_target: false}]"
+    )
+    b = train(store, synth, bank, "[depth]", *nddr, consistency)
     assert b.plan.frozen == ["semseg"] and b.plan.sources == {"depth": ["semseg"]}
+    terms = b.objective.objective.terms
+    assert [(t.name, t.attach) for t in terms] == [("depth_to_semseg", "depth"), ("semseg_to_depth", "depth")]
     assert torch.equal(predictions(store, "semseg")["semseg"], a_before)
     files_b = file_hashes(store)
     assert {k: files_b[k] for k in files_a} == files_a

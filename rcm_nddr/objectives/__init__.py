@@ -8,7 +8,7 @@ loss-ratio weights (DWA), gradient surgery (PCGrad) or an O(1) balancing method 
 built by name from the ``WEIGHTINGS`` registry (plug-ins add their own with
 ``@WEIGHTINGS.register("name")``)."""
 
-from rcm_nddr.objectives import fixed, uncertainty  # noqa: F401 - register the built-in weightings
+from rcm_nddr.objectives import dwa, famo, fixed, gradnorm, pcgrad, uncertainty  # noqa: F401 - register the built-ins
 from rcm_nddr.objectives.consistency import ConsistencyTerm
 from rcm_nddr.objectives.objective import GroupObjective
 from rcm_nddr.objectives.shared import shared_layers, shared_parameters, task_reach
