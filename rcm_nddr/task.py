@@ -1,5 +1,7 @@
 """The contract of a task type plug-in: target key, output channels, loss, metric, post-processing,
-visualization. The core talks to tasks only through this interface and never names a task type."""
+visualization, and what the multi-task objectives need to know about it (the form of its loss for uncertainty
+weighting, the losses a cross-task transfer net into it may use). The core talks to tasks only through this
+interface and never names a task type."""
 
 from __future__ import annotations
 
@@ -87,6 +89,13 @@ class Task(ABC):
     #: ``.npy`` (float32, H x W for one channel, H x W x C otherwise) or ``.png`` (uint8 map of
     #: 0-based class indices, for predictions that are H x W integer class maps)
     prediction_suffix: ClassVar[str] = ".npy"
+    #: which form of Kendall et al.'s uncertainty weighting fits the task's loss: ``"classification"`` for a
+    #: cross-entropy (a softmax or sigmoid likelihood: the loss is scaled by 1 / sigma^2) or ``"regression"``
+    #: for an L1/L2-type loss (a Gaussian or Laplace likelihood: scaled by 1 / (2 sigma^2))
+    loss_kind: ClassVar[str] = "regression"
+    #: the cross-task consistency losses (``loss.consistency[*].loss``) the task accepts as the target of a
+    #: transfer net, each handled by ``transfer_loss``; empty: no transfer net may map into this task type
+    transfer_losses: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, info: DatasetInfo) -> None:
         self.name = name
@@ -100,6 +109,16 @@ class Task(ABC):
     @abstractmethod
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Scalar loss of a raw head output (at target resolution), invalid pixels masked out."""
+
+    def transfer_loss(self, kind: str, transferred: Tensor, reference: Tensor) -> Tensor:
+        """Scalar loss ``kind`` (one of ``transfer_losses``) of a transfer net's raw output ``transferred``
+        (B x out_channels x H x W, at the reference's resolution) against ``reference`` in this task's target
+        format: a label from the batch, or this task's own (detached) prediction as returned by
+        ``postprocess``. Invalid pixels of the reference are masked out."""
+        raise NotImplementedError(
+            f"task type {type(self).__name__} (task {self.name!r}) has no transfer loss {kind!r}"
+            + (f" (it accepts: {', '.join(self.transfer_losses)})" if self.transfer_losses else "")
+        )
 
     @abstractmethod
     def postprocess(self, output: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
-"""Shared machinery of the binary-map tasks (edge, sal): target checks, masked BCE on logits, pixel
-counts at many thresholds at once, the all-zero predictor and a greyscale visualization."""
+"""Shared machinery of the binary-map tasks (edge, sal): target checks, masked BCE on logits, the BCE transfer
+loss of consistency terms, pixel counts at many thresholds at once, the all-zero predictor and a greyscale
+visualization."""
 
 from __future__ import annotations
 
@@ -79,9 +80,39 @@ class ZeroMapPredictor(TrivialPredictor):
         return torch.zeros(target.shape, dtype=torch.float32, device=target.device)
 
 
+def binarize_reference(reference: Tensor, what: str) -> Tensor:
+    """A label ({0, 1}, 255 = ignore) or a predicted probability map ([0, 1]) -> a label: probabilities of
+    at least 0.5 become 1, lower ones 0, and 255 stays ignore."""
+    check_values(
+        (reference != IGNORE_VALUE) & ~((reference >= 0) & (reference <= 1)),
+        lambda bad: f"{what}: reference value {float(reference[bad][0])} is neither in [0, 1] nor {IGNORE_VALUE}",
+        f"{what}: a reference value is neither in [0, 1] nor {IGNORE_VALUE} (ignore)",
+    )
+    positive = (reference >= 0.5).to(reference.dtype)
+    return torch.where(reference == IGNORE_VALUE, reference, positive)
+
+
 class BinaryMapTask(Task):
     """A per-pixel binary task: one logit channel, sigmoid post-processing, target 1 x H x W in {0, 1}
-    with 255 = ignore. Subclasses give the loss and the metric."""
+    with 255 = ignore. Subclasses give the loss and the metric.
+
+    Transfer loss (a consistency term's transfer net into the task): ``"bce"``, the task's own loss of the
+    transferred logits against the reference, a label or this task's own probability prediction thresholded
+    at 0.5 (``binarize_reference``); ignored pixels (255) stay ignored.
+    """
+
+    loss_kind = "classification"
+    transfer_losses = ("bce",)
+
+    def transfer_loss(self, kind: str, transferred: Tensor, reference: Tensor) -> Tensor:
+        """``"bce"``: ``loss`` of the transferred logits against the binarized reference."""
+        if kind not in self.transfer_losses:
+            return super().transfer_loss(kind, transferred, reference)
+        what = f"{self.name} transfer loss {kind!r}"
+        check_map(reference, 1, f"{what} reference")
+        if not reference.dtype.is_floating_point:
+            reference = reference.float()
+        return self.loss(transferred, binarize_reference(reference, what))
 
     @property
     def out_channels(self) -> int:

@@ -1,4 +1,5 @@
-"""Monocular depth: masked L1 loss, set-level RMSE and the usual relative/threshold metrics."""
+"""Monocular depth: masked L1 (or MSE, log-L1, smooth L1) loss, the L1 and SSIM transfer losses of consistency
+terms, set-level RMSE, MAE, SSIM and the usual relative/threshold metrics."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import torch
 from rcm_nddr.tasks.common import check_map, check_same_shape, check_same_spatial, check_single, to_accumulator
 from torch import Tensor
 
+from rcm_nddr.objectives.losses import masked_l1, masked_logl1, masked_mse, masked_smoothl1, masked_ssim_loss, ssim_map
 from rcm_nddr.registry import TASKS
-from rcm_nddr.task import Metric, Task, TrivialPredictor
+from rcm_nddr.task import DatasetInfo, Metric, Task, TrivialPredictor
 
 #: predictions are clamped to this depth (metres) before logarithms and ratios
 MIN_DEPTH = 1e-3
+#: the depth losses by ``loss.depth.type`` (each a mean over the valid pixels)
+DEPTH_LOSSES = {"l1": masked_l1, "mse": masked_mse, "logl1": masked_logl1, "smoothl1": masked_smoothl1}
 
 # viridis sampled at 0, 1/8, ..., 1: a perceptually uniform map that is readable in greyscale too
 _VIRIDIS_ANCHORS = torch.tensor(
@@ -65,9 +69,16 @@ def colorize_depth(depth: Tensor) -> Tensor:
 class DepthMetric(Metric):
     """Depth errors over all valid pixels of the set (pixels pooled, not a mean of per-image values).
 
-    ``rmse`` (primary, lower is better) = sqrt(sum (p - t)^2 / n); ``abs_rel`` = mean |p - t| / t;
-    ``log_rmse`` = RMSE of natural logs; ``delta1/2/3`` = percent of pixels with max(p/t, t/p) below
-    1.25, 1.25^2, 1.25^3. Predictions are clamped to ``MIN_DEPTH`` metres for the log and ratio terms.
+    ``rmse`` (primary, lower is better) = sqrt(sum (p - t)^2 / n); ``abs`` = sum |p - t| / n (metres);
+    ``abs_rel`` = mean |p - t| / t; ``log_rmse`` = RMSE of natural logs; ``delta1/2/3`` = percent of pixels
+    with max(p/t, t/p) below 1.25, 1.25^2, 1.25^3. Predictions are clamped to ``MIN_DEPTH`` metres for the
+    log and ratio terms.
+
+    ``ssim`` is the mean SSIM over the valid 3 x 3 windows of the set (windows pooled like pixels): the
+    windows, constants and masking of ``ssim_map`` (the SSIM transfer loss's), on the prediction clamped at 0
+    and the target, both set to 0 at invalid pixels; a window is valid when its centre pixel is. It is left
+    out of the results when no valid window was seen (maps smaller than 3 x 3, or valid pixels only on the
+    border).
     """
 
     primary = "rmse"
@@ -78,8 +89,9 @@ class DepthMetric(Metric):
         self.reset()
 
     def reset(self) -> None:
-        # n, sum sq err, sum abs rel, sum sq log err, count delta1, delta2, delta3
-        self.sums = torch.zeros(7, dtype=torch.float64)
+        # n, sum sq err, sum abs rel, sum sq log err, count delta1, delta2, delta3, sum abs err,
+        # sum of window SSIM, valid windows
+        self.sums = torch.zeros(10, dtype=torch.float64)
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
         check_same_shape(prediction, target, "depth metric")
@@ -88,6 +100,8 @@ class DepthMetric(Metric):
         predicted = prediction[valid].double()
         clamped = predicted.clamp_min(MIN_DEPTH)
         ratio = torch.maximum(clamped / truth, truth / clamped)
+        ssim, windows = ssim_map(prediction.double().clamp_min(0), target.double(), valid)
+        windows = windows.expand_as(ssim)
         batch = torch.stack(
             [
                 torch.tensor(float(truth.numel()), dtype=torch.float64, device=truth.device),
@@ -97,22 +111,29 @@ class DepthMetric(Metric):
                 (ratio < 1.25).sum().double(),
                 (ratio < 1.25**2).sum().double(),
                 (ratio < 1.25**3).sum().double(),
+                (predicted - truth).abs().sum(),
+                torch.where(windows, ssim, 0).sum(),
+                windows.sum().double(),
             ]
         )
         self.sums += to_accumulator(batch)
 
     def compute(self) -> dict[str, float]:
-        n, sq, rel, sq_log, d1, d2, d3 = self.sums.tolist()
+        n, sq, rel, sq_log, d1, d2, d3, absolute, ssim, windows = self.sums.tolist()
         if n == 0:
             raise RuntimeError("depth metric: no valid pixels accumulated")
-        return {
+        result = {
             "rmse": (sq / n) ** 0.5,
+            "abs": absolute / n,
             "abs_rel": rel / n,
             "log_rmse": (sq_log / n) ** 0.5,
             "delta1": 100 * d1 / n,
             "delta2": 100 * d2 / n,
             "delta3": 100 * d3 / n,
         }
+        if windows > 0:
+            result["ssim"] = ssim / windows
+        return result
 
 
 class MeanDepthPredictor(TrivialPredictor):
@@ -135,24 +156,49 @@ class MeanDepthPredictor(TrivialPredictor):
 
 @TASKS.register("depth")
 class DepthTask(Task):
-    """Depth in metres; target float 1 x H x W with 0 = invalid. Prediction: the raw output, >= 0."""
+    """Depth in metres; target float 1 x H x W with 0 = invalid. Prediction: the raw output, >= 0.
+
+    Option ``type`` (``loss.depth.type``): the loss over the valid pixels, ``"l1"`` (default, the mean
+    absolute error), ``"mse"``, ``"logl1"`` (mean of log(1 + |p - t|)) or ``"smoothl1"`` (Huber, beta 1).
+
+    Transfer losses (a consistency term's transfer net into depth; the reference is a depth map, the label
+    or this task's own prediction, valid where it is positive and finite): ``"l1"``, the mean absolute error,
+    and ``"ssim"``, the structural dissimilarity ``masked_ssim_loss``.
+    """
 
     target_key = "depth"
     default_loss_weight = 1.0
+    loss_kind = "regression"
+    transfer_losses = ("l1", "ssim")
+
+    # the option is named after its config key, loss.depth.type (the builtin is not needed here)
+    def __init__(self, name: str, info: DatasetInfo, *, type: str = "l1") -> None:
+        super().__init__(name, info)
+        if type not in DEPTH_LOSSES:
+            raise ValueError(f"task {name!r}: type must be one of {', '.join(map(repr, DEPTH_LOSSES))}, got {type!r}")
+        self.loss_type = type
 
     @property
     def out_channels(self) -> int:
         return 1
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Mean absolute error over valid pixels (0 when there is none)."""
+        """The ``type`` loss (default: mean absolute error) over valid pixels (0 when there is none)."""
         check_map(output, 1, f"{self.name} loss output")
         check_map(target, 1, f"{self.name} loss target")
         check_same_spatial(output, target, f"{self.name} loss")
-        valid = valid_depth(target)
-        # masked, not indexed: no data-dependent shapes, so the step never waits for the device
-        error = torch.where(valid, (output.float() - torch.where(valid, target, 0)).abs(), 0)
-        return error.sum() / valid.sum().clamp_min(1)
+        return DEPTH_LOSSES[self.loss_type](output, target, valid_depth(target))
+
+    def transfer_loss(self, kind: str, transferred: Tensor, reference: Tensor) -> Tensor:
+        """``"l1"`` or ``"ssim"`` of the transferred depth against a reference depth map (0 = invalid)."""
+        if kind not in self.transfer_losses:
+            return super().transfer_loss(kind, transferred, reference)
+        what = f"{self.name} transfer loss {kind!r}"
+        check_map(transferred, 1, f"{what} transferred output")
+        check_map(reference, 1, f"{what} reference")
+        check_same_spatial(transferred, reference, what)
+        loss = masked_l1 if kind == "l1" else masked_ssim_loss
+        return loss(transferred, reference, valid_depth(reference))
 
     def postprocess(self, output: Tensor) -> Tensor:
         check_map(output, 1, f"{self.name} postprocess")

@@ -1,4 +1,5 @@
-"""Surface normals: L1 on the L2-normalized output, angular error metrics in degrees."""
+"""Surface normals: L1 on the L2-normalized output (also the L1 transfer loss of consistency terms), angular
+error metrics in degrees."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from rcm_nddr.tasks.common import check_map, check_same_spatial, check_single, to_accumulator
 from torch import Tensor
 
+from rcm_nddr.objectives.losses import masked_l1
 from rcm_nddr.registry import TASKS
 from rcm_nddr.task import Metric, Task, TrivialPredictor
 
@@ -116,10 +118,17 @@ class MeanNormalPredictor(TrivialPredictor):
 
 @TASKS.register("normals")
 class NormalsTask(Task):
-    """Unit normals, target float 3 x H x W with the zero vector = invalid. Prediction: L2-normalized."""
+    """Unit normals, target float 3 x H x W with the zero vector = invalid. Prediction: L2-normalized.
+
+    Transfer loss (a consistency term's transfer net into normals): ``"l1"``, the L1 between the
+    L2-normalized transferred output and the reference unit vectors (the label or this task's own
+    prediction), averaged over the components of the pixels where the reference is not the zero vector.
+    """
 
     target_key = "normals"
     default_loss_weight = 10.0
+    loss_kind = "regression"
+    transfer_losses = ("l1",)
 
     @property
     def out_channels(self) -> int:
@@ -134,6 +143,17 @@ class NormalsTask(Task):
         # masked, not indexed: no data-dependent shapes, so the step never waits for the device
         error = (unit_normals(output.float()) - torch.where(valid, target, 0)).abs()
         return torch.where(valid, error, 0).sum() / (3 * valid.sum()).clamp_min(1)
+
+    def transfer_loss(self, kind: str, transferred: Tensor, reference: Tensor) -> Tensor:
+        """``"l1"`` of the normalized transferred output against reference unit normals (0-vector = invalid)."""
+        if kind not in self.transfer_losses:
+            return super().transfer_loss(kind, transferred, reference)
+        what = f"{self.name} transfer loss {kind!r}"
+        check_map(transferred, 3, f"{what} transferred output")
+        check_map(reference, 3, f"{what} reference")
+        check_same_spatial(transferred, reference, what)
+        valid = valid_normals(reference).unsqueeze(1)
+        return masked_l1(unit_normals(transferred.float()), reference, valid)
 
     def postprocess(self, output: Tensor) -> Tensor:
         check_map(output, 3, f"{self.name} postprocess")

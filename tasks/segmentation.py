@@ -1,5 +1,6 @@
-"""Shared machinery of the class-map tasks (semseg, parts, human_parts): masked cross-entropy, the
-dataset-level confusion-matrix mIoU, the majority-class predictor and a fixed class palette."""
+"""Shared machinery of the class-map tasks (semseg, parts, human_parts): masked (optionally label-smoothed)
+cross-entropy, the transfer losses of consistency terms into a class map, the dataset-level confusion-matrix
+mIoU, the majority-class predictor and a fixed class palette."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rcm_nddr.tasks.common import (
 )
 from torch import Tensor
 
+from rcm_nddr.objectives.losses import smoothed_cross_entropy, smoothed_kl
 from rcm_nddr.task import DatasetInfo, Metric, Task, TrivialPredictor
 
 IGNORE_INDEX = 255
@@ -155,14 +157,33 @@ class SegmentationTask(Task):
     """A per-pixel classification task; subclasses set ``target_key`` and ``default_loss_weight``.
 
     The number of output channels is the number of classes the dataset declares for ``target_key``.
+
+    Option ``label_smoothing`` (``loss.<name>.label_smoothing``, in [0, 1), default 0): the loss is the
+    cross-entropy against a smoothed one-hot target, ``1 - label_smoothing`` on the true class and
+    ``label_smoothing / (C - 1)`` on each other class (``smoothed_cross_entropy``); at 0 it is the plain
+    masked cross-entropy.
+
+    Transfer losses (a consistency term's transfer net into this task; the reference is an int64 class map,
+    255 = ignore, either the label or this task's own argmax prediction): ``"cross"``, the smoothed
+    cross-entropy of the transferred logits, and ``"kl"``, ``KL(smoothed one-hot of the reference ||
+    softmax(transferred))`` (``smoothed_kl``), both with the task's ``label_smoothing``.
     """
 
     target_key: ClassVar[str]
     prediction_suffix = ".png"
+    loss_kind = "classification"
+    transfer_losses = ("cross", "kl")
 
-    def __init__(self, name: str, info: DatasetInfo) -> None:
+    def __init__(self, name: str, info: DatasetInfo, *, label_smoothing: float = 0.0) -> None:
         super().__init__(name, info)
         self.class_names = class_names_for(info, self.target_key, name)
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
+            raise ValueError(f"task {name!r}: label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"task {name!r}: label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if label_smoothing > 0 and len(self.class_names) < 2:
+            raise ValueError(f"task {name!r}: label_smoothing needs at least 2 classes, the dataset declares 1")
+        self.label_smoothing = float(label_smoothing)
 
     @property
     def out_channels(self) -> int:
@@ -173,7 +194,21 @@ class SegmentationTask(Task):
         check_map(target, None, f"{self.name} loss target")
         check_same_spatial(output, target, f"{self.name} loss")
         check_labels(target, self.out_channels, f"{self.name} loss target")
-        return masked_cross_entropy(output, target)
+        if self.label_smoothing == 0:
+            return masked_cross_entropy(output, target)
+        return smoothed_cross_entropy(output, target, self.label_smoothing, IGNORE_INDEX)
+
+    def transfer_loss(self, kind: str, transferred: Tensor, reference: Tensor) -> Tensor:
+        """``"cross"`` or ``"kl"`` of the transferred logits against an int64 class map (255 = ignore)."""
+        if kind not in self.transfer_losses:
+            return super().transfer_loss(kind, transferred, reference)
+        what = f"{self.name} transfer loss {kind!r}"
+        check_map(transferred, self.out_channels, f"{what} transferred output")
+        check_map(reference, None, f"{what} reference")
+        check_same_spatial(transferred, reference, what)
+        check_labels(reference, self.out_channels, f"{what} reference")
+        loss = smoothed_cross_entropy if kind == "cross" else smoothed_kl
+        return loss(transferred, reference.long(), self.label_smoothing, IGNORE_INDEX)
 
     def postprocess(self, output: Tensor) -> Tensor:
         check_map(output, self.out_channels, f"{self.name} postprocess")
