@@ -101,3 +101,62 @@ def test_gradient_surgery_is_refused_under_torchrun(tmp_path, synth):
     cfg = load_config(None, group(tmp_path, synth, "loss.weighting={type: pcgrad}"))
     with pytest.raises(ConfigError, match="key 'loss.weighting.type': pcgrad cannot train under torchrun"):
         build_objective(cfg, s.tasks, s.weights, s.model, None, s.device, 3, distributed=True)
+
+
+def test_a_second_consistency_recipe_trains_and_resumes_exactly(tmp_path, synth):
+    """SSIM and KL transfer losses, label supervision, an undetached target, the transfer net's options."""
+    xtask = (
+        "loss.consistency=[{source: semseg, target: depth, loss: ssim, weight: 0.5, supervise: label,"
+        " batch_norm: true}, {source: depth, target: semseg, loss: kl, weight: 0.2, detach_target: false}]"
+    )
+    extra = ("loss.weighting={type: dwa, period: 1}", xtask, "loss.semseg.label_smoothing=0.1", "loss.depth.type=logl1")
+    straight = Trainer(load_config(None, group(tmp_path / "a", synth, *extra)), progress=False)
+    straight.fit()
+    cfg = load_config(None, group(tmp_path / "b", synth, *extra))
+    Trainer(cfg, progress=False).fit(stop_after=3)
+    resumed = Trainer(cfg, resume=True, progress=False)
+    resumed.fit()
+    a, b = straight.objective.objective.state_dict(), resumed.objective.objective.state_dict()
+    assert any("running_mean" in k for k in a)  # the transfer net's BatchNorm is part of the state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
+
+
+def test_gradnorm_trains_with_train_compile(tmp_path, synth, aot_eager_compile):
+    cfg = load_config(None, group(tmp_path, synth, "loss.weighting={type: gradnorm}", "train.compile=true"))
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit(stop_after=2)
+    assert aot_eager_compile == ["default", "default"]  # the step's and the validation's module
+    weights = trainer.objective.objective.weighting.current()
+    assert weights.sum().item() == pytest.approx(2.0) and not torch.equal(weights, torch.ones(2))
+
+
+SHIPPED = sorted(
+    p
+    for folder in ("synthetic/objectives", "Cityscapes", "NYUv2_MTAN")
+    for p in (Path(__file__).resolve().parents[1] / "configs" / folder).glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_objective_config_builds_its_objective(tmp_path, synth, config):
+    """Each shipped objective config builds its run (weighting options, consistency losses, task options),
+    on SYNTH_MT in place of its dataset."""
+    shrink = [
+        f"store={tmp_path / 'store'}",
+        "dataset.name=synthetic",
+        f"dataset.root={synth}",
+        "dataset.options={}",
+        "dataset.crop=[32, 32]",
+        "backbone.weights=none",
+        "backbone.arch=resnet18",
+        f"backbone.decomposition={tmp_path / 'ri.safetensors'}",
+        "head.channels=8",
+        "train.batch_size=2",
+        "train.num_workers=0",
+        "train.device=cpu",
+    ]
+    cfg = load_config(config, shrink)
+    objective = Trainer(cfg, progress=False).objective.objective
+    assert objective.weighting.names == cfg.tasks
+    assert [t.name for t in objective.terms] == [f"{c.source}_to_{c.target}" for c in cfg.consistency]
