@@ -154,6 +154,9 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
         "train.max_iters=6",
         "train.val_every=3",
         "test.batch_size=2",
+        # a learned weighting and a transfer net: parameters outside DistributedDataParallel
+        "loss.weighting={type: uncertainty}",
+        "loss.consistency=[{source: semseg, target: depth, loss: l1, weight: 0.1}]",
     )
     done = _torchrun("train.py", "--config", str(config), "--quiet")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -362,3 +365,34 @@ def test_auto_resume_continues_a_run_when_it_has_a_checkpoint_and_starts_one_oth
     assert [r.name for r in ModelStore(tmp_path / "other").tasks] == ["sal"]
     with pytest.raises(SystemExit):  # one or the other
         cli.train_main(["--config", str(fresh), "--resume", "--auto-resume"])
+
+
+OBJECTIVE_RANKS = """
+import torch, torch.distributed as dist
+from rcm_nddr.objectives import WEIGHTINGS, GroupObjective, StepContext
+
+class Task:
+    loss_kind = "regression"
+    def loss(self, output, target):
+        return output.mean()
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+weighting = WEIGHTINGS.get("uncertainty")({"a": Task(), "b": Task()}, {"a": 1.0, "b": 1.0})
+objective = GroupObjective({"a": Task(), "b": Task()}, weighting)
+outputs = {"a": torch.full((1, 1, 2, 2), 1.0 + rank), "b": torch.full((1, 1, 2, 2), 3.0 * (rank + 1))}
+objective.step(outputs, {"a": None, "b": None}, StepContext())
+grads = [torch.zeros(2), torch.zeros(2)]
+dist.all_gather(grads, weighting.log_vars.grad)
+# d/ds (0.5 e^-s L + s / 2) at s = 0: 0.5 - 0.5 L, averaged over the ranks' losses (1, 2) and (3, 6)
+expected = torch.tensor([0.5 - 0.5 * 1.5, 0.5 - 0.5 * 4.5])
+assert torch.allclose(grads[0], expected) and torch.equal(grads[0], grads[1]), grads
+dist.destroy_process_group()
+"""
+
+
+def test_the_objective_parameters_gradients_are_averaged_over_the_processes(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(OBJECTIVE_RANKS)
+    done = _torchrun(str(script))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from rcm_nddr.objectives.consistency import ConsistencyTerm
 from rcm_nddr.objectives.weighting import StepContext, Weighting
 from rcm_nddr.task import Task
+
+
+def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """In a distributed run, replace the gradients of ``parameters`` by their mean over the processes (one
+    all-reduce). The objective's parameters live outside DistributedDataParallel, which averages only the
+    network's: without this, each process's weights and transfer nets would drift apart."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class GroupObjective(nn.Module):
@@ -89,6 +108,7 @@ class GroupObjective(nn.Module):
         """Fill the gradients of one step; returns the detached values of ``log_names`` (on the device)."""
         losses, parts = self.losses(outputs, targets, images)
         self.weighting.backward(losses, context)
+        average_gradients(self.parameters())
         self._last = losses.detach()
         weights = self.weighting.current().to(losses.device)
         return torch.cat([self._last.float(), parts.float(), weights.float()])
