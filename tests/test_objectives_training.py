@@ -33,12 +33,12 @@ def group(store: Path, data: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("method", [*METHODS, "uncertainty+xtask"])
 def test_every_objective_trains_and_resumes_exactly(tmp_path, synth, method):
     kind, _, xtask = method.partition("+")
-    extra = [f"loss.weighting={{type: {kind}, period: 2}}" if kind == "dwa" else f"loss.weighting={{type: {kind}}}"]
+    extra = [f"loss.weighting={{type: {kind}, period: 1}}" if kind == "dwa" else f"loss.weighting={{type: {kind}}}"]
     extra += [XTASK] if xtask else []
     straight = Trainer(load_config(None, group(tmp_path / "a", synth, *extra)), progress=False)
     straight.fit()
     cfg = load_config(None, group(tmp_path / "b", synth, *extra))
-    Trainer(cfg, progress=False).fit(stop_after=2)
+    Trainer(cfg, progress=False).fit(stop_after=1)
     resumed = Trainer(cfg, resume=True, progress=False)
     resumed.fit()
     for a, b in (
@@ -113,7 +113,7 @@ def test_a_second_consistency_recipe_trains_and_resumes_exactly(tmp_path, synth)
     straight = Trainer(load_config(None, group(tmp_path / "a", synth, *extra)), progress=False)
     straight.fit()
     cfg = load_config(None, group(tmp_path / "b", synth, *extra))
-    Trainer(cfg, progress=False).fit(stop_after=3)
+    Trainer(cfg, progress=False).fit(stop_after=1)
     resumed = Trainer(cfg, resume=True, progress=False)
     resumed.fit()
     a, b = straight.objective.objective.state_dict(), resumed.objective.objective.state_dict()
