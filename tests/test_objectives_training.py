@@ -17,6 +17,13 @@ from rcm_nddr.engine.trainer import Trainer
 
 PLUGIN = Path(__file__).parent / "plugins" / "toy_tasks.py"
 METHODS = ["fixed", "uncertainty", "gradnorm", "dwa", "pcgrad", "famo"]
+#: task loss options trained along with the weightings (each weighting's run covers one)
+TASK_OPTIONS = {
+    "uncertainty": ["loss.depth.type=mse"],
+    "gradnorm": ["loss.depth.type=smoothl1"],
+    "famo": ["loss.depth.type=logl1"],
+    "pcgrad": ["loss.semseg.label_smoothing=0.1"],
+}
 XTASK = (
     "loss.consistency=[{source: semseg, target: depth, loss: l1, weight: 0.1, mix: convex},"
     " {source: depth, target: semseg, loss: cross, weight: 0.1, mix: convex, supervise: both}]"
@@ -35,6 +42,7 @@ def test_every_objective_trains_and_resumes_exactly(tmp_path, synth, method):
     kind, _, xtask = method.partition("+")
     extra = [f"loss.weighting={{type: {kind}, period: 1}}" if kind == "dwa" else f"loss.weighting={{type: {kind}}}"]
     extra += [XTASK] if xtask else []
+    extra += TASK_OPTIONS.get(kind, [])
     straight = Trainer(load_config(None, group(tmp_path / "a", synth, *extra)), progress=False)
     straight.fit()
     cfg = load_config(None, group(tmp_path / "b", synth, *extra))
@@ -93,6 +101,15 @@ def test_a_bad_objective_config_is_one_error_naming_the_key_and_writes_nothing(t
     with pytest.raises(ConfigError, match=message):
         Trainer(cfg, progress=False)
     assert not store.exists()
+
+
+def test_a_plugin_weighting_is_built_by_name(tmp_path, synth):
+    weighting = "loss.weighting={type: first_only, scale: 3}"
+    cfg = load_config(None, group(tmp_path, synth, f"plugins=[{PLUGIN}]", weighting))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.objective.objective.weighting.current().tolist() == [3.0, 0.0]
+    trainer.fit(stop_after=1)
+    assert all(p.grad is None or not p.grad.any() for n, p in trainer.model.named_parameters() if "heads.depth." in n)
 
 
 def test_gradient_surgery_is_refused_under_torchrun(tmp_path, synth):

@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from rcm_nddr.registry import TASKS
+from rcm_nddr.objectives import Weighting
+from rcm_nddr.registry import TASKS, WEIGHTINGS
 from rcm_nddr.task import Metric, Task, TrivialPredictor
 
 
@@ -78,3 +79,17 @@ class NanAfterFour(InverseDepth):
         self.calls += 1
         loss = super().loss(output, target)
         return loss * float("nan") if self.calls >= 5 else loss
+
+
+@WEIGHTINGS.register("first_only")
+class FirstOnly(Weighting):
+    """A plug-in loss weighting: the first task's loss alone, times ``scale``."""
+
+    def __init__(self, tasks, weights, scale: float = 1.0):
+        super().__init__(tasks, weights)
+        self.scale = float(scale)
+
+    def current(self):
+        weights = torch.zeros(len(self.names))
+        weights[0] = self.scale
+        return weights
