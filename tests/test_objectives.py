@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rcm_nddr.config import load_config
+from rcm_nddr.engine.objective import BuiltObjective
 from rcm_nddr.objectives import WEIGHTINGS, GroupObjective, StepContext, TaskTransferNet, shared_layers, task_reach
 from rcm_nddr.objectives.shared import shared_parameters
 
@@ -160,3 +161,18 @@ def test_objective_config_keys_are_checked_when_loaded():
     ]
     with pytest.raises(Exception, match="convex weights of the terms into 'depth' sum to 1.1"):
         load_config(None, ["tasks=[semseg, depth, normals]", *both])
+
+
+def test_recomputed_losses_leave_the_batchnorm_statistics_as_they_were():
+    model = Trunk().train()
+    tasks = {"a": Stub(), "b": Stub()}
+    famo = WEIGHTINGS.get("famo")(tasks, {"a": 1.0, "b": 1.0})
+    built = BuiltObjective(GroupObjective(tasks, famo), [], [])
+    images = torch.randn(2, 3, 8, 8)
+    context = built.context(1, lambda: model(images), {"a": None, "b": None}, images, [model])
+    before = [b.clone() for b in model.trunk[1].buffers()]
+    losses = context.recompute()
+    assert losses.shape == (2,) and not losses.requires_grad
+    assert all(torch.equal(b, a) for b, a in zip(model.trunk[1].buffers(), before, strict=True))
+    model(images)  # a plain training-mode pass does move them
+    assert not torch.equal(model.trunk[1].running_mean, before[0])

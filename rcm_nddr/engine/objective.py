@@ -118,10 +118,10 @@ def build_objective(
     if cfg.train.compile and cls.not_compiled:
         raise fail("loss.weighting.type", f"{spec['type']} cannot train with train.compile: {cls.not_compiled}")
     terms, stored = _consistency(cfg, tasks, store, device, fail)
-    built = BuiltObjective(GroupObjective(tasks, weighting, terms, stored), [], [])
+    built = BuiltObjective(GroupObjective(tasks, weighting, terms, stored).to(device), [], [])
     if cls.needs_shared or cls.needs_layer:
-        _find_shared(cfg, built, model, list(tasks), device, spec, fail)
-    return built.__class__(built.objective.to(device), built.shared, built.layer)
+        _find_shared(built, model, list(tasks), device, spec, fail)
+    return built
 
 
 def _parameters(cls: type) -> set[str]:
@@ -195,7 +195,7 @@ def _consistency(cfg: Config, tasks: dict[str, Task], store: ModelStore | None, 
     return terms, stored
 
 
-def _find_shared(cfg: Config, built: BuiltObjective, model: nn.Module, names: list[str], device, spec, fail) -> None:
+def _find_shared(built: BuiltObjective, model: nn.Module, names: list[str], device, spec, fail) -> None:
     """Fill ``built.shared`` (parameters more than one task reaches) and ``built.layer`` (GradNorm's layer:
     ``loss.weighting.layer`` or the last module every task reaches)."""
     kind = spec["type"]
