@@ -12,7 +12,8 @@ consistency terms of a group are those of its ``<group>_xtask.yaml``; the baseli
 shortened the same way (``--iters``, ``--crop``) and scored by its last validation (``metrics.json``).
 
 Writes ``<out>/study.md`` (mean +- std over seeds of each task's primary metric, Delta_MTL against the
-baselines of the same seed, wall time per iteration relative to ``fixed``), ``<out>/study.json`` (every
+baselines of the same seed, wall time per iteration relative to ``fixed``: medians over the seeds, of cells
+run from their start, two at a time on the machine), ``<out>/study.json`` (every
 metric's mean and std) and ``<out>/cells.csv`` (one row per cell). The data and the filter bank are made
 first when missing (``rcm-nddr data synth``, ``rcm-nddr pretrain``)."""
 
@@ -88,6 +89,8 @@ def run_cell(cell: dict, args: argparse.Namespace) -> dict:
         "train.num_workers=0",
         "test.checkpoint=last",
     ]
+    if cell.get("method") == "dwa":
+        overrides.append(f"loss.weighting.period={args.dwa_period}")
     if cell.get("terms"):
         overrides.append("loss.consistency=" + yaml.safe_dump(cell["terms"], default_flow_style=True).strip())
     command = [sys.executable, str(REPO / "train.py"), "--config", str(cell["config"]), "--auto-resume"]
@@ -95,6 +98,8 @@ def run_cell(cell: dict, args: argparse.Namespace) -> dict:
         command += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     store.mkdir(parents=True, exist_ok=True)
+    # a resumed cell's wall time covers part of its run only: it is left out of the time ratios
+    resumed = any(store.glob("checkpoints/*/last.pt"))
     start = time.monotonic()
     with open(store / "train.log", "w") as logfile:
         done = subprocess.run(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, cwd=REPO)
@@ -105,6 +110,7 @@ def run_cell(cell: dict, args: argparse.Namespace) -> dict:
     summary = json.loads((store / "runs" / group / "metrics.json").read_text())
     result = {k: (str(v) if isinstance(v, Path) else v) for k, v in cell.items() if k != "terms"}
     result.update(metrics=summary["metrics"], objective=summary.get("objective"), seconds=seconds, iters=args.iters)
+    result["resumed"] = resumed
     result_file.write_text(json.dumps(result, indent=2))
     log.info("%s: %.0f s", cell["id"], seconds)
     return result
@@ -130,7 +136,8 @@ def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
         tasks = group.split("+")
         runs = [r for r in results if r["kind"] == "group" and r["group"] == group]
         variants = sorted({(r["method"], r["xtask"]) for r in runs}, key=lambda v: (METHODS.index(v[0]), v[1]))
-        fixed_time = [r["seconds"] / r["iters"] for r in runs if r["method"] == "fixed" and not r["xtask"]]
+        timed = [r for r in runs if not r.get("resumed")]
+        fixed_time = [r["seconds"] / r["iters"] for r in timed if r["method"] == "fixed" and not r["xtask"]]
         header = " | ".join(f"{t} {prim[t][0]} ({'higher' if prim[t][1] else 'lower'} better)" for t in tasks)
         lines += [f"### {group}", "", f"| weighting | consistency | {header} | Delta_MTL (%) | time/iter vs fixed |"]
         lines.append("|" + "---|" * (len(tasks) + 4))
@@ -144,8 +151,11 @@ def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
                 delta_mtl(r["metrics"], {t: base[(t, r["seed"])] for t in tasks}, {t: prim[t] for t in tasks})
                 for r in mine
             ]
-            per_iter = [r["seconds"] / r["iters"] for r in mine]
-            ratio = statistics.fmean(per_iter) / statistics.fmean(fixed_time) if fixed_time else float("nan")
+            per_iter = [r["seconds"] / r["iters"] for r in mine if not r.get("resumed")]
+            # medians: a cell's wall time depends on what ran beside it
+            ratio = (
+                statistics.median(per_iter) / statistics.median(fixed_time) if per_iter and fixed_time else float("nan")
+            )
             metrics = {
                 t: {k: _mean_std([r["metrics"][t][k] for r in mine]) for k in mine[0]["metrics"][t]} for t in tasks
             }
@@ -214,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=64, help="training crop side (default: 64)")
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS, help="task groups")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="loss weightings")
+    parser.add_argument(
+        "--dwa-period", type=int, default=10, help="DWA's period in iterations (default: 10, six periods per run)"
+    )
     parser.add_argument("--no-consistency", dest="consistency", action="store_false", help="skip the xtask cells")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
