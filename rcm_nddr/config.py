@@ -369,6 +369,7 @@ def _check_loss(cfg: Config, where: Where, fail: typing.Callable[[str, str], Con
             continue
         if not isinstance(options, dict):
             raise fail(f"loss.{name}", f"expected a mapping, got {options!r}")
+        coerce(options, dict[str, Any], f"loss.{name}", where)  # every number finite
         if name == "weighting":
             kind = options.get("type", "fixed")
             if not isinstance(kind, str) or not kind:
