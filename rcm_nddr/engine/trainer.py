@@ -110,7 +110,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.progress = progress and self.is_main
         self.train_set, self.val_set, self.tasks, self.plan = s.train_set, s.val_set, s.tasks, s.plan
-        self.weights, self.primaries = s.weights, s.primaries
+        self.primaries = s.primaries
         self.model, self.optimizer, self.scheduler = s.model, s.optimizer, s.scheduler
         self.objective = s.objective  # the group objective (its weighting, consistency terms, shared layers)
         self.max_iters, self.parameter_counts = s.max_iters, s.parameter_counts
