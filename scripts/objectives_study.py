@@ -71,7 +71,9 @@ def cells(args: argparse.Namespace) -> list[dict]:
                     cell.update(id=f"{group}_{method}{'_xtask' if xtask else ''}_s{seed}", kind="group")
                     cell["terms"] = terms if xtask else []
                     out.append(cell)
-    return out
+    # the cells without consistency (the weightings' comparison) first, for every seed; the slower cells
+    # with transfer nets after them
+    return sorted(out, key=lambda c: bool(c.get("terms")))
 
 
 def run_cell(cell: dict, args: argparse.Namespace) -> dict:
