@@ -141,14 +141,18 @@ def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
         timed = [r for r in runs if not r.get("resumed")]
         fixed_time = [r["seconds"] / r["iters"] for r in timed if r["method"] == "fixed" and not r["xtask"]]
         header = " | ".join(f"{t} {prim[t][0]} ({'higher' if prim[t][1] else 'lower'} better)" for t in tasks)
-        lines += [f"### {group}", "", f"| weighting | consistency | {header} | Delta_MTL (%) | time/iter vs fixed |"]
-        lines.append("|" + "---|" * (len(tasks) + 4))
-        base_row = [_mean_std([base[(t, s)][prim[t][0]] for s in sorted({s for _, s in base})]) for t in tasks]
-        lines.append(
-            "| single-task (RC_RI_NFF) | - | " + " | ".join(f"{m:.4g} +- {s:.2g}" for m, s in base_row) + " | 0 | - |"
-        )
+        title = f"| weighting | consistency | n | {header} | Delta_MTL (%) | time/iter vs fixed |"
+        lines += [f"### {group}", "", title, "|" + "---|" * (len(tasks) + 5)]
+        seeds = sorted({s for (t, s) in base if t in tasks})
+        base_row = [_mean_std([base[(t, s)][prim[t][0]] for s in seeds]) for t in tasks]
+        cells_md = " | ".join(f"{m:.4g} +- {s:.2g}" for m, s in base_row)
+        lines.append(f"| single-task (RC_RI_NFF) | - | {len(seeds)} | {cells_md} | 0 | - |")
         for method, xtask in variants:
-            mine = sorted((r for r in runs if r["method"] == method and r["xtask"] == xtask), key=lambda r: r["seed"])
+            # a cell counts once the baselines of its seed are there (Delta_MTL is taken per seed)
+            mine = [r for r in runs if r["method"] == method and r["xtask"] == xtask]
+            mine = sorted((r for r in mine if all((t, r["seed"]) in base for t in tasks)), key=lambda r: r["seed"])
+            if not mine:
+                continue
             deltas = [
                 delta_mtl(r["metrics"], {t: base[(t, r["seed"])] for t in tasks}, {t: prim[t] for t in tasks})
                 for r in mine
@@ -164,7 +168,8 @@ def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
             d = _mean_std(deltas)
             cells_md = " | ".join(f"{metrics[t][prim[t][0]][0]:.4g} +- {metrics[t][prim[t][0]][1]:.2g}" for t in tasks)
             lines.append(
-                f"| {method} | {'yes' if xtask else 'no'} | {cells_md} | {d[0]:+.2f} +- {d[1]:.2f} | {ratio:.2f} |"
+                f"| {method} | {'yes' if xtask else 'no'} | {len(mine)} | {cells_md} | {d[0]:+.2f} +- {d[1]:.2f} | "
+                f"{ratio:.2f} |"
             )
             rows.append(
                 {
