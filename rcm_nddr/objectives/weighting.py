@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -29,7 +29,6 @@ class StepContext:
     layer: Sequence[nn.Parameter] = ()
     recompute: Callable[[], Tensor] | None = None
     iteration: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def mean_over_ranks(values: Tensor) -> Tensor:
