@@ -1,11 +1,11 @@
-"""Parameter accounting: what each task owns (modulators, BatchNorm, downsample, head, fusion, or a
-whole backbone) and what all tasks share (the filter bank)."""
+"""Parameter accounting: what each task owns (modulators or residual adapters, BatchNorm, downsample,
+head, fusion, or a whole backbone) and what all tasks share (the filter bank)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-CATEGORIES = ("modulators", "batchnorm", "downsample", "backbone", "fusion", "head")
+CATEGORIES = ("modulators", "adapters", "batchnorm", "downsample", "backbone", "fusion", "head")
 
 
 def _category(name: str, task: str) -> str | None:
@@ -21,6 +21,8 @@ def _category(name: str, task: str) -> str | None:
         return "backbone"
     if f".modulators.{task}." in dotted:
         return "modulators"
+    if f".adapters.{task}." in dotted:  # a residual adapter, its own BatchNorm included
+        return "adapters"
     if f".per_task.{task}." in dotted:
         return "downsample" if ".downsample." in dotted else "batchnorm"
     return None
@@ -32,7 +34,7 @@ def owned_by(name: str, task: str) -> bool:
 
 
 def task_state(model: nn.Module, task: str) -> dict[str, Tensor]:
-    """Every parameter and buffer of ``task`` (modulators, BatchNorm with its statistics, downsample,
+    """Every parameter and buffer of ``task`` (modulators or adapters, BatchNorm with its statistics, downsample,
     fusion, head, or a whole backbone path), by state-dict name."""
     return {k: v for k, v in model.state_dict().items() if owned_by(k, task)}
 
