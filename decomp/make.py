@@ -14,10 +14,10 @@ import torch
 from rcm_nddr.decomp.images import ImageFolder
 from rcm_nddr.decomp.statistics import accumulate_responses
 from rcm_nddr.decomp.storage import save_decomposition
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from rcm_nddr.nn.backbone import ResNetBackbone, resnet_backbone
+from rcm_nddr.nn.backbone import plain_backbone
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def decompose_folder(
     out: str | Path,
     arch: str = "resnet18",
     weights: str = "none",
-    output_stride: int = 16,
+    output_stride: int | None = None,
     size: Sequence[int] = (128, 128),
     max_images: int | None = None,
     batch_size: int = 8,
@@ -36,14 +36,15 @@ def decompose_folder(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> Path:
-    """Decompose the responses of ``arch`` with ``weights`` (``none``, ``torchvision`` or a state dict
-    path) over the .png/.jpg images under ``images``, each resized and center-cropped to ``size``."""
-    backbone = resnet_backbone(arch, weights=weights, output_stride=output_stride)
+    """Decompose the responses of ``arch`` (any of ``rcm_nddr.nn.backbone.ARCHS``) with ``weights`` (``none``,
+    ``torchvision`` or a state dict path) over the .png/.jpg images under ``images``, each resized and
+    center-cropped to ``size``. ``output_stride`` None is the arch's default (16, or 8 for vgg16)."""
+    backbone = plain_backbone(arch, weights=weights, output_stride=output_stride)
     folder = ImageFolder(images, (int(size[0]), int(size[1])))
     meta = {
         "arch": arch,
         "weights": weights,
-        "output_stride": output_stride,
+        "output_stride": backbone.output_stride,
         "source": f"{folder.root} at {size[0]}x{size[1]}",
     }
     folder_ = limit(folder, max_images)
@@ -59,7 +60,7 @@ def limit(dataset: Dataset, max_images: int | None) -> Dataset:
 
 
 def decompose_dataset(
-    backbone: ResNetBackbone,
+    backbone: nn.Module,
     dataset: Dataset,
     out: str | Path,
     meta: dict[str, Any],

@@ -1,5 +1,5 @@
-"""Streaming mean and covariance of the pre-BN responses of every reparameterized conv, and their
-eigendecomposition with a deterministic sign convention (response initialization)."""
+"""Streaming mean and covariance of the pre-BN (pre-activation, for VGG) responses of every reparameterized
+conv, and their eigendecomposition with a deterministic sign convention (response initialization)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,12 @@ class ResponseStatistics:
     sample in R^Co. The state is O(Co^2) per layer whatever the number of images; responses are
     never kept.
 
-    The backbone is put in eval mode, so BatchNorm uses its running statistics, as at inference.
+    The response is the conv's output as the forward hook sees it: for a conv with a bias (VGG, no
+    BatchNorm), the pre-activation ``W * x + b``. The bias moves the mean only, so ``U`` is the same with
+    or without it, and it is the ``U`` that RI rotates weight and bias by (``RCConv2d.from_conv``).
+
+    The backbone is put in eval mode, so BatchNorm uses its running statistics (and dropout is off), as
+    at inference.
     """
 
     def __init__(self, backbone: nn.Module) -> None:

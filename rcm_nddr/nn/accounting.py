@@ -48,7 +48,8 @@ def parameter_breakdown(model: nn.Module, task: str) -> dict[str, int]:
         if category is not None and p.requires_grad:
             counts[category] += p.numel()
     counts["total"] = sum(counts[c] for c in CATEGORIES)
-    counts["filter_bank"] = sum(b.numel() for n, b in model.named_buffers() if n.endswith("filter_bank"))
+    bank = ("filter_bank", "filter_bank_bias")  # the bank's weights and, for a conv with a bias (VGG), its bias
+    counts["filter_bank"] = sum(b.numel() for n, b in model.named_buffers() if n.endswith(bank))
     return counts
 
 

@@ -1,7 +1,8 @@
-"""ResNet backbones on torchvision's definitions, cut into stages (stem, layer1..layer4) so fusion
-modules can sit between them, with dilation for output stride 8 or 16.
+"""The plain backbones, cut into stages (stem, layer1..layer4) so fusion modules can sit between them:
+ResNets on torchvision's definitions, with dilation for output stride 8 or 16, and VGG-16
+DeepLab-LargeFOV (``rcm_nddr.nn.vgg``); ``plain_backbone(arch, weights, output_stride)`` builds any of them.
 
-Module names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a torchvision state
+ResNet module names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a torchvision state
 dict (without ``fc``) loads as is and a trained backbone saves as one."""
 
 from __future__ import annotations
@@ -13,19 +14,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torchvision.models import WeightsEnum
 from torchvision.models import resnet as tv_resnet
+from torchvision.models import vgg as tv_vgg
 
 from rcm_nddr.errors import UserError
+from rcm_nddr.nn.vgg import NEW_LAYERS, VGGBackbone, from_torchvision_names
 
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
 
-_ARCHS: dict[str, tuple[Callable[..., tv_resnet.ResNet], tv_resnet.WeightsEnum]] = {
+_ARCHS: dict[str, tuple[Callable[..., tv_resnet.ResNet], WeightsEnum]] = {
     "resnet18": (tv_resnet.resnet18, tv_resnet.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": (tv_resnet.resnet34, tv_resnet.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (tv_resnet.resnet50, tv_resnet.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet101": (tv_resnet.resnet101, tv_resnet.ResNet101_Weights.IMAGENET1K_V2),
+    "resnet152": (tv_resnet.resnet152, tv_resnet.ResNet152_Weights.IMAGENET1K_V2),
 }
+#: the VGG backbones: the ImageNet weights their conv1_1 ... conv5_3 start from
+_VGGS: dict[str, WeightsEnum] = {"vgg16": tv_vgg.VGG16_Weights.IMAGENET1K_V1}
 
 
 class WeightsError(UserError, RuntimeError):
@@ -164,27 +172,79 @@ def _dilate(layer: nn.Sequential, dilation: int) -> None:
 
 
 def resnet_backbone(arch: str, weights: str = "none", output_stride: int = 16) -> ResNetBackbone:
-    """Build a backbone. ``weights``: ``none`` (random init), ``torchvision`` (ImageNet weights, which
+    """Build a ResNet backbone. ``weights``: ``none`` (random init), ``torchvision`` (ImageNet weights, which
     must already be in the torch hub cache: nothing is downloaded), or a path to a state dict
-    (``.pth``/``.pt`` loaded with ``weights_only=True``, or ``.safetensors``)."""
+    (``.pth``/``.pt`` loaded with ``weights_only=True``, or ``.safetensors``) with torchvision's names."""
     if arch not in _ARCHS:
         raise ValueError(f"unknown backbone arch {arch!r}; known: {', '.join(_ARCHS)}")
-    factory, imagenet = _ARCHS[arch]
+    factory, _ = _ARCHS[arch]
     net = factory(weights=None)
-    if weights == "torchvision":
-        _load_into(net, _torchvision_state_dict(arch, imagenet), f"torchvision {imagenet}")
-    elif weights != "none":
-        _load_into(net, load_state_dict_file(weights), weights)
+    state = _pretrained_state(arch, weights)
+    if state is not None:
+        given = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        expected = {k for k in net.state_dict() if not k.startswith("fc.")}
+        _load_into(net, given, expected, _origin(arch, weights), "ResNet")
     return ResNetBackbone(net, output_stride)
+
+
+def vgg_backbone(arch: str = "vgg16", weights: str = "none", output_stride: int = 8) -> VGGBackbone:
+    """Build VGG-16 DeepLab-LargeFOV (output stride 8 only). ``weights`` as for ``resnet_backbone``; a state
+    dict may use torchvision's names (``features.N.weight``, its ``classifier.*`` ignored) or this module's
+    (``conv1_1.weight`` ... ``fc7.bias``). ``fc6`` and ``fc7`` load when the state dict holds them and keep
+    their random initialization otherwise (torchvision's ImageNet weights never hold them)."""
+    if arch not in _VGGS:
+        raise ValueError(f"unknown VGG arch {arch!r}; known: {', '.join(_VGGS)}")
+    net = VGGBackbone(output_stride)
+    state = _pretrained_state(arch, weights)
+    if state is not None:
+        given = from_torchvision_names(state)
+        expected = set(net.state_dict())
+        for layer in NEW_LAYERS:
+            keys = {k for k in expected if k.startswith(f"{layer}.")}
+            if not keys & set(given):
+                expected -= keys
+        _load_into(net, given, expected, _origin(arch, weights), "VGG")
+    return net
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    **dict.fromkeys(_ARCHS, resnet_backbone),
+    **dict.fromkeys(_VGGS, vgg_backbone),
+}
+#: every backbone ``plain_backbone`` builds
+ARCHS: tuple[str, ...] = tuple(_BUILDERS)
+#: the torchvision ImageNet weights of each arch (only the convs of VGG's)
+_IMAGENET: dict[str, WeightsEnum] = {**{arch: imagenet for arch, (_, imagenet) in _ARCHS.items()}, **_VGGS}
+
+
+def plain_backbone(arch: str, weights: str = "none", output_stride: int | None = None) -> ResNetBackbone | VGGBackbone:
+    """Build any backbone of ``ARCHS`` (``weights`` as for ``resnet_backbone``); ``output_stride`` None is the
+    arch's default: 16 for the ResNets, 8 (its only one) for VGG-16 DeepLab-LargeFOV."""
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown backbone arch {arch!r}; known: {', '.join(_BUILDERS)}")
+    stride = {} if output_stride is None else {"output_stride": output_stride}
+    return _BUILDERS[arch](arch, weights, **stride)
 
 
 def torchvision_weights_path(arch: str) -> Path:
     """Where torchvision keeps the ImageNet checkpoint of ``arch`` (torch hub cache)."""
-    _, imagenet = _ARCHS[arch]
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_IMAGENET[arch].url).name
 
 
-def _torchvision_state_dict(arch: str, imagenet: tv_resnet.WeightsEnum) -> Mapping[str, Tensor]:
+def _pretrained_state(arch: str, weights: str) -> Mapping[str, Tensor] | None:
+    """The state dict ``weights`` names for ``arch`` (None for ``none``)."""
+    if weights == "none":
+        return None
+    if weights == "torchvision":
+        return _torchvision_state_dict(arch, _IMAGENET[arch])
+    return load_state_dict_file(weights)
+
+
+def _origin(arch: str, weights: str) -> str:
+    return f"torchvision {_IMAGENET[arch]}" if weights == "torchvision" else weights
+
+
+def _torchvision_state_dict(arch: str, imagenet: WeightsEnum) -> Mapping[str, Tensor]:
     path = torchvision_weights_path(arch)
     if not path.is_file():
         raise WeightsError(
@@ -215,17 +275,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def _load_into(net: nn.Module, state: Mapping[str, Tensor], origin: str | Path) -> None:
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = {k for k in net.state_dict() if not k.startswith("fc.")}
+def _load_into(net: nn.Module, state: Mapping[str, Tensor], expected: set[str], origin: str, family: str) -> None:
+    """Load ``state`` into ``net``; its keys must be exactly ``expected`` (the keys of ``net`` it sets)."""
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise WeightsError(
-            f"weights {origin} do not fit this ResNet: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"weights {origin} do not fit this {family}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
     try:
         net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise WeightsError(f"weights {origin} do not fit this ResNet: {exc}") from exc
+        raise WeightsError(f"weights {origin} do not fit this {family}: {exc}") from exc
     log.info("loaded backbone weights from %s", origin)

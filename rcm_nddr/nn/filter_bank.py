@@ -1,5 +1,6 @@
-"""The filter bank: which convolutions of a ResNet are reparameterized, and the identity (sha256) of a
-set of conv weights, so a decomposition or a store can be tied to the exact bank it belongs to."""
+"""The filter bank: which convolutions of a plain backbone (ResNet, VGG) are reparameterized, and the
+identity (sha256) of a set of conv weights, so a decomposition or a store can be tied to the exact bank it
+belongs to."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ from torch import Tensor, nn
 
 
 def reparameterized_convs(backbone: nn.Module) -> list[str]:
-    """Names of the convs RC reparameterizes, in forward order: the stem conv (``conv1``) and every
-    conv of every residual block (``layerL.B.convK``); the 1x1 downsample convs are excluded (they
-    become per-task trainable copies)."""
-    names = []
-    for name, module in backbone.named_modules():
-        if not isinstance(module, nn.Conv2d) or ".downsample." in f".{name}.":
-            continue
-        if name == "conv1" or (name.startswith("layer") and name.rsplit(".", 1)[-1].startswith("conv")):
-            names.append(name)
-    return names
+    """Names of the convs RC reparameterizes in a plain backbone, in forward order (the backbones register
+    their convs in that order): every conv but the 1x1 downsample convs, which become per-task trainable
+    copies. A ResNet's are the stem conv (``conv1``) and every conv of every residual block
+    (``layerL.B.convK``); VGG's all of them (``conv1_1`` ... ``conv5_3``, ``fc6``, ``fc7``)."""
+    return [
+        name
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.Conv2d) and ".downsample." not in f".{name}."
+    ]
 
 
 def filter_bank_sha256(weights: Mapping[str, Tensor]) -> str:
@@ -35,6 +35,12 @@ def filter_bank_sha256(weights: Mapping[str, Tensor]) -> str:
 
 
 def bank_weights(backbone: nn.Module) -> dict[str, Tensor]:
-    """The weights of the reparameterized convs of a plain backbone, by name."""
+    """The weights of the reparameterized convs of a plain backbone, by conv name, in forward order; a
+    conv's bias (VGG) follows its weight under ``<conv>.bias``, as in ``RCBackbone.filter_bank()``."""
     modules = dict(backbone.named_modules())
-    return {name: modules[name].weight for name in reparameterized_convs(backbone)}
+    weights = {}
+    for name in reparameterized_convs(backbone):
+        weights[name] = modules[name].weight
+        if modules[name].bias is not None:
+            weights[f"{name}.bias"] = modules[name].bias
+    return weights

@@ -1,6 +1,7 @@
 """Reparameterized convolutions (RCM): a frozen filter bank shared by all tasks, followed by a trainable
 1x1 modulator per task, ``y_t = M_t (W_s * x)``; per-task BatchNorm and downsample copies; response
-initialization (RI) and normalized feature fusion (NFF)."""
+initialization (RI) and normalized feature fusion (NFF). ``RCBackbone`` is the base of the RC backbones
+(``RCResNet`` here, ``rcm_nddr.nn.rc_vgg.RCVGG``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class RCConv2d(nn.Module):
     """A conv reparameterized as a frozen ``filter_bank`` (a buffer: never a parameter, never in an
     optimizer) and one 1x1 ``modulators[task]`` per task.
 
+    A conv with a bias (VGG) keeps it in the bank, as the frozen buffer ``filter_bank_bias``: the
+    modulator reads the bank's whole response, ``y_t = M_t (W_s * x + b_s)`` (see ``from_conv``).
+
     ``modulator_init`` (Co x Co) sets every task's modulator (RI: the eigenvectors U, with the bank
     already rotated to U^T W); without it the modulators keep PyTorch's default conv initialization,
     the plain RC variant. With ``nff`` each modulator is weight-normalized over its output rows
@@ -35,9 +39,12 @@ class RCConv2d(nn.Module):
         dilation: tuple[int, int] = (1, 1),
         modulator_init: Tensor | None = None,
         nff: bool = False,
+        bias: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("filter_bank", filter_bank.detach().clone().float())
+        # a None buffer is not in the state dict: a bias-free bank (ResNet) saves as it always did
+        self.register_buffer("filter_bank_bias", None if bias is None else bias.detach().clone().float())
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.out_channels = filter_bank.shape[0]
         self.modulator_init = None if modulator_init is None else modulator_init.detach().float().clone()
@@ -55,17 +62,23 @@ class RCConv2d(nn.Module):
         nff: bool = False,
     ) -> RCConv2d:
         """Reparameterize a pretrained conv. With ``eigenvectors`` U (RI) the bank is ``U^T W`` and each
-        modulator ``U``, so ``modulator @ bank == W``: the task starts exactly at the pretrained conv."""
-        if conv.bias is not None or conv.groups != 1:
-            raise ValueError("RC reparameterizes bias-free, ungrouped convolutions")
+        modulator ``U``, so ``modulator @ bank == W``: the task starts exactly at the pretrained conv.
+
+        A bias ``b`` is part of the bank, rotated like the weight: ``U (U^T W * x + U^T b) = W * x + b``, so
+        RI starts exactly at the pretrained conv with a bias too, and the whole pretrained conv, weight and
+        bias, is the shared frozen bank: a task owns its modulator only. (A per-task trainable bias after
+        the modulator, ``M_t (W_s * x) + b_t``, would start there as well but make the bias task-owned.)"""
+        if conv.groups != 1:
+            raise ValueError("RC reparameterizes ungrouped convolutions")
         weight = conv.weight.detach()
+        bias = None if conv.bias is None else conv.bias.detach()
+        init = None
         if eigenvectors is not None:
             u = eigenvectors.detach().to(torch.float64)
-            bank = (u.T @ weight.to(torch.float64).flatten(1)).view_as(weight)
+            weight = (u.T @ weight.to(torch.float64).flatten(1)).view_as(weight)
+            bias = None if bias is None else u.T @ bias.to(torch.float64)
             init = u
-        else:
-            bank, init = weight, None
-        return cls(bank, tasks, conv.stride, conv.padding, conv.dilation, init, nff)
+        return cls(weight, tasks, conv.stride, conv.padding, conv.dilation, init, nff, bias)
 
     def add_task(self, task: str, nff: bool | None = None) -> None:
         """A new modulator for ``task``: RI/RC initialization, weight-normalized when ``nff`` (default:
@@ -83,8 +96,8 @@ class RCConv2d(nn.Module):
         self.modulators[task] = modulator
 
     def response(self, x: Tensor) -> Tensor:
-        """``W_s * x``: the bank's response, the same for every task reading the same input."""
-        return F.conv2d(x, self.filter_bank, None, self.stride, self.padding, self.dilation)
+        """``W_s * x (+ b_s)``: the bank's response, the same for every task reading the same input."""
+        return F.conv2d(x, self.filter_bank, self.filter_bank_bias, self.stride, self.padding, self.dilation)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.modulators[task](self.response(x))
@@ -217,7 +230,49 @@ def rc_block(
     raise TypeError(f"no RC form of a {type(block).__name__}; RC reparameterizes BasicBlock and Bottleneck")
 
 
-class RCResNet(PerTaskBackbone):
+class RCBackbone(PerTaskBackbone):
+    """Base of the RC backbones: every ``RCConv2d`` below it shares its frozen bank across ``tasks``; a
+    task owns its modulators and its ``TaskModules`` copies (none in a backbone without BatchNorm)."""
+
+    tasks: list[str]
+
+    def add_task(self, task: str, nff: bool | None = None) -> None:
+        """Give a new task its own modulators (weight-normalized when ``nff``, default: as at build),
+        BatchNorm and downsample copies, initialized as at build."""
+        for module in self.modules():
+            if isinstance(module, RCConv2d):
+                module.add_task(task, nff)
+            elif isinstance(module, TaskModules):
+                module.add_task(task)
+        self.tasks.append(task)
+
+    def filter_bank(self) -> dict[str, Tensor]:
+        """The shared bank as used by the convs, by conv name (``conv1``, ``layer1.0.conv1`` ...); a conv's
+        bias (VGG), as used too, under ``<conv>.bias``."""
+        bank = {}
+        for name, module in self.named_modules():
+            if isinstance(module, RCConv2d):
+                bank[name] = module.filter_bank
+                if module.filter_bank_bias is not None:
+                    bank[f"{name}.bias"] = module.filter_bank_bias
+        return bank
+
+    @torch.no_grad()
+    def load_filter_bank(self, bank: Mapping[str, Tensor]) -> None:
+        """Replace the bank (e.g. by a model store's): same names and shapes, copied bit for bit."""
+        own = self.filter_bank()
+        if set(bank) != set(own):
+            missing, unexpected = sorted(set(own) - set(bank)), sorted(set(bank) - set(own))
+            raise ValueError(f"filter bank does not fit this backbone: missing {missing}, unexpected {unexpected}")
+        for name, tensor in own.items():
+            if bank[name].shape != tensor.shape:
+                raise ValueError(
+                    f"filter bank tensor {name!r} has shape {tuple(bank[name].shape)}, expected {tuple(tensor.shape)}"
+                )
+            tensor.copy_(bank[name])
+
+
+class RCResNet(RCBackbone):
     """A ResNet backbone whose convs share one frozen filter bank across tasks.
 
     Built from a pretrained plain ``ResNetBackbone`` (its conv weights become the bank; its BatchNorm
@@ -269,35 +324,6 @@ class RCResNet(PerTaskBackbone):
                 u = {k[len(prefix) :]: v for k, v in decomposition.items() if k.startswith(prefix)}
             blocks.append(rc_block(block, tasks, u, nff))
         return nn.ModuleList(blocks)
-
-    def add_task(self, task: str, nff: bool | None = None) -> None:
-        """Give a new task its own modulators (weight-normalized when ``nff``, default: as at build),
-        BatchNorm and downsample copies, initialized as at build."""
-        for module in self.modules():
-            if isinstance(module, RCConv2d):
-                module.add_task(task, nff)
-            elif isinstance(module, TaskModules):
-                module.add_task(task)
-        self.tasks.append(task)
-
-    def filter_bank(self) -> dict[str, Tensor]:
-        """The shared bank as used by the convs, by conv name (``conv1``, ``layer1.0.conv1`` ...)."""
-        return {name: m.filter_bank for name, m in self.named_modules() if isinstance(m, RCConv2d)}
-
-    @torch.no_grad()
-    def load_filter_bank(self, bank: Mapping[str, Tensor]) -> None:
-        """Replace the bank (e.g. by a model store's): same conv names and shapes, copied bit for bit."""
-        convs = {name: m for name, m in self.named_modules() if isinstance(m, RCConv2d)}
-        if set(bank) != set(convs):
-            missing, unexpected = sorted(set(convs) - set(bank)), sorted(set(bank) - set(convs))
-            raise ValueError(f"filter bank does not fit this backbone: missing {missing}, unexpected {unexpected}")
-        for name, conv in convs.items():
-            if bank[name].shape != conv.filter_bank.shape:
-                raise ValueError(
-                    f"filter bank tensor {name!r} has shape {tuple(bank[name].shape)}, "
-                    f"expected {tuple(conv.filter_bank.shape)}"
-                )
-            conv.filter_bank.copy_(bank[name])
 
     def stem_response(self, x: Tensor) -> Tensor:
         """The stem's bank response ``W_s * x``, the same for every task reading ``x``."""
