@@ -126,11 +126,45 @@ def aot_eager_compile(monkeypatch) -> list[str]:
     return modes
 
 
+class RecordedCompile:
+    """What ``recorded_compile`` returns for each compiled module: the module itself, wrapped so a test can
+    tell that the compiled object (and not the eager module) is the one that ran."""
+
+    def __init__(self, module, mode: str) -> None:
+        self.module, self.mode, self.calls = module, mode, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
+@pytest.fixture
+def recorded_compile(monkeypatch) -> list[RecordedCompile]:
+    """Replaces the project's ``torch.compile`` calls (``rcm_nddr.engine.fast.maybe_compile``) by a wrapper
+    that records the mode and counts the calls, without tracing: for tests of which networks a command
+    compiles and runs. TorchDynamo itself (with ``aot_eager``) runs in the tests that use
+    ``aot_eager_compile`` (tests/test_fast.py, tests/test_deploy.py)."""
+    from rcm_nddr.engine import fast
+
+    compiled: list[RecordedCompile] = []
+
+    def record(module, mode):
+        compiled.append(RecordedCompile(module, mode))
+        return compiled[-1]
+
+    monkeypatch.setattr(fast.torch, "compile", record)
+    return compiled
+
+
 #: the modules whose tests train or run real (tiny) networks end to end, start processes or run the
 #: commands: the ``integration`` tier. The rest is the ``unit`` tier (``make test-fast``); ``slow`` marks
 #: the longest tests of either tier.
 INTEGRATION_MODULES = {
     "test_bench_scaling",
+    "test_baselines",
     "test_bench_speed",
     "test_cli",
     "test_deploy",

@@ -18,6 +18,7 @@ from PIL import Image
 from rcm_nddr import ModelStore
 from rcm_nddr.commands import cli
 from rcm_nddr.config import load_config
+from rcm_nddr.engine.fast import maybe_compile
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn import deploy as deploy_module
 from rcm_nddr.nn.backbone import STAGES, SharedBackbone, resnet_backbone
@@ -269,10 +270,21 @@ def test_load_model_batched_needs_deploy(nddr_store):
 # ----------------------------------------------------------------------------- rcm-nddr predict
 
 
-def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_path, aot_eager_compile):
+def test_the_deploy_form_traced_by_dynamo_gives_the_eager_outputs(nddr_store, aot_eager_compile):
+    """The deploy form as ``rcm-nddr predict --compile`` runs it (``maybe_compile``): TorchDynamo traces it
+    (with the ``aot_eager`` backend, see the fixture) and the compiled network answers as the eager one."""
+    model = ModelStore(nddr_store).load_model(["normals"], deploy=True)
+    compiled = maybe_compile(model, True)
+    assert aot_eager_compile == ["default"]
+    x = images((1, 3, 32, 40))
+    with torch.no_grad():
+        assert_close(model(x, raw=True), compiled(x, raw=True))
+
+
+def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_path, recorded_compile):
     """``rcm-nddr predict`` on a real store: the deploy form (the default), the batched form, the training
-    form and the compiled deploy form (TorchDynamo with the ``aot_eager`` backend, see the fixture) write
-    the same predictions."""
+    form and the compiled deploy form (recorded without tracing, see the fixture: the test above traces
+    it) write the same predictions."""
     rng = np.random.default_rng(0)
     for i, size in enumerate([(40, 56), (40, 56), (33, 47)]):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
@@ -281,7 +293,7 @@ def test_predict_command_runs_each_form_with_the_same_outputs(nddr_store, tmp_pa
     for name, extra in runs.items():
         argv = ["predict", "--store", str(nddr_store), "--images", str(tmp_path), "--out", str(tmp_path / name)]
         assert cli.main([*argv, "--device", "cpu", "--quiet", *extra]) == 0
-    assert aot_eager_compile == ["default"]
+    assert [c.mode for c in recorded_compile] == ["default"] and recorded_compile[0].calls >= 1
     for task in ("semseg", "depth", "normals", "edge"):
         for stem in ("im0", "im1", "im2"):
             reference = np.load(tmp_path / "training" / task / f"{stem}.npy")

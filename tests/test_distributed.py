@@ -22,7 +22,7 @@ from rcm_nddr.config import load_config, save_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_dataset, build_tasks
 from rcm_nddr.engine.checkpoint import load_checkpoint
-from rcm_nddr.engine.distributed import ShardSampler
+from rcm_nddr.engine.distributed import LaunchError, ShardSampler, check_global_batch
 from rcm_nddr.engine.evaluate import eval_loader, evaluate
 from rcm_nddr.engine.provenance import config_sha256, container, git_state
 from rcm_nddr.engine.sampler import ResumableSampler
@@ -197,22 +197,37 @@ def test_torchrun_two_processes_train_register_once_and_validate_like_one_proces
             assert report["metrics"][task][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (task, key)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("batch", "why"),
+    ("batch", "world", "sync_bn", "why"),
     [
-        (3, "3 is the global batch and must split evenly over the 2 processes"),
-        (2, "2 is the global batch and leaves 1 image per process over the 2 processes"),
+        (3, 2, False, "3 is the global batch and must split evenly over the 2 processes"),
+        (2, 2, False, "2 is the global batch and leaves 1 image per process over the 2 processes"),
+        (6, 4, True, "6 is the global batch and must split evenly over the 4 processes"),
     ],
 )
-def test_torchrun_refuses_a_global_batch_that_does_not_split_in_one_line_from_rank_0(tmp_path, synth, batch, why):
+def test_a_global_batch_that_does_not_split_is_refused_naming_the_smallest_valid_one(batch, world, sync_bn, why):
+    cfg = load_config(None, ["tasks=[sal]", f"train.batch_size={batch}", f"train.sync_bn={str(sync_bn).lower()}"])
+    with pytest.raises(LaunchError, match=why) as error:
+        check_global_batch(cfg, world)
+    smallest = world if sync_bn else 2 * world
+    assert f"at least {smallest}, e.g. --set train.batch_size={smallest}" in str(error.value)
+    for fine in ((4, 2, False), (2, 2, True), (3, 1, False)):  # SyncBatchNorm allows one image per process
+        check_global_batch(
+            load_config(None, ["tasks=[sal]", f"train.batch_size={fine[0]}", f"train.sync_bn={str(fine[2]).lower()}"]),
+            fine[1],
+        )
+
+
+@pytest.mark.slow
+def test_torchrun_refuses_a_global_batch_that_does_not_split_in_one_line_from_rank_0(tmp_path, synth):
     """One image per process fails in BatchNorm (the head's image pooling): refused before training, in
     one line printed by rank 0 alone, naming the smallest valid batch; no process prints a traceback."""
-    config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", f"train.batch_size={batch}")
+    config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", "train.batch_size=2")
     done = _torchrun("train.py", "--config", str(config), "--quiet")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, done.stderr
+    why = "2 is the global batch and leaves 1 image per process over the 2 processes"
     assert f"key 'train.batch_size': {why}" in errors[0] and "at least 4" in errors[0]
     assert str(ROOT / "rcm_nddr") not in done.stderr  # no traceback through the project's code
     assert re.search(r"exitcode\s*:\s*2\b", done.stderr)  # torchrun's report: the process that failed exited 2
@@ -289,10 +304,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_with_the_same_weights(tmp_pa
     assert not list(last.parent.glob(".*.tmp"))
     _assert_same_weights(_weights(store, "normals"), uninterrupted)
     assert [r.name for r in ModelStore(store).tasks] == ["normals"]
-    verify = subprocess.run(
-        [sys.executable, "-m", "rcm_nddr", "store", "verify", str(store)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert cli.main(["store", "verify", str(store)]) == 0
 
 
 @pytest.mark.slow
@@ -312,6 +324,8 @@ def test_sigterm_and_sigint_write_a_checkpoint_and_exit_cleanly(tmp_path, synth,
     assert f"{name} received: stopped after iteration {stopped_at}, checkpoint {last}; continue with --resume" in err
     assert 5 <= stopped_at < 30
     assert not ModelStore(store).exists or ModelStore(store).tasks == []
+    if signum == signal.SIGINT:
+        return  # the checkpoint a signal writes resumes alike whichever signal wrote it: resumed once, below
 
     resumed = _train(config, "--resume")
     _, err = resumed.communicate(timeout=600)

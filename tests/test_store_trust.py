@@ -48,9 +48,9 @@ def outputs(store: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_six_concurrent_first_runs_create_one_valid_store(tmp_path, synth, bank):
+def test_four_concurrent_first_runs_create_one_valid_store(tmp_path, synth, bank):
     store = tmp_path / "store"
-    tasks = ["semseg", "depth", "normals", "edge", "sal", "parts"]
+    tasks = ["semseg", "depth", "normals", "edge"]
     procs = []
     for task in tasks:
         config = tmp_path / f"{task}.yaml"
@@ -63,7 +63,7 @@ def test_six_concurrent_first_runs_create_one_valid_store(tmp_path, synth, bank)
         assert proc.returncode == 0, f"{task}: {err.decode()[-2000:]}"
     s = ModelStore(store)
     assert sorted(t.name for t in s.tasks) == sorted(tasks)
-    assert sorted(t.group for t in s.tasks) == list(range(1, 7))
+    assert sorted(t.group for t in s.tasks) == list(range(1, 5))
     assert s.verify() == []  # every file's sha256 and every probe, with the one decomposition it records
 
 
