@@ -39,21 +39,29 @@ class DatasetConfig:
 
 @dataclass
 class BackboneConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16"] = "resnet18"
     #: ``none`` (random init), ``torchvision`` (ImageNet weights) or a path to a state dict
     weights: str = "none"
+    #: 8 or 16 for the ResNets; VGG-16 (DeepLab-LargeFOV) has output stride 8 only
     output_stride: Literal[8, 16] = 16
-    #: ``none``: plain convs, fully trained; ``rc``: frozen filter bank + per-task modulators
-    reparam: Literal["none", "rc"] = "none"
+    #: ``none``: plain convs, fully trained; ``rc``: frozen filter bank + per-task modulators;
+    #: ``ra_series`` / ``ra_parallel``: frozen convs + per-task residual adapters (ResNets)
+    reparam: Literal["none", "rc", "ra_series", "ra_parallel"] = "none"
+    #: RI and NFF apply to ``reparam: rc``
     ri: bool = True
     nff: bool = True
     decomposition: str | None = None
+    #: what of the encoder a new task trains: ``all``; ``norm``: its BatchNorm only (convs, modulators
+    #: and adapters stay at their initial values); ``none``: nothing (the decoder-only baseline: the
+    #: encoder, BatchNorm statistics included, stays as initialized)
+    train_encoder: Literal["all", "norm", "none"] = "all"
 
 
 @dataclass
 class FusionConfig:
-    #: ``none``: the tasks' paths stay separate; ``nddr``: NDDR layers after each of ``stages``
-    type: Literal["none", "nddr"] = "none"
+    #: ``none``: the tasks' paths stay separate; ``nddr``: NDDR layers after each of ``stages``;
+    #: ``cross_stitch``: cross-stitch units (per-channel weighted sums of the sources' features) instead
+    type: Literal["none", "nddr", "cross_stitch"] = "none"
     #: the tasks the group reads besides its own; only ``all`` until the model store exists
     sources: Union[Literal["all"], list[str]] = "all"  # noqa: UP007 - evaluated by the schema walker
     stages: list[str] = field(default_factory=lambda: ["stem", "layer1", "layer2", "layer3", "layer4"])
@@ -62,12 +70,21 @@ class FusionConfig:
     lr_mult: float = 100.0
     weight_decay: float = 1e-4
     shortcut: bool = False
+    #: NDDR's ablations: the 1x1 conv starts as ``[alpha I, beta I, ...]`` (``constant``) or Xavier-uniform;
+    #: ``bn: false`` drops the BatchNorm after it
+    init: Literal["constant", "xavier"] = "constant"
+    bn: bool = True
 
 
 @dataclass
 class HeadConfig:
-    type: Literal["deeplabv3plus"] = "deeplabv3plus"
+    #: ``deeplabv3plus`` (ASPP and a decoder on the stride-4 features) or ``deeplabv3`` (ASPP only)
+    type: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
     channels: int = 256
+    #: the dropout after the ASPP projection (0: none)
+    dropout: float = 0.5
+    #: ``default``: PyTorch's conv initialization; ``normal``: N(0, 0.01) as the official RCM code
+    init: Literal["default", "normal"] = "default"
 
 
 @dataclass
@@ -344,6 +361,7 @@ def _check(cfg: Config, where: Where) -> None:
     if t.num_workers < 0:
         raise fail("train.num_workers", f"expected >= 0, got {t.num_workers}")
     _check_ranges(cfg, fail)
+    _check_model(cfg, fail)
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise fail("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
 
@@ -410,6 +428,22 @@ def _check_ranges(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) -
         for key, value in values.items():
             if not ok(value):
                 raise fail(key, f"expected {expected}, got {value}")
+
+
+def _check_model(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) -> None:
+    """The architecture choices that do not combine."""
+    b, f, h = cfg.backbone, cfg.fusion, cfg.head
+    if b.arch == "vgg16" and b.output_stride != 8:
+        raise fail("backbone.output_stride", f"VGG-16 (DeepLab-LargeFOV) has output stride 8, got {b.output_stride}")
+    if b.arch == "vgg16" and b.reparam.startswith("ra_"):
+        raise fail("backbone.reparam", f"residual adapters ({b.reparam}) are built on ResNet blocks, not on vgg16")
+    if f.type == "cross_stitch":
+        ablations = {"fusion.shortcut": f.shortcut, "fusion.bn": not f.bn, "fusion.init": f.init != "constant"}
+        for key, set_ in ablations.items():
+            if set_:
+                raise fail(key, "is an option of NDDR fusion; cross-stitch units have no shortcut, BatchNorm or init")
+    if not 0 <= h.dropout < 1 or not math.isfinite(h.dropout):
+        raise fail("head.dropout", f"expected a rate in [0, 1), got {h.dropout}")
 
 
 def check_paths(cfg: Config) -> None:

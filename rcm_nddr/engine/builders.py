@@ -26,11 +26,11 @@ from rcm_nddr.nn.assembly import (
     load_task_tensors,
     plugin_paths,
 )
-from rcm_nddr.nn.backbone import STAGES, ResNetBackbone, SharedBackbone, resnet_backbone
+from rcm_nddr.nn.backbone import STAGES, SharedBackbone, plain_backbone
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.nn.nddr import transitive_sources
-from rcm_nddr.nn.rc import RCResNet
+from rcm_nddr.nn.rc_vgg import rc_backbone
 from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
 from rcm_nddr.store import ModelStore, StoreError, TaskRecord
 from rcm_nddr.task import DatasetInfo, Task
@@ -94,11 +94,11 @@ def loss_weights(cfg: Config, tasks: dict[str, Task]) -> dict[str, float]:
     return {name: float(cfg.loss.get(name, {}).get("weight", task.default_loss_weight)) for name, task in tasks.items()}
 
 
-def pretrained_backbone(cfg: Config) -> ResNetBackbone:
+def pretrained_backbone(cfg: Config) -> nn.Module:
     """The plain backbone of ``backbone.weights``: the filter bank's source and the starting point of a
     new task's BatchNorm and downsample copies (or, with ``reparam: none``, of its whole backbone)."""
     b = cfg.backbone
-    return resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
+    return plain_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
 
 
 def make_decomposition(
@@ -106,7 +106,7 @@ def make_decomposition(
     out: str | Path,
     max_images: int | None = None,
     progress: bool = True,
-    backbone: ResNetBackbone | None = None,
+    backbone: nn.Module | None = None,
     batch_size: int | None = None,
 ) -> Path:
     """Decompose the responses of the config's plain backbone over its train split (validation
@@ -116,8 +116,7 @@ def make_decomposition(
     randomly initialized bank matches its file); ``batch_size`` defaults to ``cfg.train.batch_size``.
     Runs on ``cfg.train.device``."""
     if backbone is None:
-        b = cfg.backbone
-        backbone = resnet_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
+        backbone = pretrained_backbone(cfg)
     dataset = build_dataset(cfg, cfg.dataset.train_split, train=False)
     meta = {
         "arch": cfg.backbone.arch,
@@ -164,7 +163,7 @@ class ResponseInit:
         self.content = None
 
 
-def resolve_ri(cfg: Config, net: ResNetBackbone, store: ModelStore | None = None) -> ResponseInit:
+def resolve_ri(cfg: Config, net: nn.Module, store: ModelStore | None = None) -> ResponseInit:
     """The run's RI, without writing anything. A store that records a decomposition provides it (a config
     naming a different existing file is refused with both sha256s); otherwise ``decomposition_path(cfg)``,
     computed from the train split when missing and held in memory until ``write()``. The file must
@@ -201,7 +200,7 @@ def resolve_ri(cfg: Config, net: ResNetBackbone, store: ModelStore | None = None
 
 
 def load_ri(
-    cfg: Config, net: ResNetBackbone, store: ModelStore | None = None
+    cfg: Config, net: nn.Module, store: ModelStore | None = None
 ) -> tuple[dict[str, torch.Tensor] | None, Path | None]:
     """``resolve_ri`` with the file written when it was computed: the eigenvectors and their file."""
     ri = resolve_ri(cfg, net, store)
@@ -209,16 +208,16 @@ def load_ri(
     return ri.eigenvectors, ri.path
 
 
-def bank_as_used(cfg: Config, net: ResNetBackbone, decomposition: dict[str, torch.Tensor] | None) -> dict:
+def bank_as_used(cfg: Config, net: nn.Module, decomposition: dict[str, torch.Tensor] | None) -> dict:
     """The filter bank the convs compute with: the pretrained conv weights, rotated to ``U^T W`` by RI."""
     if cfg.backbone.reparam == "rc":
-        return RCResNet(net, [], decomposition).filter_bank()
+        return rc_backbone(net, [], decomposition).filter_bank()
     return {name: w.detach() for name, w in bank_weights(net).items()}
 
 
 def open_store(
     cfg: Config,
-    net: ResNetBackbone,
+    net: nn.Module,
     decomposition: dict[str, torch.Tensor] | None,
     decomposition_file: Path | None,
     decomposition_content: bytes | None = None,
@@ -242,7 +241,7 @@ def open_store(
     )
 
 
-def check_store_backbone(cfg: Config, store: ModelStore, net: ResNetBackbone) -> None:
+def check_store_backbone(cfg: Config, store: ModelStore, net: nn.Module) -> None:
     """The cheap checks of an existing store against the config, before any decomposition is computed."""
     if store.exists:
         b = cfg.backbone
@@ -304,6 +303,14 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
     available = [r.name for r in records if r.name not in names]
     if f.type == "none":
         return GroupPlan()
+    kinds = {r.name: (r.model.get("fusion") or {}).get("type", "nddr") for r in records if r.sources}
+    other = {n: k for n, k in kinds.items() if k != f.type and n not in names}
+    if other:
+        listed = ", ".join(f"'{n}' ({k})" for n, k in other.items())
+        raise ConfigError(
+            f"{cfg.source}: key 'fusion.type': {f.type}, but the store {cfg.store} fuses with another method "
+            f"({listed}); the tasks of one store fuse alike (train into another store)"
+        )
     if f.sources == "all":
         older = available
     else:
@@ -332,14 +339,20 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
 
 def config_spec(cfg: Config, name: str, task: Task, sources: list[str]) -> TaskSpec:
     """The description of a new task of the config's group (what its store record keeps)."""
-    f = cfg.fusion
+    f, h = cfg.fusion, cfg.head
+    fusion = {"type": f.type, "stages": list(f.stages), "alpha": f.alpha, "beta": f.beta}
+    if f.type == "nddr":
+        fusion.update(shortcut=f.shortcut, init=f.init, bn=f.bn)
     return TaskSpec(
         name=name,
         type=name,
         nff=cfg.backbone.reparam == "rc" and cfg.backbone.nff,
-        head_channels=cfg.head.channels,
+        head_channels=h.channels,
+        head_type=h.type,
+        head_dropout=h.dropout,
+        head_init=h.init,
         sources=list(sources),
-        fusion={"stages": list(f.stages), "alpha": f.alpha, "beta": f.beta, "shortcut": f.shortcut} if sources else {},
+        fusion=fusion if sources else {},
         options={k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"},
         plugins=plugin_paths(cfg.plugins),
         dataset=dataset_description(task.info),
@@ -352,7 +365,7 @@ def build_model(
     shared: bool = False,
     store: ModelStore | None = None,
     plan: GroupPlan | None = None,
-    net: ResNetBackbone | None = None,
+    net: nn.Module | None = None,
     decomposition: dict[str, torch.Tensor] | None = None,
     for_checkpoint: bool = False,
 ) -> MultiTaskNet:
@@ -385,6 +398,8 @@ def build_model(
             load_task_tensors(model, {n: store.load_task_tensors(n) for n in plan.frozen})
     except AssemblyError as exc:
         raise StoreError(f"{store.store_file if store is not None else cfg.source}: {exc}") from exc
+    if cfg.backbone.train_encoder != "all":
+        model.freeze_encoder(list(tasks), keep_batchnorm=cfg.backbone.train_encoder == "norm")
     return model
 
 

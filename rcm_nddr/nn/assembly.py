@@ -17,11 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from rcm_nddr.nn.accounting import owned_by
-from rcm_nddr.nn.backbone import ResNetBackbone, TaskBackbones, resnet_backbone
-from rcm_nddr.nn.heads import DeepLabV3PlusHead
+from rcm_nddr.nn.adapters import RAResNet
+from rcm_nddr.nn.backbone import PerTaskBackbone, TaskBackbones, plain_backbone
+from rcm_nddr.nn.cross_stitch import CrossStitchFusion
+from rcm_nddr.nn.fusion import StageFusion
+from rcm_nddr.nn.heads import DeepLabV3Head, DeepLabV3PlusHead
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.nn.nddr import NDDRFusion, transitive_sources
-from rcm_nddr.nn.rc import RCResNet
+from rcm_nddr.nn.rc_vgg import rc_backbone
+from rcm_nddr.nn.vgg import VGGBackbone
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.task import DatasetInfo, Task
 
@@ -36,14 +40,19 @@ class AssemblyError(ValueError):
 
 @dataclass
 class TaskSpec:
-    """One task's architecture and plug-in: ``sources`` are the tasks it reads through NDDR besides
-    itself (empty: no fusion), ``fusion`` the NDDR settings (``stages``, ``alpha``, ``beta``,
-    ``shortcut``), ``options`` the task type's options and ``dataset`` its DatasetInfo as plain data."""
+    """One task's architecture and plug-in: ``sources`` are the tasks it reads through fusion besides
+    itself (empty: no fusion), ``fusion`` the fusion settings (``type``: nddr or cross_stitch, ``stages``,
+    ``alpha``, ``beta``; NDDR's ``shortcut``, ``init``, ``bn``), ``head`` the decoder (``type``,
+    ``channels``, ``dropout``, ``init``), ``options`` the task type's options and ``dataset`` its
+    DatasetInfo as plain data."""
 
     name: str
     type: str
     nff: bool = False
     head_channels: int = 256
+    head_type: str = "deeplabv3plus"
+    head_dropout: float = 0.5
+    head_init: str = "default"
     sources: list[str] = field(default_factory=list)
     fusion: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -54,7 +63,12 @@ class TaskSpec:
         """What a store record keeps under ``model``."""
         return {
             "nff": self.nff,
-            "head": {"type": "deeplabv3plus", "channels": self.head_channels},
+            "head": {
+                "type": self.head_type,
+                "channels": self.head_channels,
+                "dropout": self.head_dropout,
+                "init": self.head_init,
+            },
             "fusion": dict(self.fusion) if self.sources else None,
             "options": dict(self.options),
             "plugins": list(self.plugins),
@@ -70,6 +84,10 @@ class TaskSpec:
                 type=record.type,
                 nff=bool(model["nff"]),
                 head_channels=int(model["head"]["channels"]),
+                # (stores written before the head options existed: DeepLabv3+ with torchvision's dropout)
+                head_type=str(model["head"].get("type", "deeplabv3plus")),
+                head_dropout=float(model["head"].get("dropout", 0.5)),
+                head_init=str(model["head"].get("init", "default")),
                 sources=list(record.sources),
                 fusion=dict(model["fusion"] or {}),
                 options=dict(model.get("options") or {}),
@@ -102,15 +120,34 @@ def plugin_paths(plugins: Iterable[str]) -> list[str]:
     return [str(Path(p).expanduser().resolve()) if p.endswith(".py") or "/" in p else p for p in plugins]
 
 
-def skeleton(arch: str, output_stride: int) -> ResNetBackbone:
+def skeleton(arch: str, output_stride: int) -> PerTaskBackbone:
     """A randomly initialized plain backbone to load weights into, without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
-        return resnet_backbone(arch, weights="none", output_stride=output_stride)
+        return plain_backbone(arch, weights="none", output_stride=output_stride)
+
+
+def _rc(plain: nn.Module, decomposition: Mapping[str, Tensor] | None) -> nn.Module:
+    return rc_backbone(plain, [], decomposition, nff=False)
+
+
+#: how each ``backbone.reparam`` turns the plain pretrained backbone into a multi-task one without tasks (the
+#: tasks are added one by one); ``none`` (a whole backbone per task) is built from the specs
+_SHARED_BANK: dict[str, Callable[[nn.Module, Mapping[str, Tensor] | None], nn.Module]] = {
+    "rc": _rc,
+    "ra_series": lambda plain, _: RAResNet(plain, [], mode="series"),
+    "ra_parallel": lambda plain, _: RAResNet(plain, [], mode="parallel"),
+}
+
+#: the fusion modules by ``fusion.type``, and the options of a task's record each one takes
+_FUSIONS: dict[str, tuple[type[StageFusion], tuple[str, ...]]] = {
+    "nddr": (NDDRFusion, ("alpha", "beta", "shortcut", "init", "bn")),
+    "cross_stitch": (CrossStitchFusion, ("alpha", "beta")),
+}
 
 
 def build_network(
     reparam: str,
-    plain: ResNetBackbone,
+    plain: nn.Module,
     specs: Sequence[TaskSpec],
     heads_for: Mapping[str, Task],
     frozen: Iterable[str] = (),
@@ -124,47 +161,71 @@ def build_network(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise AssemblyError(f"a task appears twice in {names}")
-    if reparam == "rc":
-        backbone: nn.Module = RCResNet(plain, [], decomposition, nff=False)
+    if reparam == "none":
+        backbone: nn.Module = TaskBackbones({spec.name: copy.deepcopy(plain) for spec in specs})
+    elif reparam in _SHARED_BANK:
+        if reparam.startswith("ra_") and isinstance(plain, VGGBackbone):
+            raise AssemblyError(f"backbone.reparam {reparam!r}: residual adapters need a ResNet, not VGG-16")
+        backbone = _SHARED_BANK[reparam](plain, decomposition)
         if bank is not None:
             backbone.load_filter_bank(bank)
         for spec in specs:
-            backbone.add_task(spec.name, nff=spec.nff)
-    elif reparam == "none":
-        backbone = TaskBackbones({spec.name: copy.deepcopy(plain) for spec in specs})
+            if reparam == "rc":
+                backbone.add_task(spec.name, nff=spec.nff)
+            else:
+                backbone.add_task(spec.name)
     else:
-        raise AssemblyError(f"unknown backbone.reparam {reparam!r}")
-    fusion = None
-    fused = [s for s in specs if s.sources]
-    if fused:
-        fusion = NDDRFusion({}, backbone.stage_channels, [])
-        for spec in fused:
-            unknown = [s for s in spec.sources if s not in names]
-            if unknown:
-                raise AssemblyError(f"task '{spec.name}' reads {unknown}, which are not part of this network")
-            f = spec.fusion
-            fusion.add_task(
-                spec.name,
-                [spec.name, *spec.sources],
-                f["stages"],
-                alpha=f.get("alpha", 0.9),
-                beta=f.get("beta"),
-                shortcut=bool(f.get("shortcut", False)),
-            )
+        raise AssemblyError(f"unknown backbone.reparam {reparam!r}; known: none, {', '.join(_SHARED_BANK)}")
+    fusion = _build_fusion(backbone, specs, names)
     by_name = {s.name: s for s in specs}
-    heads = {name: build_head(backbone, task, by_name[name].head_channels) for name, task in heads_for.items()}
+    heads = {name: build_head(backbone, task, by_name[name]) for name, task in heads_for.items()}
     return MultiTaskNet(dict(heads_for), backbone, heads, fusion, frozen=frozen)
 
 
-def build_head(backbone: nn.Module, task: Task, channels: int) -> DeepLabV3PlusHead:
-    """A DeepLabv3+ head for ``task`` on ``backbone``'s last and stride-4 stages."""
-    return DeepLabV3PlusHead(
-        high_channels=backbone.stage_channels["layer4"],
-        low_channels=backbone.stage_channels["layer1"],
-        out_channels=task.out_channels,
-        channels=channels,
-        output_stride=backbone.output_stride,
-    )
+def _build_fusion(backbone: nn.Module, specs: Sequence[TaskSpec], names: Sequence[str]) -> StageFusion | None:
+    """The fusion of the tasks that read others: one method per network (a store's groups fuse alike)."""
+    fused = [s for s in specs if s.sources]
+    if not fused:
+        return None
+    kinds = {s.fusion.get("type", "nddr") for s in fused}
+    if len(kinds) > 1:
+        listed = ", ".join(f"'{s.name}' ({s.fusion.get('type', 'nddr')})" for s in fused)
+        raise AssemblyError(f"the tasks of one network fuse with one method; these differ: {listed}")
+    (kind,) = kinds
+    if kind not in _FUSIONS:
+        raise AssemblyError(f"unknown fusion type {kind!r}; known: {', '.join(_FUSIONS)}")
+    cls, options = _FUSIONS[kind]
+    fusion = cls({}, backbone.stage_channels, [])
+    for spec in fused:
+        unknown = [s for s in spec.sources if s not in names]
+        if unknown:
+            raise AssemblyError(f"task '{spec.name}' reads {unknown}, which are not part of this network")
+        given = {k: v for k, v in spec.fusion.items() if k in options}
+        fusion.add_task(spec.name, [spec.name, *spec.sources], spec.fusion["stages"], **given)
+    return fusion
+
+
+#: the decoder heads by ``head.type``
+_HEADS = {"deeplabv3plus": DeepLabV3PlusHead, "deeplabv3": DeepLabV3Head}
+
+
+def build_head(backbone: nn.Module, task: Task, spec: TaskSpec | int = 256) -> nn.Module:
+    """The head of ``task`` on ``backbone``'s last stage (and its stride-4 stage for DeepLabv3+), as
+    ``spec`` describes it (an int: a DeepLabv3+ head of that width with the default options)."""
+    spec = spec if isinstance(spec, TaskSpec) else TaskSpec(name=task.name, type=task.name, head_channels=spec)
+    common = {
+        "high_channels": backbone.stage_channels["layer4"],
+        "out_channels": task.out_channels,
+        "channels": spec.head_channels,
+        "output_stride": backbone.output_stride,
+        "dropout": spec.head_dropout,
+        "init": spec.head_init,
+    }
+    if spec.head_type not in _HEADS:
+        raise AssemblyError(f"task '{task.name}': unknown head type {spec.head_type!r}; known: {', '.join(_HEADS)}")
+    if spec.head_type == "deeplabv3plus":
+        common["low_channels"] = backbone.stage_channels["layer1"]
+    return _HEADS[spec.head_type](**common)
 
 
 def load_task_tensors(model: MultiTaskNet, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:

@@ -53,6 +53,7 @@ class MultiTaskNet(nn.Module):
         self.fusion = fusion
         self.heads = nn.ModuleDict(heads)
         self.frozen: set[str] = set()
+        self.fixed_encoders: set[str] = set()
         self.freeze(frozen)
 
     def freeze(self, tasks: Iterable[str]) -> None:
@@ -67,11 +68,30 @@ class MultiTaskNet(nn.Module):
                 p.requires_grad_(False)
         self.train(self.training)
 
+    def freeze_encoder(self, tasks: Iterable[str], keep_batchnorm: bool) -> None:
+        """Stop training the encoder of ``tasks`` (``backbone.train_encoder``): their backbone parameters
+        (modulators, adapters, downsample convs, or a whole backbone path) no longer require gradients, and
+        with ``keep_batchnorm`` their BatchNorm layers still train. Without it the encoder is fixed
+        altogether: its modules also stay in eval mode (the BatchNorm statistics do not move)."""
+        tasks = set(tasks)
+        for module_name, module in self.backbone.named_modules():
+            norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, p in module.named_parameters(recurse=False):
+                if any(owned_by(f"backbone.{module_name}.{name}", t) for t in tasks) and not (norm and keep_batchnorm):
+                    p.requires_grad_(False)
+        if not keep_batchnorm:
+            self.fixed_encoders |= tasks
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> MultiTaskNet:
         super().train(mode)
         if self.frozen:
             for name, module in self.named_modules():
                 if any(owned_by(name, t) for t in self.frozen):
+                    module.eval()
+        if self.fixed_encoders:
+            for name, module in self.backbone.named_modules():
+                if any(owned_by(f"backbone.{name}", t) for t in self.fixed_encoders):
                     module.eval()
         return self
 
