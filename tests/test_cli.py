@@ -114,3 +114,17 @@ def test_training_on_cuda_with_bf16_autocast(tmp_path):
     assert trainer.device.type == "cuda"
     metrics = trainer.fit()
     assert set(metrics) == {"semseg", "normals"}
+
+
+def test_the_official_rcm_flags_are_accepted():
+    """``train.py --gpu_id N`` and ``test.py --log_performance FILE`` as the official RCM README writes them."""
+    from rcm_nddr.commands.cli import parser
+
+    args = parser().parse_args(["train", "--config", "c.yaml", "--set", "train.seed=1", "--gpu_id", "1"])
+    assert args.overrides == ["train.seed=1", "train.device=cuda:1"]
+    again = parser().parse_args(["train", "--config", "c.yaml"])
+    assert again.overrides == []  # the default list is not shared between parses
+    args = parser().parse_args(["test", "--config", "c.yaml", "--gpu_id", "0", "--log_performance", "perf.csv"])
+    assert args.log_performance == "perf.csv" and args.overrides == ["train.device=cuda:0"]
+    with pytest.raises(SystemExit):
+        parser().parse_args(["train", "--config", "c.yaml", "--gpu_id", "-1"])

@@ -96,6 +96,19 @@ def add_config_arguments(p: argparse.ArgumentParser, example: str = "configs/syn
     add_logging_arguments(p)
 
 
+class GpuId(argparse.Action):
+    """``--gpu_id N``, the official RCM commands' flag: the same as ``--set train.device=cuda:N``."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if value < 0:
+            parser.error(f"{option_string}: expected a GPU index >= 0, got {value}")
+        namespace.overrides = [*(getattr(namespace, "overrides", None) or []), f"train.device=cuda:{value}"]
+
+
+def add_gpu_id_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu_id", type=int, action=GpuId, metavar="N", help="run on cuda:N (= --set train.device=cuda:N)")
+
+
 def add_compile_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """``--compile [MODE]``: a ``torch.compile`` mode of the config's ``CompileMode`` (bare: ``default``),
     None when absent; ``what`` says what it compiles."""
@@ -128,6 +141,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="retrain tasks the store already registers, starting over (refused while other tasks read them)",
     )
+    add_gpu_id_argument(p)
     p.set_defaults(handler="rcm_nddr.commands.run:train")
     return p
 
@@ -136,7 +150,10 @@ def add_test_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.add_argument("--split", help="split to evaluate (default: dataset.val_split)")
     p.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint (default: test.checkpoint)")
-    p.add_argument("--log-performance", metavar="CSV", help="append one row per task to this CSV file")
+    p.add_argument(
+        "--log-performance", "--log_performance", metavar="CSV", help="append one row per task to this CSV file"
+    )
+    add_gpu_id_argument(p)
     p.add_argument(
         "--save-predictions",
         metavar="DIR",
