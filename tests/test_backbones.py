@@ -387,3 +387,11 @@ def test_decompose_folder_makes_the_file_of_a_vgg_bank(tmp_path):
     sha = filter_bank_sha256(bank_weights(plain_backbone("vgg16", str(weights))))
     layers, meta = load_decomposition(out, expected_bank_sha256=sha)
     assert list(layers) == VGG_CONVS and meta["arch"] == "vgg16" and meta["output_stride"] == "8"
+
+
+def test_the_decomp_command_knows_every_backbone():
+    """``python -m decomp --arch`` lists the archs without importing torch: the list must stay complete."""
+    from rcm_nddr.commands.arguments import DECOMP_ARCHS
+    from rcm_nddr.nn.backbone import ARCHS
+
+    assert set(DECOMP_ARCHS) == set(ARCHS)

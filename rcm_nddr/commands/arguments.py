@@ -12,7 +12,9 @@ from rcm_nddr.commands.docker import DEFAULT_SHM_SIZE, DEFAULT_STOP_TIMEOUT, DEF
 from rcm_nddr.config import CompileMode
 from rcm_nddr.registry import installed_names
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = ("resnet18", "resnet34", "resnet50")  # the benchmarks' ResNets
+#: every backbone a decomposition can be made for (rcm_nddr.nn.backbone.ARCHS, without importing torch)
+DECOMP_ARCHS = (*ARCHS, "resnet101", "resnet152", "vgg16")
 #: the demo's defaults (``rcm-nddr demo``)
 DEMO_OUT = "results/demo"
 DEMO_DATA = "data/SYNTH_MT"
@@ -330,9 +332,14 @@ def add_decomp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=positive_int, help="use only the first N images")
     p.add_argument("--batch-size", type=positive_int, help="images per forward pass (default: train.batch_size or 8)")
     folder = p.add_argument_group("with --images")
-    folder.add_argument("--arch", choices=ARCHS, help="backbone (default: resnet18)")
+    folder.add_argument("--arch", choices=DECOMP_ARCHS, help="backbone (default: resnet18)")
     folder.add_argument("--weights", help="'torchvision' (ImageNet, from the local cache), 'none' or a state dict path")
-    folder.add_argument("--output-stride", type=int, choices=[8, 16], help="output stride (default: 16)")
+    folder.add_argument(
+        "--output-stride",
+        type=int,
+        choices=[8, 16, 32],
+        help="output stride (default: 16 for a ResNet, 8 for vgg16; 32: the undilated ResNet, as the official RI)",
+    )
     folder.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"), help="image size (default: 128 128)")
     folder.add_argument("--device", help="auto (default), cpu, cuda, ...")
     folder.add_argument("--workers", type=int, default=2, help="data loader workers")

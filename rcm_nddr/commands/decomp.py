@@ -23,7 +23,7 @@ def decompose(args: argparse.Namespace) -> int:
             args.out,
             arch=args.arch or "resnet18",
             weights=args.weights,
-            output_stride=args.output_stride or 16,
+            output_stride=args.output_stride,
             size=tuple(args.size or (128, 128)),
             max_images=args.max_images,
             batch_size=args.batch_size or 8,
