@@ -160,6 +160,8 @@ def test_real_dataset_configs_follow_the_rcm_protocol(folder, dataset, crop, tas
             assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum) == ("sgd", 0.005, 0.9)
             assert cfg.optimizer.weight_decay == 1e-4 and (cfg.scheduler.name, cfg.scheduler.power) == ("poly", 0.9)
             assert cfg.train.batch_size == 8 and cfg.head.channels == 256 and cfg.backbone.arch == "resnet18"
+            # the official code's head and precision: no ASPP dropout, N(0, 0.01) convs, fp32
+            assert (cfg.head.dropout, cfg.head.init, cfg.train.amp) == (0.0, "normal", False)
             assert cfg.backbone.reparam == reparam and cfg.fusion.type == fusion
             if reparam == "rc":
                 assert (cfg.backbone.ri, cfg.backbone.nff) == (ri, nff)
