@@ -11,7 +11,12 @@ task-major channel blocks in a fixed order decided at build time, so that
 - NDDR fusion at a stage is ONE 1x1 conv ``T*C -> F*C`` over the stack, F the tasks fusing there: row
   block t, column block s holds task t's folded NDDR weight block for source s (zero where t does not
   read s); the other tasks' blocks pass through untouched;
-- the NDDR shortcut and the heads run per task, on per-task channel views of the stack.
+- the NDDR shortcut and the heads run per task, on per-task channel views of the stack;
+- a fusion with no one-conv form (cross-stitch: per-channel weighted sums, no ReLU) runs its units on
+  the tasks' channel views of the stack (``StackedFusion``), as the per-task form does.
+
+Folded ResNet paths stack into a ``BatchedBackbone``, folded VGG paths into a ``BatchedVGG`` (conv1_1 one
+dense conv like the ResNet stem, every other conv grouped; ReLU and max pooling act per channel).
 
 The stack runs whole whichever tasks a call asks for (only their shortcuts and heads run)."""
 
@@ -25,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rcm_nddr.nn.backbone import STAGES
-from rcm_nddr.nn.folding import DeployBackbone, FoldedBlock, FoldedPath
+from rcm_nddr.nn.folding import VGG_CONVS, DeployBackbone, FoldedBlock, FoldedPath, FoldedVGG
+from rcm_nddr.nn.fusion import StageFusion
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.nn.nddr import SHORTCUT, NDDRFusion, NDDRLayer
 
@@ -65,24 +71,18 @@ def stack_convs(convs: Sequence[nn.Conv2d], grouped: bool) -> nn.Conv2d:
     return stacked
 
 
-class BatchedBackbone(FoldedPath):
-    """The folded paths of the tasks ``order`` run as one folded path over their stacked features
-    ``(B, T*C, H, W)`` (task t in channel block t): grouped convs in the blocks, one dense stem conv,
-    after the shared bank conv ``stem_bank`` when there is one.
+class StackedTasks(nn.Module):
+    """What a batched backbone adds to a folded path whose convs are the stacked convs of the tasks
+    ``order`` (a base placed before the path's class): ``forward_stage(x, stage)`` maps the stack (the
+    images for ``stem``, through the shared bank conv ``stem_bank`` first when there is one) through one
+    stage, and ``view`` is task t's block of a stage's stack."""
 
-    ``forward_stage(x, stage)`` maps the stack (the images for ``stem``) through one stage; ``view``
-    is task t's block of a stage's stack."""
+    order: list[str]
+    position: dict[str, int]
+    stem_bank: nn.Module | None
+    stage_channels: dict[str, int]
 
-    def __init__(
-        self,
-        order: Sequence[str],
-        stem_bank: nn.Conv2d | None,
-        stem: nn.Conv2d,
-        maxpool: nn.Module,
-        stages: Mapping[str, list[FoldedBlock]],
-        like: nn.Module,
-    ) -> None:
-        super().__init__(stem, maxpool, stages, like)
+    def set_order(self, order: Sequence[str], stem_bank: nn.Module | None) -> None:
         self.order = list(order)
         self.position = {task: i for i, task in enumerate(self.order)}
         self.stem_bank = stem_bank
@@ -99,9 +99,47 @@ class BatchedBackbone(FoldedPath):
         return stack[:, start : start + channels]
 
 
-def stack_backbone(backbone: DeployBackbone, order: Sequence[str]) -> BatchedBackbone:
-    """The per-task folded paths of ``backbone`` for the tasks ``order`` as one BatchedBackbone."""
+class BatchedBackbone(StackedTasks, FoldedPath):
+    """The folded ResNet paths of the tasks ``order`` run as one folded path over their stacked features
+    ``(B, T*C, H, W)`` (task t in channel block t): grouped convs in the blocks, one dense stem conv,
+    after the shared stem response ``stem_bank`` when there is one."""
+
+    def __init__(
+        self,
+        order: Sequence[str],
+        stem_bank: nn.Module | None,
+        stem: nn.Conv2d,
+        maxpool: nn.Module,
+        stages: Mapping[str, list[FoldedBlock]],
+        like: nn.Module,
+    ) -> None:
+        super().__init__(stem, maxpool, stages, like)
+        self.set_order(order, stem_bank)
+
+
+class BatchedVGG(StackedTasks, FoldedVGG):
+    """The folded VGG paths of the tasks ``order`` as one VGG over their stacked features: ``convs`` by
+    name, conv1_1 dense (every task reads the image or the shared bank response), the others grouped."""
+
+    def __init__(
+        self, order: Sequence[str], stem_bank: nn.Module | None, convs: Mapping[str, nn.Conv2d], like: nn.Module
+    ) -> None:
+        super().__init__(convs, like)
+        self.set_order(order, stem_bank)
+
+
+def stack_backbone(backbone: DeployBackbone, order: Sequence[str]) -> BatchedBackbone | BatchedVGG:
+    """The per-task folded paths of ``backbone`` for the tasks ``order`` as one batched backbone."""
     paths = [backbone.paths[t] for t in order]
+    stem_bank = None if backbone.stem_bank is None else copy.deepcopy(backbone.stem_bank)
+    if all(isinstance(p, FoldedVGG) for p in paths):
+        convs = {
+            name: stack_convs([getattr(p, name) for p in paths], grouped=name != VGG_CONVS[0]) for name in VGG_CONVS
+        }
+        return BatchedVGG(order, stem_bank, convs, backbone)
+    if not all(isinstance(p, FoldedPath) for p in paths):
+        kinds = sorted({type(p).__name__ for p in paths})
+        raise TypeError(f"the batched deploy form stacks folded ResNet or VGG paths of one kind, not {kinds}")
     stem = stack_convs([p.stem for p in paths], grouped=False)  # every task reads the image / bank response
     stages: dict[str, list[FoldedBlock]] = {}
     for stage in STAGES[1:]:
@@ -114,7 +152,6 @@ def stack_backbone(backbone: DeployBackbone, order: Sequence[str]) -> BatchedBac
             down = None if downs[0] is None else stack_convs(downs, grouped=True)
             blocks.append(FoldedBlock(*convs, downsample=down))
         stages[stage] = blocks
-    stem_bank = None if backbone.stem_bank is None else copy.deepcopy(backbone.stem_bank)
     return BatchedBackbone(order, stem_bank, stem, copy.deepcopy(paths[0].maxpool), stages, backbone)
 
 
@@ -180,13 +217,54 @@ class BatchedNDDR(nn.Module):
         return torch.cat(chunks, dim=1)
 
 
-def stack_fusion(fusion: NDDRFusion, order: Sequence[str]) -> BatchedNDDR:
-    """The BN-folded NDDR layers of ``fusion`` (``fold_sequences`` applied) for the stack ``order``.
+class StackedFusion(nn.Module):
+    """A stage fusion with no one-conv form over the stack (cross-stitch: per-channel weighted sums, no
+    ReLU) run on the stack of the tasks ``order``: at a stage, the fusing tasks' units read their sources'
+    channel blocks (views, no copy) and compute what they compute in the per-task form; their outputs
+    replace their blocks, the other tasks' blocks pass through."""
+
+    def __init__(self, fusion: StageFusion, order: Sequence[str]) -> None:
+        super().__init__()
+        self.fusion = fusion
+        self.order = list(order)
+        self.stages = {task: list(s) for task, s in fusion.stages.items()}
+
+    def required(self, tasks: Sequence[str]) -> list[str]:
+        """Every task of the stack: all of them run whatever ``tasks`` asks."""
+        return list(self.order)
+
+    def has_shortcut(self, task: str) -> bool:
+        return self.fusion.has_shortcut(task)
+
+    def shortcut(self, task: str, stage_features: Sequence[Tensor]) -> Tensor:
+        return self.fusion.shortcut(task, stage_features)
+
+    def forward(self, stage: str, stack: Tensor) -> Tensor:
+        """The fused stack after ``stage`` (the stack itself where no task fuses)."""
+        if not any(stage in stages for stages in self.stages.values()):
+            return stack
+        channels = self.fusion.stage_channels[stage]
+        views = {task: stack[:, i * channels : (i + 1) * channels] for i, task in enumerate(self.order)}
+        fused = self.fusion(stage, views)
+        return torch.cat([fused[task] for task in self.order], dim=1)
+
+
+def stack_fusion(fusion: nn.Module, order: Sequence[str]) -> BatchedNDDR | StackedFusion:
+    """The deploy form's fusion (``fold_sequences`` applied) over the stack ``order``: NDDR as one conv per
+    stage (``stack_nddr``), any other stage fusion unit by unit on the stack (``StackedFusion``)."""
+    if isinstance(fusion, NDDRFusion):
+        return stack_nddr(fusion, order)
+    if isinstance(fusion, StageFusion):
+        return StackedFusion(fusion, order)
+    raise TypeError(f"the batched deploy form runs stage fusions (NDDR, cross-stitch), not {type(fusion).__name__}")
+
+
+def stack_nddr(fusion: NDDRFusion, order: Sequence[str]) -> BatchedNDDR:
+    """The BN-folded NDDR layers of ``fusion`` (``fold_sequences`` applied; a layer without BatchNorm as it
+    is) for the stack ``order``.
 
     NDDR sources are ordered own task first, then the others in store order; each source's weight block
     goes to the column block of that source's position in the stack, not to its position in the list."""
-    if not isinstance(fusion, NDDRFusion):
-        raise TypeError(f"batched execution supports NDDR fusion, not {type(fusion).__name__}")
     position = {task: i for i, task in enumerate(order)}
     n = len(order)
     convs: dict[str, nn.Conv2d] = {}
@@ -220,16 +298,17 @@ def stack_fusion(fusion: NDDRFusion, order: Sequence[str]) -> BatchedNDDR:
 
 
 class BatchedMultiTaskNet(MultiTaskNet):
-    """A deploy form whose backbone and NDDR fusion run all tasks at once over one stacked tensor
-    (``BatchedBackbone``, ``BatchedNDDR``); the NDDR shortcuts and heads run per task on views of it.
+    """A deploy form whose backbone and fusion run all tasks at once over one stacked tensor
+    (``BatchedBackbone`` or ``BatchedVGG``, ``BatchedNDDR`` or ``StackedFusion``); the NDDR shortcuts and
+    heads run per task on views of it.
 
     Called like a MultiTaskNet, whose forward it runs with the stack as the features between stages:
     ``model(images, tasks=None, raw=False) -> {task: prediction}``. The whole stack (every task the
     model was built to run) is computed whatever ``tasks`` asks for; only the asked tasks' shortcuts and
     heads run."""
 
-    backbone: BatchedBackbone
-    fusion: BatchedNDDR | None
+    backbone: BatchedBackbone | BatchedVGG
+    fusion: BatchedNDDR | StackedFusion | None
 
     def stage_input(self, images: Tensor, tasks: Sequence[str]) -> Tensor:
         return images
