@@ -55,6 +55,9 @@ class BackboneConfig:
     #: and adapters stay at their initial values); ``none``: nothing (the decoder-only baseline: the
     #: encoder, BatchNorm statistics included, stays as initialized)
     train_encoder: Literal["all", "norm", "none"] = "all"
+    #: ``per_task``: each task of the group has its own encoder path; ``shared``: hard parameter sharing,
+    #: the group's tasks share one trained encoder (its first task's path), each with its own head
+    sharing: Literal["per_task", "shared"] = "per_task"
 
 
 @dataclass
@@ -437,6 +440,8 @@ def _check_model(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) ->
         raise fail("backbone.output_stride", f"VGG-16 (DeepLab-LargeFOV) has output stride 8, got {b.output_stride}")
     if b.arch == "vgg16" and b.reparam.startswith("ra_"):
         raise fail("backbone.reparam", f"residual adapters ({b.reparam}) are built on ResNet blocks, not on vgg16")
+    if b.sharing == "shared" and f.type != "none":
+        raise fail("backbone.sharing", f"shared (one encoder for the group) does not combine with fusion.type {f.type}")
     if f.type == "cross_stitch":
         ablations = {"fusion.shortcut": f.shortcut, "fusion.bn": not f.bn, "fusion.init": f.init != "constant"}
         for key, set_ in ablations.items():

@@ -143,6 +143,37 @@ def test_vgg16_largefov_with_rc_ri_nff(tmp_path, synth):
     assert_reloads_exactly(store, trainer)
 
 
+@pytest.mark.parametrize("reparam", ["none", "rc"])
+def test_hard_parameter_sharing_trains_one_encoder_for_the_group(tmp_path, synth, bank, reparam):
+    """``backbone.sharing: shared``: the group's tasks run on its first task's encoder (a plain trunk, or
+    one set of modulators as RCM's common_mt_params); the other tasks own their heads and read the first
+    task, so either loads alone from the store."""
+    store = tmp_path / "store"
+    options = (f"backbone.reparam={reparam}", "backbone.sharing=shared", *ONE_STEP)
+    trainer = run(rc_run(store, synth, bank, "[semseg, depth, normals]", *options))
+    backbone = trainer.model.backbone
+    assert backbone.routes == {"depth": "semseg", "normals": "semseg"}
+    owned = {t: parameter_breakdown(trainer.model, t) for t in ("semseg", "depth", "normals")}
+    head = sum(p.numel() for p in trainer.model.heads["depth"].parameters())
+    assert owned["depth"]["total"] == owned["depth"]["head"] == head
+    encoder = "backbone" if reparam == "none" else "modulators"
+    assert owned["semseg"][encoder] > 0 and owned["depth"][encoder] == owned["normals"][encoder] == 0
+    s = ModelStore(store)
+    record = s.task("depth")
+    assert record.sources == ["semseg"] and record.model["trunk"] == "semseg" and record.model["fusion"] is None
+    assert_reloads_exactly(store, trainer)
+    alone = s.load_model(["normals"])  # loads the encoder of semseg too, frozen, without its head
+    with torch.no_grad():
+        x = probe_input()
+        torch.testing.assert_close(alone(x, raw=True)["normals"], trainer.model(x, raw=True)["normals"])
+    assert list(alone.heads) == ["normals"]
+    for names in (["normals"], ["semseg", "depth", "normals"]):  # the deploy forms, checked on the probes
+        for batched in (False, True):
+            s.load_model(names, deploy=True, batched=batched)
+    with pytest.raises(StoreError, match="read"):
+        s.remove("semseg")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -156,6 +187,7 @@ def test_vgg16_largefov_with_rc_ri_nff(tmp_path, synth):
         (["head.dropout=1.5"], "key 'head.dropout': expected a rate in \\[0, 1\\)"),
         (["backbone.train_encoder=some"], "key 'backbone.train_encoder'"),
         (["head.type=fcn"], "key 'head.type'"),
+        (["backbone.sharing=shared", "fusion.type=nddr"], "key 'backbone.sharing': shared .* does not combine"),
     ],
 )
 def test_combinations_that_cannot_work_are_one_error_naming_the_key(tmp_path, overrides, message):

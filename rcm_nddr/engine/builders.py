@@ -301,6 +301,8 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
             "(remove those first)"
         )
     available = [r.name for r in records if r.name not in names]
+    if cfg.backbone.sharing == "shared":  # hard parameter sharing: the group's tasks run on its first task's encoder
+        return GroupPlan({t: [names[0]] for t in names[1:]})
     if f.type == "none":
         return GroupPlan()
     kinds = {r.name: (r.model.get("fusion") or {}).get("type", "nddr") for r in records if r.sources}
@@ -352,7 +354,8 @@ def config_spec(cfg: Config, name: str, task: Task, sources: list[str]) -> TaskS
         head_dropout=h.dropout,
         head_init=h.init,
         sources=list(sources),
-        fusion=fusion if sources else {},
+        fusion=fusion if sources and f.type != "none" else {},
+        trunk=cfg.tasks[0] if cfg.backbone.sharing == "shared" and name != cfg.tasks[0] else None,
         options={k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"},
         plugins=plugin_paths(cfg.plugins),
         dataset=dataset_description(task.info),

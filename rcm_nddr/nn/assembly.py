@@ -53,6 +53,8 @@ class TaskSpec:
     head_type: str = "deeplabv3plus"
     head_dropout: float = 0.5
     head_init: str = "default"
+    #: the task whose encoder path this task runs on (hard parameter sharing; it is also its source)
+    trunk: str | None = None
     sources: list[str] = field(default_factory=list)
     fusion: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -69,9 +71,10 @@ class TaskSpec:
                 "dropout": self.head_dropout,
                 "init": self.head_init,
             },
-            "fusion": dict(self.fusion) if self.sources else None,
+            "fusion": dict(self.fusion) if self.sources and self.fusion else None,
             "options": dict(self.options),
             "plugins": list(self.plugins),
+            "trunk": self.trunk,
         }
 
     @classmethod
@@ -88,6 +91,7 @@ class TaskSpec:
                 head_type=str(model["head"].get("type", "deeplabv3plus")),
                 head_dropout=float(model["head"].get("dropout", 0.5)),
                 head_init=str(model["head"].get("init", "default")),
+                trunk=model.get("trunk"),
                 sources=list(record.sources),
                 fusion=dict(model["fusion"] or {}),
                 options=dict(model.get("options") or {}),
@@ -161,21 +165,27 @@ def build_network(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise AssemblyError(f"a task appears twice in {names}")
+    own = [spec for spec in specs if spec.trunk is None]
+    shared = {spec.name: spec.trunk for spec in specs if spec.trunk is not None}
+    missing = sorted({t for t in shared.values() if t not in [o.name for o in own]})
+    if missing:
+        raise AssemblyError(f"tasks {sorted(shared)} run on the encoder of {missing}, which this network lacks")
     if reparam == "none":
-        backbone: nn.Module = TaskBackbones({spec.name: copy.deepcopy(plain) for spec in specs})
+        backbone: nn.Module = TaskBackbones({spec.name: copy.deepcopy(plain) for spec in own})
     elif reparam in _SHARED_BANK:
         if reparam.startswith("ra_") and isinstance(plain, VGGBackbone):
             raise AssemblyError(f"backbone.reparam {reparam!r}: residual adapters need a ResNet, not VGG-16")
         backbone = _SHARED_BANK[reparam](plain, decomposition)
         if bank is not None:
             backbone.load_filter_bank(bank)
-        for spec in specs:
+        for spec in own:
             if reparam == "rc":
                 backbone.add_task(spec.name, nff=spec.nff)
             else:
                 backbone.add_task(spec.name)
     else:
         raise AssemblyError(f"unknown backbone.reparam {reparam!r}; known: none, {', '.join(_SHARED_BANK)}")
+    backbone.routes.update(shared)
     fusion = _build_fusion(backbone, specs, names)
     by_name = {s.name: s for s in specs}
     heads = {name: build_head(backbone, task, by_name[name]) for name, task in heads_for.items()}
@@ -184,7 +194,7 @@ def build_network(
 
 def _build_fusion(backbone: nn.Module, specs: Sequence[TaskSpec], names: Sequence[str]) -> StageFusion | None:
     """The fusion of the tasks that read others: one method per network (a store's groups fuse alike)."""
-    fused = [s for s in specs if s.sources]
+    fused = [s for s in specs if s.sources and s.fusion]
     if not fused:
         return None
     kinds = {s.fusion.get("type", "nddr") for s in fused}

@@ -111,12 +111,24 @@ class PerTaskBackbone(nn.Module):
     A subclass whose stem starts with a task-independent conv (the RC filter bank) sets ``shares_stem``
     and splits its stem into ``stem_response(x)``, computed once per distinct input, and
     ``finish_stem(response, task)``; ``forward_task_stage(x, "stem", task)`` must compute the same as
-    ``finish_stem(stem_response(x), task)``."""
+    ``finish_stem(stem_response(x), task)``.
+
+    ``routes`` maps a task to the task whose path it runs on (hard parameter sharing: the tasks of a group
+    share the path of its first task, and have none of their own); tasks on one path reading one input
+    are computed once."""
 
     stage_channels: dict[str, int]
     stage_strides: dict[str, int]
     output_stride: int
     shares_stem: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: dict[str, str] = {}
+
+    def path_of(self, task: str) -> str:
+        """The task whose modules ``task`` runs on: itself, unless it shares another task's path."""
+        return self.routes.get(task, task)
 
     def forward_task_stage(self, x: Tensor, stage: str, task: str) -> Tensor:
         raise NotImplementedError
@@ -129,8 +141,18 @@ class PerTaskBackbone(nn.Module):
 
     def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
         if stage == "stem" and self.shares_stem:
-            return once_per_input(features, self.stem_response, self.finish_stem)
-        return {task: self.forward_task_stage(x, stage, task) for task, x in features.items()}
+            responses = once_per_input(features, self.stem_response)
+        done: dict[tuple[str, int], Tensor] = {}
+        out = {}
+        for task, x in features.items():
+            key = (self.path_of(task), id(x))
+            if key not in done:
+                if stage == "stem" and self.shares_stem:
+                    done[key] = self.finish_stem(responses[task], key[0])
+                else:
+                    done[key] = self.forward_task_stage(x, stage, key[0])
+            out[task] = done[key]
+        return out
 
 
 class TaskBackbones(PerTaskBackbone):

@@ -329,10 +329,13 @@ def fold_resnet(net: RCResNet | RAResNet, task: str, shared_stem: bool) -> Folde
 def deploy_backbone(backbone: nn.Module, tasks: list[str], shared_stem: bool | None = None) -> nn.Module:
     """The folded form of a MultiTaskNet backbone for ``tasks``. ``shared_stem`` (RC and residual adapters;
     default: when two or more tasks run) computes the stem's shared response once for all tasks."""
-    if isinstance(backbone, TaskBackbones):
-        return DeployBackbone({t: fold_plain(backbone.paths[t]) for t in tasks}, None, backbone)
     if isinstance(backbone, SharedBackbone):
         return SharedBackbone(fold_plain(backbone.net))
+    # tasks that run on another task's path (hard parameter sharing) get that path, folded once
+    owner = {t: backbone.path_of(t) for t in tasks} if isinstance(backbone, PerTaskBackbone) else {}
+    if isinstance(backbone, TaskBackbones):
+        folded = {o: fold_plain(backbone.paths[o]) for o in dict.fromkeys(owner.values())}
+        return _routed(DeployBackbone({t: folded[owner[t]] for t in tasks}, None, backbone), owner)
     if isinstance(backbone, (RCResNet, RAResNet)):
         stem, fold_path = backbone.conv1, fold_resnet
     elif isinstance(backbone, RCVGG):
@@ -340,8 +343,16 @@ def deploy_backbone(backbone: nn.Module, tasks: list[str], shared_stem: bool | N
     else:
         raise TypeError(f"no deploy form for a backbone of type {type(backbone).__name__}")
     share = len(tasks) > 1 if shared_stem is None else shared_stem
-    paths = {t: fold_path(backbone, t, share) for t in tasks}
-    return DeployBackbone(paths, shared_response(stem) if share else None, backbone)
+    folded = {o: fold_path(backbone, o, share) for o in dict.fromkeys(owner.values())}
+    deployed = DeployBackbone({t: folded[owner[t]] for t in tasks}, shared_response(stem) if share else None, backbone)
+    return _routed(deployed, owner)
+
+
+def _routed(deployed: DeployBackbone, owner: Mapping[str, str]) -> DeployBackbone:
+    """The deploy form computes a task sharing the path of another task it runs once with it (each holds
+    the path, so a task run without its path's owner needs no route)."""
+    deployed.routes.update({t: o for t, o in owner.items() if o != t and o in owner})
+    return deployed
 
 
 def fold_sequences(module: nn.Module) -> None:
