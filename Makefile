@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint venv clean docker-smoke
+.PHONY: demo test test-slow test-all test-fast lint venv clean docker-smoke
 
 venv: $(STAMP)
 
@@ -20,10 +20,20 @@ demo: $(STAMP)
 	$(BIN)/rcm-nddr demo
 
 # The tests run on every core (at most 4 workers; TEST_WORKERS=0 runs them in this process).
+# `test`: the unit and integration tiers; `test-slow`: the slow tier (real processes, TorchDynamo
+# tracing, the whole demo); CI (.ci/run) runs both; `test-all` runs everything at once.
 TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+	$(PYTEST) -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
+
+test-all: $(STAMP)
+	$(BIN)/ruff check .
+	$(PYTEST)
 
 # The edit-test loop: the unit tier, without the slow tests.
 test-fast: $(STAMP)

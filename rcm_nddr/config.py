@@ -58,6 +58,9 @@ class BackboneConfig:
     #: ``per_task``: each task of the group has its own encoder path; ``shared``: hard parameter sharing,
     #: the group's tasks share one trained encoder (its first task's path), each with its own head
     sharing: Literal["per_task", "shared"] = "per_task"
+    #: ``reparam: rc``: the group's tasks share one set of modulators (its first task's), each keeping its
+    #: own BatchNorm and downsample copies (``sharing: shared`` shares those too, as RCM's common_mt_params)
+    shared_modulators: bool = False
 
 
 @dataclass
@@ -442,6 +445,9 @@ def _check_model(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) ->
         raise fail("backbone.reparam", f"residual adapters ({b.reparam}) are built on ResNet blocks, not on vgg16")
     if b.sharing == "shared" and f.type != "none":
         raise fail("backbone.sharing", f"shared (one encoder for the group) does not combine with fusion.type {f.type}")
+    if b.shared_modulators and (b.reparam != "rc" or b.sharing == "shared"):
+        why = f"reparam is {b.reparam}" if b.reparam != "rc" else "sharing: shared shares the whole encoder already"
+        raise fail("backbone.shared_modulators", f"shares RC modulators, but {why}")
     if f.type == "cross_stitch":
         ablations = {"fusion.shortcut": f.shortcut, "fusion.bn": not f.bn, "fusion.init": f.init != "constant"}
         for key, set_ in ablations.items():

@@ -23,25 +23,20 @@ import argparse
 import csv
 import json
 import logging
-import os
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from study_cells import DATA, REPO, mean_std, prepare, train_cell
 
 from rcm_nddr.config import load_config
 from rcm_nddr.engine.builders import build_dataset, build_tasks
 from rcm_nddr.engine.evaluate import delta_mtl, primary_metrics
 
-REPO = Path(__file__).resolve().parent.parent
 GROUPS = ("semseg+depth+normals", "semseg+edge")
 METHODS = ("fixed", "uncertainty", "gradnorm", "dwa", "pcgrad", "famo")
-BANK = Path("results/synthetic/resnet18_bank.pth")
-DATA = Path("data/SYNTH_MT")
 
 log = logging.getLogger("objectives_study")
 
@@ -83,7 +78,6 @@ def run_cell(cell: dict, args: argparse.Namespace) -> dict:
     if result_file.is_file():
         return json.loads(result_file.read_text())
     overrides = [
-        f"store={store}",
         f"train.seed={cell['seed']}",
         f"train.max_iters={args.iters}",
         f"train.val_every={args.iters}",
@@ -95,26 +89,12 @@ def run_cell(cell: dict, args: argparse.Namespace) -> dict:
         overrides.append(f"loss.weighting.period={args.dwa_period}")
     if cell.get("terms"):
         overrides.append("loss.consistency=" + yaml.safe_dump(cell["terms"], default_flow_style=True).strip())
-    command = [sys.executable, str(REPO / "train.py"), "--config", str(cell["config"]), "--auto-resume"]
-    for item in overrides:
-        command += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    store.mkdir(parents=True, exist_ok=True)
-    # a resumed cell's wall time covers part of its run only: it is left out of the time ratios
-    resumed = any(store.glob("checkpoints/*/last.pt"))
-    start = time.monotonic()
-    with open(store / "train.log", "w") as logfile:
-        done = subprocess.run(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, cwd=REPO)
-    seconds = time.monotonic() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"cell {cell['id']} failed (exit {done.returncode}); see {store / 'train.log'}")
     group = cell["task"] if cell["kind"] == "baseline" else cell["group"]
-    summary = json.loads((store / "runs" / group / "metrics.json").read_text())
+    trained = train_cell(store, Path(cell["config"]), overrides, group)
     result = {k: (str(v) if isinstance(v, Path) else v) for k, v in cell.items() if k != "terms"}
-    result.update(metrics=summary["metrics"], objective=summary.get("objective"), seconds=seconds, iters=args.iters)
-    result["resumed"] = resumed
+    result.update(trained, iters=args.iters)
     result_file.write_text(json.dumps(result, indent=2))
-    log.info("%s: %.0f s", cell["id"], seconds)
+    log.info("%s: %.0f s", cell["id"], trained["seconds"])
     return result
 
 
@@ -123,10 +103,6 @@ def primaries(groups: list[str]) -> dict[str, tuple[str, bool]]:
     tasks = sorted({t for g in groups for t in g.split("+")})
     cfg = load_config(None, [f"tasks=[{', '.join(tasks)}]", f"dataset.root={DATA}"])
     return primary_metrics(build_tasks(cfg, build_dataset(cfg, cfg.dataset.val_split, train=False).info))
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
@@ -144,7 +120,7 @@ def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
         title = f"| weighting | consistency | n | {header} | Delta_MTL (%) | time/iter vs fixed |"
         lines += [f"### {group}", "", title, "|" + "---|" * (len(tasks) + 5)]
         seeds = sorted({s for (t, s) in base if t in tasks})
-        base_row = [_mean_std([base[(t, s)][prim[t][0]] for s in seeds]) for t in tasks]
+        base_row = [mean_std([base[(t, s)][prim[t][0]] for s in seeds]) for t in tasks]
         cells_md = " | ".join(f"{m:.4g} +- {s:.2g}" for m, s in base_row)
         lines.append(f"| single-task (RC_RI_NFF) | - | {len(seeds)} | {cells_md} | 0 | - |")
         for method, xtask in variants:
@@ -163,9 +139,9 @@ def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
                 statistics.median(per_iter) / statistics.median(fixed_time) if per_iter and fixed_time else float("nan")
             )
             metrics = {
-                t: {k: _mean_std([r["metrics"][t][k] for r in mine]) for k in mine[0]["metrics"][t]} for t in tasks
+                t: {k: mean_std([r["metrics"][t][k] for r in mine]) for k in mine[0]["metrics"][t]} for t in tasks
             }
-            d = _mean_std(deltas)
+            d = mean_std(deltas)
             cells_md = " | ".join(f"{metrics[t][prim[t][0]][0]:.4g} +- {metrics[t][prim[t][0]][1]:.2g}" for t in tasks)
             lines.append(
                 f"| {method} | {'yes' if xtask else 'no'} | {len(mine)} | {cells_md} | {d[0]:+.2f} +- {d[1]:.2f} | "
@@ -206,18 +182,6 @@ def aggregate(results: list[dict], groups: list[str], out: Path) -> str:
                 ]
             )
     return markdown
-
-
-def prepare() -> None:
-    """The SYNTH_MT data and the filter bank the configs name, made when missing."""
-    cli = [sys.executable, "-m", "rcm_nddr"]
-    if not (REPO / DATA / "meta.json").is_file():
-        subprocess.run(
-            [*cli, "data", "synth", "--out", str(DATA), "--train", "320", "--val", "80"], cwd=REPO, check=True
-        )
-    if not (REPO / BANK).is_file():
-        config = "configs/synthetic/pretrain.yaml"
-        subprocess.run([*cli, "pretrain", "--config", config, "--out", str(BANK)], cwd=REPO, check=True)
 
 
 def main(argv: list[str] | None = None) -> int:

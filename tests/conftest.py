@@ -160,8 +160,8 @@ def recorded_compile(monkeypatch) -> list[RecordedCompile]:
 
 
 #: the modules whose tests train or run real (tiny) networks end to end, start processes or run the
-#: commands: the ``integration`` tier. The rest is the ``unit`` tier (``make test-fast``); ``slow`` marks
-#: the longest tests of either tier.
+#: commands: the ``integration`` tier. The rest is the ``unit`` tier (``make test-fast``). ``slow`` marks
+#: the longest tests of either tier, the slow tier: ``make test`` leaves them to ``make test-slow`` (CI runs both).
 INTEGRATION_MODULES = {
     "test_bench_scaling",
     "test_baselines",

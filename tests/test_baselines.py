@@ -174,6 +174,25 @@ def test_hard_parameter_sharing_trains_one_encoder_for_the_group(tmp_path, synth
         s.remove("semseg")
 
 
+def test_shared_modulators_keep_per_task_batchnorm(tmp_path, synth, bank):
+    """``backbone.shared_modulators``: the group's tasks compute with its first task's modulators and keep
+    their own BatchNorm and downsample copies."""
+    store = tmp_path / "store"
+    trainer = run(rc_run(store, synth, bank, "[semseg, depth]", "backbone.shared_modulators=true", *ONE_STEP))
+    semseg, depth = (parameter_breakdown(trainer.model, t) for t in ("semseg", "depth"))
+    assert depth["modulators"] == 0 and semseg["modulators"] > 0
+    assert depth["batchnorm"] == semseg["batchnorm"] > 0 and depth["downsample"] == semseg["downsample"] > 0
+    conv = trainer.model.backbone.layer1[0].conv1
+    assert conv.modulator("depth") is conv.modulator("semseg") and "depth" not in conv.modulators
+    state = trainer.model.state_dict()
+    bn = "backbone.layer1.0.bn1.per_task.{}.weight"
+    assert not torch.equal(state[bn.format("semseg")], state[bn.format("depth")])  # each task's own BatchNorm
+    s = ModelStore(store)
+    assert s.task("depth").model["modulators_of"] == "semseg" and s.task("depth").sources == ["semseg"]
+    assert_reloads_exactly(store, trainer)
+    s.load_model(["depth"], deploy=True)  # folds the shared modulators with depth's BatchNorm (checked on probes)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -188,6 +207,7 @@ def test_hard_parameter_sharing_trains_one_encoder_for_the_group(tmp_path, synth
         (["backbone.train_encoder=some"], "key 'backbone.train_encoder'"),
         (["head.type=fcn"], "key 'head.type'"),
         (["backbone.sharing=shared", "fusion.type=nddr"], "key 'backbone.sharing': shared .* does not combine"),
+        (["backbone.shared_modulators=true"], "key 'backbone.shared_modulators': shares RC modulators, but reparam"),
     ],
 )
 def test_combinations_that_cannot_work_are_one_error_naming_the_key(tmp_path, overrides, message):

@@ -49,6 +49,7 @@ def test_plugins_key_errors_name_the_key(tmp_path):
         Trainer(cfg, progress=False)
 
 
+@pytest.mark.slow  # the whole main job, twice (about a minute)
 def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     bank = tmp_path / "demo" / "resnet18_bank.pth"
     tiny = dict(bank=bank, n_train=4, n_val=2, size=(48, 48), max_iters=1, pretrain_iters=1, progress=False)

@@ -400,6 +400,8 @@ def test_shipped_saved_config_is_the_merged_result(tmp_path):
         "nff": True,
         "decomposition": "results/synthetic/resnet18_bank_ri.safetensors",
         "train_encoder": "all",
+        "sharing": "per_task",
+        "shared_modulators": False,
     }
     assert data["fusion"]["type"] == "nddr" and data["fusion"]["lr_mult"] == 1.0  # the file's own Adam setting
     assert data["optimizer"]["name"] == "adam" and data["loss"] == {"sal": {"weight": 5}}

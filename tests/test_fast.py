@@ -180,6 +180,7 @@ def test_compile_settings_are_checked():
         load_config(None, ["tasks=[semseg]", "train.compile=fastest"])
 
 
+@pytest.mark.slow  # TorchDynamo traces the training step, the validation and test.py
 def test_compiled_training_and_testing_match_eager(tmp_path, synth, aot_eager_compile):
     """``train.compile`` / ``test.compile`` run the model through TorchDynamo (with the ``aot_eager``
     backend here: see the fixture). One step from the same weights on the same batch gives the same losses

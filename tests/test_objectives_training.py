@@ -140,6 +140,7 @@ def test_a_second_consistency_recipe_trains_and_resumes_exactly(tmp_path, synth)
     assert any("running_mean" in k for k in straight.objective.objective.state_dict())
 
 
+@pytest.mark.slow  # TorchDynamo traces a training step with GradNorm
 def test_gradnorm_trains_with_train_compile(tmp_path, synth, aot_eager_compile):
     cfg = load_config(None, group(tmp_path, synth, "loss.weighting={type: gradnorm}", "train.compile=true"))
     trainer = Trainer(cfg, progress=False)

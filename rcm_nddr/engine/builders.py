@@ -304,7 +304,8 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
     if cfg.backbone.sharing == "shared":  # hard parameter sharing: the group's tasks run on its first task's encoder
         return GroupPlan({t: [names[0]] for t in names[1:]})
     if f.type == "none":
-        return GroupPlan()
+        # shared modulators: the group's tasks read its first task's modulators
+        return GroupPlan({t: [names[0]] for t in names[1:]} if cfg.backbone.shared_modulators else {})
     kinds = {r.name: (r.model.get("fusion") or {}).get("type", "nddr") for r in records if r.sources}
     other = {n: k for n, k in kinds.items() if k != f.type and n not in names}
     if other:
@@ -356,6 +357,7 @@ def config_spec(cfg: Config, name: str, task: Task, sources: list[str]) -> TaskS
         sources=list(sources),
         fusion=fusion if sources and f.type != "none" else {},
         trunk=cfg.tasks[0] if cfg.backbone.sharing == "shared" and name != cfg.tasks[0] else None,
+        modulators_of=cfg.tasks[0] if cfg.backbone.shared_modulators and name != cfg.tasks[0] else None,
         options={k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"},
         plugins=plugin_paths(cfg.plugins),
         dataset=dataset_description(task.info),

@@ -55,6 +55,8 @@ class TaskSpec:
     head_init: str = "default"
     #: the task whose encoder path this task runs on (hard parameter sharing; it is also its source)
     trunk: str | None = None
+    #: the task whose RC modulators this task uses (shared modulators; it is also its source)
+    modulators_of: str | None = None
     sources: list[str] = field(default_factory=list)
     fusion: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +77,7 @@ class TaskSpec:
             "options": dict(self.options),
             "plugins": list(self.plugins),
             "trunk": self.trunk,
+            "modulators_of": self.modulators_of,
         }
 
     @classmethod
@@ -92,6 +95,7 @@ class TaskSpec:
                 head_dropout=float(model["head"].get("dropout", 0.5)),
                 head_init=str(model["head"].get("init", "default")),
                 trunk=model.get("trunk"),
+                modulators_of=model.get("modulators_of"),
                 sources=list(record.sources),
                 fusion=dict(model["fusion"] or {}),
                 options=dict(model.get("options") or {}),
@@ -180,7 +184,7 @@ def build_network(
             backbone.load_filter_bank(bank)
         for spec in own:
             if reparam == "rc":
-                backbone.add_task(spec.name, nff=spec.nff)
+                backbone.add_task(spec.name, nff=spec.nff, modulators_of=spec.modulators_of)
             else:
                 backbone.add_task(spec.name)
     else:

@@ -58,7 +58,7 @@ def conv_like(conv: nn.Module | None, weight: Tensor, bias: Tensor | None = None
 
 def modulated_weight(conv: RCConv2d, task: str) -> Tensor:
     """``M_t W_s``: the conv task ``task`` computes with (products in float64, rounded once)."""
-    modulator = conv.modulators[task].weight.detach().flatten(1).double()
+    modulator = conv.modulator(task).weight.detach().flatten(1).double()
     bank = conv.filter_bank.double()
     return (modulator @ bank.flatten(1)).view_as(bank).to(conv.filter_bank.dtype)
 
@@ -103,7 +103,7 @@ def task_weights(conv: nn.Module, task: str | None) -> tuple[Tensor, Tensor | No
     if isinstance(conv, RCConv2d):
         bias = conv.filter_bank_bias
         if bias is not None:
-            modulator = conv.modulators[task].weight.detach().flatten(1).double()
+            modulator = conv.modulator(task).weight.detach().flatten(1).double()
             bias = (modulator @ bias.double()).to(bias.dtype)
         return modulated_weight(conv, task), bias
     if isinstance(conv, SeriesAdapterConv2d):
@@ -121,7 +121,7 @@ def stem_weights(conv: nn.Module, task: str) -> tuple[Tensor, Tensor | None]:
     """The weight (Co x C x 1 x 1) and bias of the 1x1 conv that maps the shared stem response of ``conv``
     (``shared_response``, C channels) to what ``conv`` computes for ``task``."""
     if isinstance(conv, RCConv2d):
-        return conv.modulators[task].weight.detach(), None
+        return conv.modulator(task).weight.detach(), None
     if isinstance(conv, SeriesAdapterConv2d):
         mix, shift = series_mix(conv, task)
         dtype = conv.filter_bank.dtype

@@ -50,6 +50,8 @@ class RCConv2d(nn.Module):
         self.modulator_init = None if modulator_init is None else modulator_init.detach().float().clone()
         self.nff = nff
         self.modulators = nn.ModuleDict()
+        #: tasks that use another task's modulator (``backbone.shared_modulators``), ``{task: owner}``
+        self.shared: dict[str, str] = {}
         for task in tasks:
             self.add_task(task)
 
@@ -95,12 +97,22 @@ class RCConv2d(nn.Module):
             modulator = weight_norm(modulator, name="weight", dim=0)
         self.modulators[task] = modulator
 
+    def share_modulator(self, task: str, owner: str) -> None:
+        """Let ``task`` use the modulator of ``owner`` instead of one of its own."""
+        if owner not in self.modulators:
+            raise ValueError(f"task {task!r} cannot share the modulator of {owner!r}, which has none")
+        self.shared[task] = owner
+
+    def modulator(self, task: str) -> nn.Module:
+        """The modulator ``task`` computes with: its own, or the one it shares."""
+        return self.modulators[self.shared.get(task, task)]
+
     def response(self, x: Tensor) -> Tensor:
         """``W_s * x (+ b_s)``: the bank's response, the same for every task reading the same input."""
         return F.conv2d(x, self.filter_bank, self.filter_bank_bias, self.stride, self.padding, self.dilation)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
-        return self.modulators[task](self.response(x))
+        return self.modulator(task)(self.response(x))
 
 
 class TaskModules(nn.Module):
@@ -236,12 +248,16 @@ class RCBackbone(PerTaskBackbone):
 
     tasks: list[str]
 
-    def add_task(self, task: str, nff: bool | None = None) -> None:
-        """Give a new task its own modulators (weight-normalized when ``nff``, default: as at build),
-        BatchNorm and downsample copies, initialized as at build."""
+    def add_task(self, task: str, nff: bool | None = None, modulators_of: str | None = None) -> None:
+        """Give a new task its own modulators (weight-normalized when ``nff``, default: as at build), or
+        those of the task ``modulators_of`` (shared modulators), and its own BatchNorm and downsample
+        copies, initialized as at build."""
         for module in self.modules():
             if isinstance(module, RCConv2d):
-                module.add_task(task, nff)
+                if modulators_of is None:
+                    module.add_task(task, nff)
+                else:
+                    module.share_modulator(task, modulators_of)
             elif isinstance(module, TaskModules):
                 module.add_task(task)
         self.tasks.append(task)
@@ -331,7 +347,7 @@ class RCResNet(RCBackbone):
 
     def finish_stem(self, response: Tensor, task: str) -> Tensor:
         """Task ``task``'s stem on the bank response: modulator, BatchNorm, ReLU, max pooling."""
-        out = self.conv1.modulators[task](response)
+        out = self.conv1.modulator(task)(response)
         out = self.bn1(out, task)
         out = self.relu(out)
         return self.maxpool(out)

@@ -78,7 +78,7 @@ class RCVGG(RCBackbone):
 
     def finish_stem(self, response: Tensor, task: str) -> Tensor:
         """Task ``task``'s stem on conv1_1's bank response: modulator, ReLU, conv1_2, ReLU, pool1."""
-        x = self.relu(self.conv1_1.modulators[task](response))
+        x = self.relu(self.conv1_1.modulator(task)(response))
         x = self.relu(self.conv1_2(x, task))
         return self.pool1(x)
 
