@@ -38,7 +38,7 @@ test-all: $(STAMP)
 # The edit-test loop: the unit tier, without the slow tests.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "unit and not slow"
+	$(PYTEST) -m "unit and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
