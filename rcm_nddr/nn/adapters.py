@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from rcm_nddr.nn.backbone import PerTaskBackbone, ResNetBackbone
-from rcm_nddr.nn.rc import TaskModules
+from rcm_nddr.nn.rc import TaskBasicBlock, TaskBottleneck, TaskModules
 
 #: how a new adapter starts: ``zero`` (its conv is zero, so the task starts exactly at the pretrained
 #: network) or ``default`` (PyTorch's conv initialization)
@@ -171,73 +171,23 @@ def adapter_conv_type(mode: str) -> type[AdapterConv2d]:
     return ADAPTER_CONVS[mode]
 
 
-class RABasicBlock(nn.Module):
+class RABasicBlock(TaskBasicBlock):
     """torchvision's ``BasicBlock`` (ResNet-18/34) for one task of many: two 3x3 adapter convs."""
-
-    expansion = 1
 
     def __init__(
         self, block: BasicBlock, tasks: Sequence[str], conv_type: type[AdapterConv2d], adapter_init: str = "zero"
     ) -> None:
-        super().__init__()
-        self.conv1 = conv_type.from_conv(block.conv1, tasks, adapter_init)
-        self.bn1 = TaskModules(block.bn1, tasks)
-        self.conv2 = conv_type.from_conv(block.conv2, tasks, adapter_init)
-        self.bn2 = TaskModules(block.bn2, tasks)
-        self.downsample = None if block.downsample is None else TaskModules(block.downsample, tasks)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor, task: str) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x, task)  # first, as in RC
-
-        out = self.conv1(x, task)
-        out = self.bn1(out, task)
-        out = self.relu(out)
-
-        out = self.conv2(out, task)
-        out = self.bn2(out, task)
-
-        out += identity
-        out = self.relu(out)
-        return out
+        super().__init__(block, tasks, lambda name, conv: conv_type.from_conv(conv, tasks, adapter_init))
 
 
-class RABottleneck(nn.Module):
+class RABottleneck(TaskBottleneck):
     """torchvision's ``Bottleneck`` (ResNet-50 and deeper) for one task of many: 1x1, 3x3 and 1x1 adapter
     convs."""
-
-    expansion = 4
 
     def __init__(
         self, block: Bottleneck, tasks: Sequence[str], conv_type: type[AdapterConv2d], adapter_init: str = "zero"
     ) -> None:
-        super().__init__()
-        self.conv1 = conv_type.from_conv(block.conv1, tasks, adapter_init)
-        self.bn1 = TaskModules(block.bn1, tasks)
-        self.conv2 = conv_type.from_conv(block.conv2, tasks, adapter_init)
-        self.bn2 = TaskModules(block.bn2, tasks)
-        self.conv3 = conv_type.from_conv(block.conv3, tasks, adapter_init)
-        self.bn3 = TaskModules(block.bn3, tasks)
-        self.downsample = None if block.downsample is None else TaskModules(block.downsample, tasks)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor, task: str) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x, task)  # first, as in RC
-
-        out = self.conv1(x, task)
-        out = self.bn1(out, task)
-        out = self.relu(out)
-
-        out = self.conv2(out, task)
-        out = self.bn2(out, task)
-        out = self.relu(out)
-
-        out = self.conv3(out, task)
-        out = self.bn3(out, task)
-
-        out += identity
-        out = self.relu(out)
-        return out
+        super().__init__(block, tasks, lambda name, conv: conv_type.from_conv(conv, tasks, adapter_init))
 
 
 def ra_block(

@@ -6,7 +6,7 @@ initialization (RI) and normalized feature fusion (NFF). ``RCBackbone`` is the b
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,9 +138,17 @@ def _eigenvectors(eigenvectors: Mapping[str, Tensor] | None, conv: str) -> Tenso
     return None if eigenvectors is None else eigenvectors[conv]
 
 
+#: builds a block's multi-task conv from its name in the block (``conv1`` ...) and the pretrained conv
+ConvFactory = Callable[[str, nn.Conv2d], nn.Module]
+
+
 class RCBlock(nn.Module):
-    """Base of the RC residual blocks: torchvision's blocks with every conv an ``RCConv2d`` and per-task
-    BatchNorm and downsample (``TaskModules``). Build one from a torchvision block with ``rc_block``."""
+    """Base of the multi-task residual blocks: torchvision's blocks with every conv a multi-task conv
+    (``forward(x, task)``: an ``RCConv2d``, or a residual adapter conv) made by ``make_conv``, and per-task
+    BatchNorm and downsample (``TaskModules``). Build an RC one from a torchvision block with ``rc_block``.
+
+    The downsample runs first (torchvision runs it last): backward sums the gradients reaching x in the
+    order its branches were built, and trained weights must stay what they always were."""
 
     expansion: int
 
@@ -148,29 +156,21 @@ class RCBlock(nn.Module):
         raise NotImplementedError
 
 
-class RCBasicBlock(RCBlock):
-    """torchvision's ``BasicBlock`` (ResNet-18/34) for one task of many: two 3x3 RC convs."""
+class TaskBasicBlock(RCBlock):
+    """torchvision's ``BasicBlock`` (ResNet-18/34) for one task of many: two 3x3 multi-task convs."""
 
     expansion = 1
 
-    def __init__(
-        self,
-        block: BasicBlock,
-        tasks: Sequence[str],
-        eigenvectors: Mapping[str, Tensor] | None = None,
-        nff: bool = False,
-    ) -> None:
+    def __init__(self, block: BasicBlock, tasks: Sequence[str], make_conv: ConvFactory) -> None:
         super().__init__()
-        self.conv1 = RCConv2d.from_conv(block.conv1, tasks, _eigenvectors(eigenvectors, "conv1"), nff)
+        self.conv1 = make_conv("conv1", block.conv1)
         self.bn1 = TaskModules(block.bn1, tasks)
-        self.conv2 = RCConv2d.from_conv(block.conv2, tasks, _eigenvectors(eigenvectors, "conv2"), nff)
+        self.conv2 = make_conv("conv2", block.conv2)
         self.bn2 = TaskModules(block.bn2, tasks)
         self.downsample = None if block.downsample is None else TaskModules(block.downsample, tasks)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
-        # The downsample runs first (torchvision runs it last): backward sums the gradients reaching x in
-        # the order its branches were built, and trained weights must stay what they always were.
         identity = x if self.downsample is None else self.downsample(x, task)
 
         out = self.conv1(x, task)
@@ -185,31 +185,24 @@ class RCBasicBlock(RCBlock):
         return out
 
 
-class RCBottleneck(RCBlock):
-    """torchvision's ``Bottleneck`` (ResNet-50 and deeper) for one task of many: 1x1, 3x3 and 1x1 RC convs."""
+class TaskBottleneck(RCBlock):
+    """torchvision's ``Bottleneck`` (ResNet-50 and deeper) for one task of many: 1x1, 3x3 and 1x1
+    multi-task convs."""
 
     expansion = 4
 
-    def __init__(
-        self,
-        block: Bottleneck,
-        tasks: Sequence[str],
-        eigenvectors: Mapping[str, Tensor] | None = None,
-        nff: bool = False,
-    ) -> None:
+    def __init__(self, block: Bottleneck, tasks: Sequence[str], make_conv: ConvFactory) -> None:
         super().__init__()
-        self.conv1 = RCConv2d.from_conv(block.conv1, tasks, _eigenvectors(eigenvectors, "conv1"), nff)
+        self.conv1 = make_conv("conv1", block.conv1)
         self.bn1 = TaskModules(block.bn1, tasks)
-        self.conv2 = RCConv2d.from_conv(block.conv2, tasks, _eigenvectors(eigenvectors, "conv2"), nff)
+        self.conv2 = make_conv("conv2", block.conv2)
         self.bn2 = TaskModules(block.bn2, tasks)
-        self.conv3 = RCConv2d.from_conv(block.conv3, tasks, _eigenvectors(eigenvectors, "conv3"), nff)
+        self.conv3 = make_conv("conv3", block.conv3)
         self.bn3 = TaskModules(block.bn3, tasks)
         self.downsample = None if block.downsample is None else TaskModules(block.downsample, tasks)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
-        # The downsample runs first (torchvision runs it last): backward sums the gradients reaching x in
-        # the order its branches were built, and trained weights must stay what they always were.
         identity = x if self.downsample is None else self.downsample(x, task)
 
         out = self.conv1(x, task)
@@ -226,6 +219,36 @@ class RCBottleneck(RCBlock):
         out += identity
         out = self.relu(out)
         return out
+
+
+def _rc_convs(tasks: Sequence[str], eigenvectors: Mapping[str, Tensor] | None, nff: bool) -> ConvFactory:
+    return lambda name, conv: RCConv2d.from_conv(conv, tasks, _eigenvectors(eigenvectors, name), nff)
+
+
+class RCBasicBlock(TaskBasicBlock):
+    """The RC ``BasicBlock``: its two 3x3 convs are ``RCConv2d`` (RI eigenvectors by conv name)."""
+
+    def __init__(
+        self,
+        block: BasicBlock,
+        tasks: Sequence[str],
+        eigenvectors: Mapping[str, Tensor] | None = None,
+        nff: bool = False,
+    ) -> None:
+        super().__init__(block, tasks, _rc_convs(tasks, eigenvectors, nff))
+
+
+class RCBottleneck(TaskBottleneck):
+    """The RC ``Bottleneck``: its three convs are ``RCConv2d`` (RI eigenvectors by conv name)."""
+
+    def __init__(
+        self,
+        block: Bottleneck,
+        tasks: Sequence[str],
+        eigenvectors: Mapping[str, Tensor] | None = None,
+        nff: bool = False,
+    ) -> None:
+        super().__init__(block, tasks, _rc_convs(tasks, eigenvectors, nff))
 
 
 def rc_block(
