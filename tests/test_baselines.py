@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import rc_run, tiny_run
+from rcm_nddr.decomp import load_decomposition
 
 from rcm_nddr import ModelStore
+from rcm_nddr.commands.cli import decomp_main
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn.accounting import parameter_breakdown
@@ -191,6 +193,32 @@ def test_shared_modulators_keep_per_task_batchnorm(tmp_path, synth, bank):
     assert s.task("depth").model["modulators_of"] == "semseg" and s.task("depth").sources == ["semseg"]
     assert_reloads_exactly(store, trainer)
     s.load_model(["depth"], deploy=True)  # folds the shared modulators with depth's BatchNorm (checked on probes)
+
+
+def test_the_official_ri_from_an_image_folder_at_output_stride_32_serves_a_dilated_run(tmp_path, synth, bank):
+    """RI the official code's way: the undilated network (output stride 32) over a folder of images
+    (``python -m decomp --images ... --output-stride 32``). Its bank is the same, so a run at output stride
+    16 takes the file (``backbone.decomposition``) and its modulators start at the file's eigenvectors; up
+    to layer3 the two networks compute the same responses (the same eigenvectors), layer4's differ."""
+    folder = synth / "images"
+    official, dilated = tmp_path / "os32.safetensors", tmp_path / "os16.safetensors"
+    for out, stride in ((official, "32"), (dilated, "16")):
+        argv = ["--images", str(folder), "--weights", str(bank), "--size", "48", "48", "--out", str(out)]
+        assert decomp_main([*argv, "--output-stride", stride, "--quiet", "--device", "cpu"]) == 0
+    a, meta = load_decomposition(official)
+    b, _ = load_decomposition(dilated)
+    assert meta["output_stride"] == "32"
+    assert all(torch.equal(a[k].U, b[k].U) for k in a if not k.startswith("layer4"))
+    assert not torch.equal(a["layer4.1.conv2"].U, b["layer4.1.conv2"].U)
+    store = tmp_path / "store"
+    trainer = Trainer(
+        load_config(
+            None, rc_run(store, synth, bank, "[depth]", f"backbone.decomposition={official}", "backbone.nff=false")
+        ),
+        progress=False,
+    )
+    modulator = trainer.model.backbone.layer4[1].conv2.modulators["depth"].weight.detach().flatten(1)
+    assert torch.equal(modulator, a["layer4.1.conv2"].U.float())
 
 
 @pytest.mark.parametrize(
