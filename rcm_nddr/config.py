@@ -61,6 +61,9 @@ class BackboneConfig:
     #: ``reparam: rc``: the group's tasks share one set of modulators (its first task's), each keeping its
     #: own BatchNorm and downsample copies (``sharing: shared`` shares those too, as RCM's common_mt_params)
     shared_modulators: bool = False
+    #: a model store whose same-named tasks each new task starts from (its encoder and head; NDDR-CNN
+    #: initializes each branch from its single-task network); null: the pretrained ``weights``
+    init_from: str | None = None
 
 
 @dataclass

@@ -133,6 +133,29 @@ def test_cross_stitch_and_the_nddr_ablations_on_plain_backbones(tmp_path, synth,
     assert_reloads_exactly(store, trainer)
 
 
+def test_each_nddr_cnn_branch_starts_from_its_single_task_network(tmp_path, synth, bank):
+    """``backbone.init_from``: NDDR-CNN's initialization, each task's branch (encoder and head) from the
+    same-named task of a store of single-task runs; the NDDR layers start as configured."""
+    plain = (f"backbone.weights={bank}", *ONE_STEP)
+    singles = tmp_path / "single"
+    for task in ("semseg", "depth"):
+        run(tiny_run(singles, synth, f"[{task}]", *plain))
+    group = ("fusion.type=nddr", f"backbone.init_from={singles}", *plain)
+    trainer = Trainer(load_config(None, tiny_run(tmp_path / "nddr", synth, "[semseg, depth]", *group)), progress=False)
+    state = trainer.model.state_dict()
+    stored = ModelStore(singles)
+    for task in ("semseg", "depth"):
+        for key, value in stored.load_task_tensors(task).items():
+            assert torch.equal(state[key], value), key
+    layer = trainer.model.fusion["semseg"]["layer1"].conv.weight
+    assert torch.equal(layer[:, :64, 0, 0], 0.9 * torch.eye(64))
+    with pytest.raises(ConfigError, match="key 'backbone.init_from': the store .* has no task \\['normals'\\]"):
+        Trainer(load_config(None, tiny_run(tmp_path / "n", synth, "[normals]", *group)), progress=False)
+    rc = rc_run(tmp_path / "rc", synth, bank, "[semseg]", f"backbone.init_from={singles}")
+    with pytest.raises(ConfigError, match="task 'semseg' of .* does not fit this run's 'semseg'"):
+        Trainer(load_config(None, rc), progress=False)
+
+
 def test_vgg16_largefov_with_rc_ri_nff(tmp_path, synth):
     store = tmp_path / "store"
     vgg = ("backbone.arch=vgg16", "backbone.output_stride=8", "backbone.weights=none", "backbone.reparam=rc")

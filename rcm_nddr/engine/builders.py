@@ -17,6 +17,7 @@ from rcm_nddr.config import Config, ConfigError, OptimizerConfig, SchedulerConfi
 from rcm_nddr.data.transforms import build_transforms
 from rcm_nddr.decomp import decompose_dataset, limit, load_decomposition
 from rcm_nddr.files import atomic_write, file_sha256
+from rcm_nddr.nn.accounting import owned_by
 from rcm_nddr.nn.assembly import (
     AssemblyError,
     TaskSpec,
@@ -403,9 +404,41 @@ def build_model(
             load_task_tensors(model, {n: store.load_task_tensors(n) for n in plan.frozen})
     except AssemblyError as exc:
         raise StoreError(f"{store.store_file if store is not None else cfg.source}: {exc}") from exc
+    if cfg.backbone.init_from is not None and not for_checkpoint:
+        init_from_store(cfg, model, list(tasks))
     if cfg.backbone.train_encoder != "all":
         model.freeze_encoder(list(tasks), keep_batchnorm=cfg.backbone.train_encoder == "norm")
     return model
+
+
+def init_from_store(cfg: Config, model: MultiTaskNet, names: list[str]) -> None:
+    """Start each of ``names`` from the same-named task of the store ``backbone.init_from``: every tensor of
+    its encoder and head (not its fusion), which must fit the new task's exactly (same arch, reparam and
+    head)."""
+    key = "backbone.init_from"
+    source = ModelStore(cfg.backbone.init_from)
+    if not source.exists:
+        raise ConfigError(f"{cfg.source}: key '{key}': {source.path} is not a model store")
+    available = {r.name for r in source.tasks}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ConfigError(
+            f"{cfg.source}: key '{key}': the store {source.path} has no task {missing} to start from "
+            f"(it has {sorted(available) or 'none'})"
+        )
+    state = model.state_dict()
+    for name in names:
+        wanted = {k for k in state if owned_by(k, name) and not k.startswith("fusion.")}
+        given = {k: v for k, v in source.load_task_tensors(name).items() if not k.startswith("fusion.")}
+        differ = sorted(k for k in wanted & set(given) if given[k].shape != state[k].shape)
+        if set(given) != wanted or differ:
+            raise ConfigError(
+                f"{cfg.source}: key '{key}': task '{name}' of {source.path} does not fit this run's '{name}' "
+                f"(missing {sorted(wanted - set(given))[:3]}, unexpected {sorted(set(given) - wanted)[:3]}, "
+                f"other shapes {differ[:3]}); it needs the same backbone, reparam and head"
+            )
+        model.load_state_dict(given, strict=False)
+        log.info("task %s starts from task %s of %s", name, name, source.path)
 
 
 _OPTIMIZERS: dict[str, Callable[[list[dict], OptimizerConfig], torch.optim.Optimizer]] = {
