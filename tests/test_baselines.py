@@ -197,6 +197,11 @@ def test_hard_parameter_sharing_trains_one_encoder_for_the_group(tmp_path, synth
             s.load_model(names, deploy=True, batched=batched)
     with pytest.raises(StoreError, match="read"):
         s.remove("semseg")
+    # a later group fuses with the stored tasks by any method (the shared encoder is not a fusion)
+    reader = run(
+        rc_run(store, synth, bank, "[sal]", f"backbone.reparam={reparam}", "fusion.type=cross_stitch", *ONE_STEP)
+    )
+    assert reader.plan.frozen == ["semseg", "depth", "normals"] and ModelStore(store).verify() == []
 
 
 def test_shared_modulators_keep_per_task_batchnorm(tmp_path, synth, bank):

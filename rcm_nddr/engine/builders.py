@@ -307,7 +307,7 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
     if f.type == "none":
         # shared modulators: the group's tasks read its first task's modulators
         return GroupPlan({t: [names[0]] for t in names[1:]} if cfg.backbone.shared_modulators else {})
-    kinds = {r.name: (r.model.get("fusion") or {}).get("type", "nddr") for r in records if r.sources}
+    kinds = {r.name: r.model["fusion"].get("type", "nddr") for r in records if r.model.get("fusion")}
     other = {n: k for n, k in kinds.items() if k != f.type and n not in names}
     if other:
         listed = ", ".join(f"'{n}' ({k})" for n, k in other.items())
