@@ -46,6 +46,7 @@ def assert_reloads_exactly(store: Path, trainer: Trainer) -> None:
         expected, got = trained(x, tasks=names, raw=True), loaded(x, raw=True)
     for name in names:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    s.load_model(names, deploy=True)  # the folded form (what predict runs) reproduces the probes too
 
 
 @pytest.mark.parametrize("mode", ["series", "parallel"])
