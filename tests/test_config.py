@@ -402,6 +402,7 @@ def test_shipped_saved_config_is_the_merged_result(tmp_path):
         "train_encoder": "all",
         "sharing": "per_task",
         "shared_modulators": False,
+        "init_from": None,
     }
     assert data["fusion"]["type"] == "nddr" and data["fusion"]["lr_mult"] == 1.0  # the file's own Adam setting
     assert data["optimizer"]["name"] == "adam" and data["loss"] == {"sal": {"weight": 5}}
