@@ -4,6 +4,7 @@ bias in the filter bank, RI (random and real decompositions), NFF, the bank and 
 import numpy as np
 import pytest
 import torch
+from helpers import random_orthogonal
 from PIL import Image
 from rcm_nddr.decomp import ResponseStatistics, decompose_folder, load_decomposition
 from safetensors.torch import save_file
@@ -29,11 +30,6 @@ VGG_CONVS = [
 ]  # fmt: skip
 #: output channels of VGG_CONVS
 VGG_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
-
-
-def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
 
 
 def cheap_orthogonal(n: int, generator: torch.Generator, block: int = 64) -> torch.Tensor:

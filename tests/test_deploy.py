@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import rc_run
+from helpers import assert_close, rc_run
 from PIL import Image
 
 from rcm_nddr import ModelStore
@@ -45,15 +45,6 @@ def nddr_store(module_tmp, synth, bank) -> Path:
 
 def images(size=(2, 3, 56, 72)) -> torch.Tensor:
     return torch.randn(*size, generator=torch.Generator().manual_seed(11))
-
-
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].shape == b[name].shape, name
-        scale = a[name].abs().max().item()
-        err = (a[name] - b[name]).abs().max().item()
-        assert err <= 1e-4 * max(scale, 1e-6), f"{name}: max difference {err:.3g} at output scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("tasks", [["semseg"], ["depth"], ["normals"], ["edge"], None])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, random_orthogonal
 from torch import nn
 
 from rcm_nddr.nn.adapters import AdapterConv2d, ParallelAdapterConv2d, RAResNet, SeriesAdapterConv2d
@@ -63,23 +64,8 @@ def randomize_batchnorm(module: nn.Module, seed: int = 0) -> None:
             bn.bias.copy_(0.2 * torch.randn(c, generator=g))
 
 
-def random_orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
-
-
 def images(size=(2, 3, 32, 32)) -> torch.Tensor:
     return torch.randn(*size, generator=torch.Generator().manual_seed(11))
-
-
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """As in test_deploy.py: max abs difference <= 1e-4 x the output scale."""
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].shape == b[name].shape, name
-        scale = a[name].abs().max().item()
-        err = (a[name] - b[name]).abs().max().item()
-        assert err <= 1e-4 * max(scale, 1e-6), f"{name}: max difference {err:.3g} at output scale {scale:.3g}"
 
 
 def assert_deploys(model: MultiTaskNet, x: torch.Tensor, **options) -> MultiTaskNet:

@@ -2,15 +2,11 @@
 
 import pytest
 import torch
+from helpers import random_orthogonal
 
 from rcm_nddr.nn.backbone import STAGES, resnet_backbone
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256, reparameterized_convs
 from rcm_nddr.nn.rc import RCBasicBlock, RCBottleneck, RCConv2d, RCResNet, rc_block
-
-
-def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
 
 
 def pretrained_like(arch: str = "resnet18", seed: int = 0):
