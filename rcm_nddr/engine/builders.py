@@ -302,11 +302,12 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
             "(remove those first)"
         )
     available = [r.name for r in records if r.name not in names]
-    if cfg.backbone.sharing == "shared":  # hard parameter sharing: the group's tasks run on its first task's encoder
-        return GroupPlan({t: [names[0]] for t in names[1:]})
+    # hard parameter sharing and shared modulators: the group's tasks read its first task's encoder or modulators
+    first_read = {t: [names[0]] for t in names[1:]}
+    if cfg.backbone.sharing == "shared":
+        return GroupPlan(first_read)
     if f.type == "none":
-        # shared modulators: the group's tasks read its first task's modulators
-        return GroupPlan({t: [names[0]] for t in names[1:]} if cfg.backbone.shared_modulators else {})
+        return GroupPlan(first_read if cfg.backbone.shared_modulators else {})
     kinds = {r.name: r.model["fusion"].get("type", "nddr") for r in records if r.model.get("fusion")}
     other = {n: k for n, k in kinds.items() if k != f.type and n not in names}
     if other:

@@ -140,17 +140,18 @@ class PerTaskBackbone(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not share its stem")
 
     def forward_stage(self, features: Mapping[str, Tensor], stage: str) -> dict[str, Tensor]:
-        if stage == "stem" and self.shares_stem:
-            responses = once_per_input(features, self.stem_response)
+        shared_stem = stage == "stem" and self.shares_stem
+        responses = once_per_input(features, self.stem_response) if shared_stem else {}
         done: dict[tuple[str, int], Tensor] = {}
         out = {}
         for task, x in features.items():
-            key = (self.path_of(task), id(x))
+            path = self.path_of(task)
+            key = (path, id(x))
             if key not in done:
-                if stage == "stem" and self.shares_stem:
-                    done[key] = self.finish_stem(responses[task], key[0])
+                if shared_stem:
+                    done[key] = self.finish_stem(responses[task], path)
                 else:
-                    done[key] = self.forward_task_stage(x, stage, key[0])
+                    done[key] = self.forward_task_stage(x, stage, path)
             out[task] = done[key]
         return out
 
