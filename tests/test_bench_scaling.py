@@ -106,7 +106,7 @@ def test_nddr_adds_exactly_its_layers(report, start):
 
 
 def test_sources_mirror_the_store_adding_one_group_at_a_time():
-    from rcm_nddr.engine.builders import plan_group
+    from rcm_nddr.engine.plan import plan_group
     from rcm_nddr.store import TaskRecord
 
     names = ["semseg", "depth", "normals", "edge"]

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_run
 
 from rcm_nddr.config import ConfigError, load_config
-from rcm_nddr.engine.builders import plan_group
+from rcm_nddr.engine.plan import plan_group
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn.nddr import NDDRFusion, NDDRLayer
 

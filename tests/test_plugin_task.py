@@ -111,7 +111,7 @@ class BrightnessTask(Task):
 '''
 
 # Mistake 1: the task type's target key is never registered.
-UNREGISTERED_PLUGIN = '''
+UNREGISTERED_PLUGIN = """
 from rcm_nddr.registry import TASKS
 
 from {module} import BrightnessTask
@@ -120,10 +120,10 @@ from {module} import BrightnessTask
 @TASKS.register("sharpness")
 class SharpnessTask(BrightnessTask):
     target_key = "sharpness"
-'''
+"""
 
 # Mistakes 2 and 3: registered keys whose reader returns a map of the wrong size, or whose flip rule fails.
-BAD_READER_PLUGIN = '''
+BAD_READER_PLUGIN = """
 import numpy as np
 import torch
 
@@ -155,7 +155,7 @@ def read_glare(path):
 @TASKS.register("glare")
 class GlareTask(BrightnessTask):
     target_key = "glare"
-'''
+"""
 
 SIZE = (48, 48)
 

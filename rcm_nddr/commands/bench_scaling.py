@@ -82,7 +82,7 @@ MIN_SIZE = 32
 def one_way_sources(names: Sequence[str]) -> dict[str, list[str]]:
     """The tasks each of ``names`` reads through NDDR besides itself when every task is added to a model
     store as its own group with ``fusion.sources: all``: every earlier task, in store order (the first
-    task: none, and so no NDDR layers; see ``engine.builders.plan_group``)."""
+    task: none, and so no NDDR layers; see ``engine.plan.plan_group``)."""
     return {name: list(names[:k]) for k, name in enumerate(names)}
 
 

@@ -19,7 +19,6 @@ from rcm_nddr.config import Config, ConfigError, check_paths, save_config
 from rcm_nddr.data.check import check_targets
 from rcm_nddr.engine import distributed, provenance
 from rcm_nddr.engine.builders import (
-    GroupPlan,
     ResponseInit,
     build_dataset,
     build_model,
@@ -29,7 +28,6 @@ from rcm_nddr.engine.builders import (
     check_store_backbone,
     loss_weights,
     open_store,
-    plan_group,
     pretrained_backbone,
     resolve_device,
     resolve_ri,
@@ -37,6 +35,7 @@ from rcm_nddr.engine.builders import (
 from rcm_nddr.engine.checkpoint import load_checkpoint
 from rcm_nddr.engine.evaluate import primary_metrics, to_json
 from rcm_nddr.engine.objective import BuiltObjective, build_objective
+from rcm_nddr.engine.plan import GroupPlan, plan_group
 from rcm_nddr.errors import UserError
 from rcm_nddr.files import atomic_write_text, remove_stale_temporaries
 from rcm_nddr.nn.accounting import parameter_breakdown

@@ -13,10 +13,11 @@ import torch
 
 from rcm_nddr.config import Config, ConfigError, check_paths
 from rcm_nddr.engine import distributed, provenance
-from rcm_nddr.engine.builders import GroupPlan, build_dataset, build_model, build_tasks, resolve_device
+from rcm_nddr.engine.builders import build_dataset, build_model, build_tasks, resolve_device
 from rcm_nddr.engine.checkpoint import CheckpointError, cause, load_checkpoint
 from rcm_nddr.engine.evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
 from rcm_nddr.engine.fast import configure_backends, maybe_compile
+from rcm_nddr.engine.plan import GroupPlan
 from rcm_nddr.engine.run import RunPaths
 from rcm_nddr.engine.saved import PredictionWriter
 from rcm_nddr.files import atomic_write_text
