@@ -144,6 +144,7 @@ def test_real_dataset_configs_follow_the_rcm_protocol(folder, dataset, crop, tas
         "RA_series": ("ra_series", None, None, "none"),
         "RA_parallel": ("ra_parallel", None, None, "none"),
         "RC": ("rc", False, False, "none"),
+        "RC_random": ("rc", False, False, "none"),
         "RC_RI": ("rc", True, False, "none"),
         "RC_RI_NFF": ("rc", True, True, "none"),
         "RC_RI_NFF_NDDR": ("rc", True, True, "nddr"),
@@ -165,6 +166,9 @@ def test_real_dataset_configs_follow_the_rcm_protocol(folder, dataset, crop, tas
             assert cfg.backbone.reparam == reparam and cfg.fusion.type == fusion
             if reparam == "rc":
                 assert (cfg.backbone.ri, cfg.backbone.nff) == (ri, nff)
+            # the paper's RC starts from the official ImageNet network pretrained in RC form
+            rc_form = "models/resnet18_RC.pth"
+            assert (cfg.backbone.weights == rc_form) == (variant == "RC"), (task, variant, cfg.backbone.weights)
             assert cfg.loss[task]["weight"] == weights[task]
             expected_iters = 19875 if folder == "NYUD" else (13020 if task == "human_parts" else 37500)
             assert cfg.train.max_iters == expected_iters

@@ -63,13 +63,13 @@ def test_pretrain_exports_a_torchvision_state_dict_usable_as_a_bank(tmp_path, sy
     assert counts["total"] == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
 
-def test_shared_backbone_computes_once_and_cli_refuses_rc(tmp_path, synth):
+def test_shared_backbone_computes_once_and_pretraining_refuses_adapters(tmp_path, synth):
     net = resnet_backbone("resnet18")
     shared = SharedBackbone(net)
     x = torch.randn(1, 3, 32, 32)
     out = shared.forward_stage({"a": x, "b": x}, "stem")
     assert out["a"] is out["b"]
-    cfg = load_config(PRETRAIN, ["backbone.reparam=rc", f"dataset.root={synth}"])
+    cfg = load_config(PRETRAIN, ["backbone.reparam=ra_parallel", f"dataset.root={synth}"])
     with pytest.raises(ConfigError, match="backbone.reparam"):
         pretrain(cfg, tmp_path / "x.pth", progress=False)
     args = [

@@ -27,10 +27,11 @@ from rcm_nddr.nn.assembly import (
     load_task_tensors,
     plugin_paths,
 )
-from rcm_nddr.nn.backbone import SharedBackbone, plain_backbone
+from rcm_nddr.nn.backbone import SharedBackbone, plain_backbone, rc_form_of
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.nn.rc_vgg import rc_backbone
+from rcm_nddr.nn.weights import RCForm, WeightsError, factorize
 from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
 from rcm_nddr.store import ModelStore, StoreError
 from rcm_nddr.task import DatasetInfo, Task
@@ -99,6 +100,29 @@ def pretrained_backbone(cfg: Config) -> nn.Module:
     new task's BatchNorm and downsample copies (or, with ``reparam: none``, of its whole backbone)."""
     b = cfg.backbone
     return plain_backbone(b.arch, weights=b.weights, output_stride=b.output_stride)
+
+
+def rc_start(cfg: Config, net: nn.Module) -> RCForm | None:
+    """The network pretrained in RC form that ``backbone.weights`` holds when an ``rc`` run starts from it
+    (the RCM paper's RC variant: the bank is its ``Ws``, every task's modulators start at its ``Wt``);
+    None otherwise. Its convs must be the reparameterized convs of ``net``; RI does not combine with it."""
+    b = cfg.backbone
+    form = rc_form_of(b.weights) if b.reparam == "rc" else None
+    if form is None:
+        return None
+    if b.ri:
+        raise ConfigError(
+            f"{cfg.source}: key 'backbone.ri': backbone.weights {b.weights} holds a network pretrained in RC form "
+            "(bank and modulators), whose modulators start every task: set backbone.ri to false (the RC variant)"
+        )
+    expected = set(bank_weights(net))
+    if set(form.bank) != expected:
+        missing, unexpected = sorted(expected - set(form.bank)), sorted(set(form.bank) - expected)
+        raise WeightsError(
+            f"weights {b.weights}: its RC-form convs do not fit {b.arch}'s reparameterized convs: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return form
 
 
 def make_decomposition(
@@ -171,6 +195,7 @@ def resolve_ri(cfg: Config, net: nn.Module, store: ModelStore | None = None) -> 
     b = cfg.backbone
     if b.reparam != "rc" or not b.ri:
         return ResponseInit()
+    rc_start(cfg, net)  # refuses RI over a network pretrained in RC form, before any decomposition is made
     stored = store.decomposition_path if store is not None and store.exists else None
     if stored is not None:
         named = Path(b.decomposition) if b.decomposition is not None else None
@@ -209,8 +234,12 @@ def load_ri(
 
 
 def bank_as_used(cfg: Config, net: nn.Module, decomposition: dict[str, torch.Tensor] | None) -> dict:
-    """The filter bank the convs compute with: the pretrained conv weights, rotated to ``U^T W`` by RI."""
+    """The filter bank the convs compute with: the pretrained conv weights, rotated to ``U^T W`` by RI, or
+    the ``Ws`` of a network pretrained in RC form."""
     if cfg.backbone.reparam == "rc":
+        start = rc_start(cfg, net)
+        if start is not None:
+            return {name: w.detach().float() for name, w in start.bank.items()}
         return rc_backbone(net, [], decomposition).filter_bank()
     return {name: w.detach() for name, w in bank_weights(net).items()}
 
@@ -291,15 +320,22 @@ def build_model(
 ) -> MultiTaskNet:
     """The config's group: its backbone (``backbone.reparam``), NDDR fusion per ``plan`` and one
     DeepLabv3+ head per task. With a ``store``, its filter bank replaces the config's and the stored tasks
-    of ``plan.frozen`` are loaded frozen. ``shared`` trains one plain backbone shared by the tasks
-    (pretraining); ``net`` and ``decomposition`` default to those of ``backbone.weights``.
+    of ``plan.frozen`` are loaded frozen. ``shared`` trains one backbone shared by the tasks (pretraining;
+    with ``reparam: rc`` in RC form, ``factorize``). ``net`` and ``decomposition`` default to those of
+    ``backbone.weights``; weights in RC form give the bank and the modulators' start (``rc_start``).
     ``for_checkpoint``: a checkpoint's state dict will be loaded over every weight, so no RI is made."""
     net = pretrained_backbone(cfg) if net is None else net
     if shared:
+        if cfg.backbone.reparam == "rc":  # pretraining in RC form: bank and modulators train together
+            net = factorize(net, rc_form_of(cfg.backbone.weights))
         backbone = SharedBackbone(net)
         heads = {name: build_head(backbone, task, cfg.head.channels) for name, task in tasks.items()}
         return MultiTaskNet(tasks, backbone, heads)
-    if decomposition is None and cfg.backbone.reparam == "rc" and cfg.backbone.ri and not for_checkpoint:
+    start = None if for_checkpoint else rc_start(cfg, net)
+    if start is not None:
+        decomposition = start.modulators
+        log.info("the modulators start from the RC-form network %s", cfg.backbone.weights)
+    elif decomposition is None and cfg.backbone.reparam == "rc" and cfg.backbone.ri and not for_checkpoint:
         decomposition, _ = load_ri(cfg, net, store)
     plan = plan or GroupPlan()
     records = store.tasks if store is not None and store.exists else []
@@ -310,6 +346,8 @@ def build_model(
     specs = [TaskSpec.from_record(by_name[n]) for n in plan.frozen]
     specs += [config_spec(cfg, name, task, plan.sources.get(name, [])) for name, task in tasks.items()]
     bank = store.filter_bank() if store is not None and store.exists else None
+    if bank is None and start is not None:
+        bank = start.bank
     try:
         model = build_network(
             cfg.backbone.reparam, net, specs, tasks, frozen=plan.frozen, decomposition=decomposition, bank=bank

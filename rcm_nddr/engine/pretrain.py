@@ -1,5 +1,8 @@
-"""Pretraining a filter bank offline: a plain ResNet shared by several tasks (one head each) trained
-jointly on SYNTH_MT, exported as a torchvision-format state dict usable as ``backbone.weights``."""
+"""Pretraining a filter bank offline: one backbone shared by several tasks (one head each) trained
+jointly on SYNTH_MT, exported as a state dict usable as ``backbone.weights``: a plain network
+(torchvision names, ``reparam: none``) or a network in RC form (``reparam: rc``: every reparameterized conv
+as a bank ``Ws`` and a modulator ``Wt`` trained together, named as the official RCM models), which the RC
+variant starts from."""
 
 from __future__ import annotations
 
@@ -21,10 +24,20 @@ def default_output(cfg: Config) -> Path:
 
 
 def pretrain(cfg: Config, out: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train the config's tasks on one shared plain backbone and write its weights to ``out``
-    (``.safetensors``, else a torch file loadable with ``weights_only=True``)."""
-    if cfg.backbone.reparam != "none":
-        raise ConfigError(f"{cfg.source}: key 'backbone.reparam': pretraining trains plain convs, set it to none")
+    """Train the config's tasks on one shared backbone (plain, or in RC form with ``reparam: rc``) and write
+    its weights to ``out`` (``.safetensors``, else a torch file loadable with ``weights_only=True``)."""
+    b = cfg.backbone
+    if b.reparam not in ("none", "rc"):
+        raise ConfigError(
+            f"{cfg.source}: key 'backbone.reparam': pretraining trains plain convs (none) or convs in RC form "
+            f"(rc), not {b.reparam}"
+        )
+    if b.reparam == "rc" and (b.ri or b.nff):
+        raise ConfigError(
+            f"{cfg.source}: key 'backbone.{'ri' if b.ri else 'nff'}': pretraining in RC form trains each conv's "
+            "bank and modulator together (from plain weights: modulator = identity); set backbone.ri and "
+            "backbone.nff to false"
+        )
     out = Path(out) if out is not None else default_output(cfg)
     trainer = Trainer(cfg, overwrite=overwrite, progress=progress, shared_backbone=True)
     trainer.fit()

@@ -12,14 +12,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.models import resnet as tv_resnet
 from torchvision.models import vgg as tv_vgg
 
-from rcm_nddr.errors import UserError
 from rcm_nddr.nn.vgg import NEW_LAYERS, VGGBackbone, from_torchvision_names
+from rcm_nddr.nn.weights import RCForm, WeightsError, load_state_dict_file, read_rc_form
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +33,6 @@ _ARCHS: dict[str, tuple[Callable[..., tv_resnet.ResNet], WeightsEnum]] = {
 }
 #: the VGG backbones: the ImageNet weights their conv1_1 ... conv5_3 start from
 _VGGS: dict[str, WeightsEnum] = {"vgg16": tv_vgg.VGG16_Weights.IMAGENET1K_V1}
-
-
-class WeightsError(UserError, RuntimeError):
-    """Pretrained weights that are missing, unreadable or do not fit the architecture."""
 
 
 class ResNetBackbone(nn.Module):
@@ -255,12 +250,22 @@ def torchvision_weights_path(arch: str) -> Path:
 
 
 def _pretrained_state(arch: str, weights: str) -> Mapping[str, Tensor] | None:
-    """The state dict ``weights`` names for ``arch`` (None for ``none``)."""
+    """The state dict ``weights`` names for ``arch`` (None for ``none``); for a network pretrained in RC
+    form, the plain network it computes."""
     if weights == "none":
         return None
     if weights == "torchvision":
         return _torchvision_state_dict(arch, _IMAGENET[arch])
-    return load_state_dict_file(weights)
+    state = load_state_dict_file(weights)
+    form = read_rc_form(state, weights)
+    return state if form is None else form.plain
+
+
+def rc_form_of(weights: str) -> RCForm | None:
+    """The RC-form network ``weights`` holds (``rcm_nddr.nn.weights.read_rc_form``), None for a plain one."""
+    if weights in ("none", "torchvision"):
+        return None
+    return read_rc_form(load_state_dict_file(weights), weights)
 
 
 def _origin(arch: str, weights: str) -> str:
@@ -277,25 +282,6 @@ def _torchvision_state_dict(arch: str, imagenet: WeightsEnum) -> Mapping[str, Te
             "'none' or to a local state dict."
         )
     return load_state_dict_file(path)
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``, no pickle code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"weights file {path} could not be read as a state dict: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"weights file {path} does not hold a flat state dict of tensors")
-    return state
 
 
 def _load_into(net: nn.Module, state: Mapping[str, Tensor], expected: set[str], origin: str, family: str) -> None:
