@@ -27,7 +27,7 @@ from rcm_nddr.engine.evaluate import delta_mtl, primary_metrics
 from rcm_nddr.store import ModelStore
 
 TASKS = ("semseg", "edge")
-ENCODERS = ("single_task", "decoder_only", "RA_series", "RA_parallel", "RC", "RC_RI", "RC_RI_NFF")
+ENCODERS = ("single_task", "decoder_only", "RA_series", "RA_parallel", "RC_random", "RC", "RC_RI", "RC_RI_NFF")
 MULTI = {
     "hard_sharing": "semseg+edge_hard_sharing.yaml",
     "NDDR_CNN": "semseg+edge_NDDR_CNN.yaml",

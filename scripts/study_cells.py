@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BANK = Path("results/synthetic/resnet18_bank.pth")
+RC_BANK = Path("results/synthetic/resnet18_rc_bank.pth")
 DATA = Path("data/SYNTH_MT")
 
 
@@ -42,15 +43,17 @@ def train_cell(store: Path, config: Path, overrides: list[str], group: str) -> d
 
 
 def prepare() -> None:
-    """The SYNTH_MT data and the filter bank the configs name, made when missing."""
+    """The SYNTH_MT data and the pretrained networks the configs name (plain, and in RC form for the RC
+    variant), made when missing."""
     cli = [sys.executable, "-m", "rcm_nddr"]
     if not (REPO / DATA / "meta.json").is_file():
         subprocess.run(
             [*cli, "data", "synth", "--out", str(DATA), "--train", "320", "--val", "80"], cwd=REPO, check=True
         )
-    if not (REPO / BANK).is_file():
-        config = "configs/synthetic/pretrain.yaml"
-        subprocess.run([*cli, "pretrain", "--config", config, "--out", str(BANK)], cwd=REPO, check=True)
+    for bank, config in ((BANK, "pretrain.yaml"), (RC_BANK, "pretrain_rc.yaml")):
+        if not (REPO / bank).is_file():
+            config = f"configs/synthetic/{config}"
+            subprocess.run([*cli, "pretrain", "--config", config, "--out", str(bank)], cwd=REPO, check=True)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -135,6 +135,7 @@ def test_saved_config_round_trips(tmp_path):
     [
         ("NYUD", "nyud", (425, 560), {"semseg", "depth", "normals", "edge"}),
         ("PascalContext", "pascal", (512, 512), {"semseg", "human_parts", "normals", "sal", "edge"}),
+        ("Cityscapes", "cityscapes", (512, 512), {"semseg", "depth"}),
     ],
 )
 def test_real_dataset_configs_follow_the_rcm_protocol(folder, dataset, crop, tasks):
@@ -170,7 +171,7 @@ def test_real_dataset_configs_follow_the_rcm_protocol(folder, dataset, crop, tas
             rc_form = "models/resnet18_RC.pth"
             assert (cfg.backbone.weights == rc_form) == (variant == "RC"), (task, variant, cfg.backbone.weights)
             assert cfg.loss[task]["weight"] == weights[task]
-            expected_iters = 19875 if folder == "NYUD" else (13020 if task == "human_parts" else 37500)
+            expected_iters = {"NYUD": 19875, "Cityscapes": 22320}.get(folder, 13020 if task == "human_parts" else 37500)
             assert cfg.train.max_iters == expected_iters
             if fusion == "nddr":
                 assert (cfg.fusion.lr_mult, cfg.fusion.alpha, cfg.fusion.sources) == (100, 0.9, "all")
