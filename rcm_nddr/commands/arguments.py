@@ -186,7 +186,12 @@ def add_data_arguments(sub: argparse._SubParsersAction) -> None:
 
 
 def add_pretrain_arguments(sub: argparse._SubParsersAction) -> None:
-    pre = command_parser(sub, "pretrain", "train a plain ResNet shared by several tasks; export it as a filter bank")
+    pre = command_parser(
+        sub,
+        "pretrain",
+        "train one backbone shared by several tasks, plain (reparam: none) or in RC form (reparam: rc, bank and "
+        "modulators together, as pretrain_rc.yaml); export it as backbone weights",
+    )
     add_config_arguments(pre, example="configs/synthetic/pretrain.yaml")
     pre.add_argument("--out", help="output state dict (.pth or .safetensors; default: <store>/<arch>_bank.pth)")
     pre.add_argument("--overwrite", action="store_true", help="start over even if the run has checkpoints")
