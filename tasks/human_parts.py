@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rcm_nddr.tasks.segmentation import SegmentationTask
+from rcm_nddr.tasks.segmentation import PART_EVALUATION_SWITCHES, SegmentationTask
 
 from rcm_nddr.registry import TASKS
 
@@ -13,9 +13,12 @@ class HumanPartsTask(SegmentationTask):
     torso, upper_arm, lower_arm, upper_leg, lower_leg); target int64 H x W, 255 = ignore.
 
     Images without any person are all 255 in the target and so have no valid pixel; the metric skips
-    them, as in the ASTMT protocol. Metric keys as for semseg: ``mIoU`` (primary, higher is better),
-    ``pixel_acc``, ``IoU/<class>``.
+    them, as in the ASTMT protocol. An image of a person without annotated parts (all background, 0) counts
+    in this project's protocol; under the survey, ASTMT and RCM protocols it is skipped too (evaluation switch
+    ``skip_single_value``, as their human-parts evaluators do). Metric keys as for semseg: ``mIoU`` (primary,
+    higher is better), ``pixel_acc``, ``IoU/<class>``.
     """
 
     target_key = "human_parts"
     default_loss_weight = 2.0
+    evaluation_switches = PART_EVALUATION_SWITCHES

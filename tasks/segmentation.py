@@ -20,9 +20,11 @@ from rcm_nddr.tasks.common import (
 from torch import Tensor
 
 from rcm_nddr.objectives.losses import smoothed_cross_entropy, smoothed_kl
-from rcm_nddr.task import DatasetInfo, Metric, Task, TrivialPredictor
+from rcm_nddr.task import DatasetInfo, Metric, Switch, Task, TrivialPredictor
 
 IGNORE_INDEX = 255
+#: the classes the mean IoU runs over (evaluation switch ``miou_classes``)
+MIOU_CLASSES = ("present", "all")
 
 
 def class_names_for(info: DatasetInfo, key: str, task_name: str) -> list[str]:
@@ -91,17 +93,32 @@ class ConfusionMatrixMetric(Metric):
     """mIoU and pixel accuracy from a dataset-level confusion matrix (in percent).
 
     Pixels whose target is the ignore label are left out, so an image without any valid ground-truth
-    pixel adds nothing (it is skipped, the ASTMT rule for parts). The mean IoU runs over the classes
-    whose union is non-empty (present in the ground truth or predicted); ``IoU/<class>`` is NaN for a
-    class with an empty union.
+    pixel adds nothing (it is skipped, the ASTMT rule for parts). ``IoU/<class>`` is NaN for a class with an
+    empty union (neither in the ground truth nor predicted). The mean IoU follows ``miou_classes``:
+    ``"present"`` (this project) averages over the classes whose union is non-empty; ``"all"`` (the survey's,
+    ASTMT's and RCM's code) averages over every class, a class with an empty union counting IoU 0.
+
+    With ``skip_single_value`` an image whose whole target (valid and ignored pixels together) holds one
+    single value that is the ignore label or class 0 (background only: e.g. a person without annotated
+    parts) adds nothing either, as the survey's, ASTMT's and RCM's human-parts evaluators skip it. Each
+    image of a batch is decided on its own.
     """
 
     primary = "mIoU"
     higher_is_better = True
     state = ("confusion",)
 
-    def __init__(self, class_names: list[str]) -> None:
+    def __init__(self, class_names: list[str], miou_classes: str = "present", skip_single_value: bool = False) -> None:
+        if miou_classes not in MIOU_CLASSES:
+            raise ValueError(
+                f"segmentation metric: miou_classes must be one of {', '.join(map(repr, MIOU_CLASSES))}, "
+                f"got {miou_classes!r}"
+            )
+        if not isinstance(skip_single_value, bool):
+            raise ValueError(f"segmentation metric: skip_single_value must be True or False, got {skip_single_value!r}")
         self.class_names = list(class_names)
+        self.miou_classes = miou_classes
+        self.skip_single_value = skip_single_value
         self.reset()
 
     def reset(self) -> None:
@@ -114,6 +131,11 @@ class ConfusionMatrixMetric(Metric):
         n = len(self.class_names)
         check_labels(target, n, "segmentation metric target")
         valid = target != IGNORE_INDEX
+        if self.skip_single_value and target.numel():
+            flat = target.flatten(1)
+            first = flat[:, :1]
+            single = (flat == first).all(1) & ((first[:, 0] == 0) | (first[:, 0] == IGNORE_INDEX))
+            valid &= ~single[:, None, None]
         predicted = prediction[valid].long()
         if predicted.numel() and (predicted.min() < 0 or predicted.max() >= n):
             raise ValueError(f"segmentation metric: predicted labels must lie in [0, {n})")
@@ -127,8 +149,9 @@ class ConfusionMatrixMetric(Metric):
         hits = self.confusion.diagonal()
         union = self.confusion.sum(0) + self.confusion.sum(1) - hits
         iou = safe_divide(hits, union, float("nan")) * 100
+        miou = iou[union > 0].mean() if self.miou_classes == "present" else torch.where(union > 0, iou, 0).mean()
         result = {
-            "mIoU": float(iou[union > 0].mean()),
+            "mIoU": float(miou),
             "pixel_acc": float(hits.sum() / total * 100),
         }
         result.update({f"IoU/{name}": float(value) for name, value in zip(self.class_names, iou, strict=True)})
@@ -167,12 +190,29 @@ class SegmentationTask(Task):
     255 = ignore, either the label or this task's own argmax prediction): ``"cross"``, the smoothed
     cross-entropy of the transferred logits, and ``"kl"``, ``KL(smoothed one-hot of the reference ||
     softmax(transferred))`` (``smoothed_kl``), both with the task's ``label_smoothing``.
+
+    Evaluation switches (``ConfusionMatrixMetric``): ``miou_classes``, the classes the mean IoU runs over, and
+    ``skip_single_value``, whether an image whose target is all background or all ignore is skipped (never
+    here and for semseg; the part tasks skip it under the survey, ASTMT and RCM protocols).
     """
 
     target_key: ClassVar[str]
     prediction_suffix = ".png"
     loss_kind = "classification"
     transfer_losses = ("cross", "kl")
+    evaluation_switches = {
+        "miou_classes": Switch(
+            {"survey": "all", "astmt": "all", "rcm": "all", "project": "present"},
+            MIOU_CLASSES,
+            help="classes the mIoU averages: 'present' those in the ground truth or predicted, 'all' every class "
+            "(an absent one counts 0)",
+        ),
+        "skip_single_value": Switch(
+            {"survey": False, "astmt": False, "rcm": False, "project": False},
+            (False, True),
+            help="skip an image whose target is one single value, all background (0) or all ignore (255)",
+        ),
+    }
 
     def __init__(self, name: str, info: DatasetInfo, *, label_smoothing: float = 0.0) -> None:
         super().__init__(name, info)
@@ -215,10 +255,26 @@ class SegmentationTask(Task):
         return output.argmax(1)
 
     def metric(self) -> ConfusionMatrixMetric:
-        return ConfusionMatrixMetric(self.class_names)
+        return ConfusionMatrixMetric(
+            self.class_names,
+            miou_classes=self.evaluation["miou_classes"],
+            skip_single_value=self.evaluation["skip_single_value"],
+        )
 
     def visualize(self, value: Tensor) -> Tensor:
         return colorize_labels(value)
 
     def trivial(self) -> MajorityClassPredictor:
         return MajorityClassPredictor(self.out_channels)
+
+
+#: the evaluation switches of the part tasks (parts, human_parts): ``SegmentationTask``'s, with images whose
+#: target is all background or all ignore skipped under the survey, ASTMT and RCM protocols
+PART_EVALUATION_SWITCHES = {
+    **SegmentationTask.evaluation_switches,
+    "skip_single_value": Switch(
+        {"survey": True, "astmt": True, "rcm": True, "project": False},
+        (False, True),
+        help=SegmentationTask.evaluation_switches["skip_single_value"].help,
+    ),
+}
