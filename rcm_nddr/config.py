@@ -4,7 +4,6 @@ from, and ``--set a.b=value`` overrides."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -16,10 +15,10 @@ from typing import Any, Literal, Union
 import yaml
 
 from rcm_nddr.errors import ConfigError
-from rcm_nddr.inheritance import Origins, Where, below, load_tree, locator
+from rcm_nddr.inheritance import Origins, Where, apply_overrides, below, load_tree, locator, parse_override
+from rcm_nddr.protocols import PROTOCOLS
 from rcm_nddr.registry import DATASETS, TASKS, discover, installed_names
 from rcm_nddr.schema import build, coerce
-from rcm_nddr.yamlio import load_yaml
 
 
 @dataclass
@@ -194,6 +193,9 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    #: ``protocol`` (``rcm_nddr.protocols.PROTOCOLS``, default ``project``): whose conventions the metrics follow;
+    #: per task, evaluation switches over the protocol's (e.g. ``sal: {beta2: 0.3}``)
+    evaluation: dict[str, Any] = field(default_factory=dict)
     #: where the config was loaded from (not a YAML key)
     source: str = field(default="<defaults>", metadata={"internal": True})
     #: the ``_base_`` files merged under it, every one of them in merge order (not a YAML key)
@@ -209,6 +211,11 @@ class Config:
     def consistency(self) -> list[ConsistencyConfig]:
         """``loss.consistency``: the cross-task consistency terms."""
         return list(self.loss.get("consistency", []))
+
+    @property
+    def protocol(self) -> str:
+        """``evaluation.protocol``, ``project`` when not set."""
+        return self.evaluation.get("protocol", "project")
 
     @property
     def group_name(self) -> str:
@@ -237,41 +244,6 @@ def _to_plain(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- loading
 
 
-def parse_override(item: str, where: str = "<command line>") -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so ``3`` is an int and ``[1, 2]`` a list)."""
-    if "=" not in item:
-        raise ConfigError(f"{where}: --set {item!r}: expected key=value, e.g. train.max_iters=100")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"{where}: --set {item!r}: malformed key {key!r}")
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: --set {item!r}: value is not valid YAML: {exc}") from exc
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for item in overrides:
-        path, value = parse_override(item, where)
-        node = data
-        cls: Any = Config
-        for i, part in enumerate(path[:-1]):
-            dotted = ".".join(path[: i + 1])
-            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-            if dataclasses.is_dataclass(cls) and part not in hints:
-                raise ConfigError(f"{where}: --set {item!r}: unknown key '{dotted}'")
-            cls = hints.get(part, Any)
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{where}: --set {item!r}: '{dotted}' is not a mapping")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from the defaults when ``path`` is None), merge it over its
     ``_base_`` configs, apply ``--set`` overrides and validate everything. Raises ConfigError naming
@@ -292,7 +264,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} does not exist")
         data, origins = load_tree(p, where, where, [p.resolve()], bases)
     if overrides:
-        data = apply_overrides(data, overrides, where)
+        data = apply_overrides(data, overrides, where, Config)
         where = f"{where} (with --set {' '.join(overrides)})"
         for item in overrides:
             dotted = ".".join(parse_override(item, where)[0])
@@ -337,6 +309,14 @@ def _check(cfg: Config, where: Where) -> None:
             "(a plug-in's task types need its module under 'plugins:')",
         )
     _check_loss(cfg, where, fail)
+    for name, value in cfg.evaluation.items():
+        if name == "protocol":
+            if value not in PROTOCOLS:
+                raise fail("evaluation.protocol", f"expected one of {', '.join(PROTOCOLS)}, got {value!r}")
+        elif name not in cfg.tasks:
+            raise fail(f"evaluation.{name}", f"not a task of this run (tasks: {cfg.tasks}) nor 'protocol'")
+        elif not isinstance(value, dict):
+            raise fail(f"evaluation.{name}", f"expected a mapping of evaluation switches, got {value!r}")
     t = cfg.train
     if t.max_iters is not None and t.epochs is not None:
         raise ConfigError(

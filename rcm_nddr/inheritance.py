@@ -1,11 +1,14 @@
 """Config files that build on others: read a YAML config and, recursively, the ``_base_`` files it names
-into one mapping, remembering which file set each key so that errors can name it."""
+into one mapping, remembering which file set each key so that errors can name it; ``--set a.b=value``
+overrides on top."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,3 +122,40 @@ def load_tree(p: Path, label: str, top: str, chain: list[Path], bases: list[str]
         merge(merged, origins, layer, layer_origins)
     merge(merged, origins, data, origins_of(data, label))
     return merged, origins
+
+
+def parse_override(item: str, where: str = "<command line>") -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so ``3`` is an int and ``[1, 2]`` a list)."""
+    if "=" not in item:
+        raise ConfigError(f"{where}: --set {item!r}: expected key=value, e.g. train.max_iters=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{where}: --set {item!r}: malformed key {key!r}")
+    try:
+        value = load_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: --set {item!r}: value is not valid YAML: {exc}") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], where: str, schema: type) -> dict[str, Any]:
+    """``data`` with each ``a.b=value`` of ``overrides`` set; a key outside the ``schema`` dataclass (walked
+    by type hints; free-form mappings below it take any key) is an error."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item, where)
+        node = data
+        cls: Any = schema
+        for i, part in enumerate(path[:-1]):
+            dotted = ".".join(path[: i + 1])
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            if dataclasses.is_dataclass(cls) and part not in hints:
+                raise ConfigError(f"{where}: --set {item!r}: unknown key '{dotted}'")
+            cls = hints.get(part, Any)
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{where}: --set {item!r}: '{dotted}' is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return data

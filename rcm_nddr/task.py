@@ -5,11 +5,17 @@ interface and never names a task type."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor
+
+from rcm_nddr.protocols import PROTOCOLS
+
+__all__ = ["PROTOCOLS", "DatasetInfo", "Metric", "Switch", "Task", "TrivialPredictor"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,35 @@ class DatasetInfo:
     name: str
     classes: dict[str, list[str]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One evaluation convention a task type's metric can follow either way (config
+    ``evaluation.<task>.<name>``): its value under each protocol of ``PROTOCOLS`` (``presets``), and the
+    values it takes: one of ``choices``, or with ``choices`` None a number >= 0 (or None when a preset is
+    None, meaning "as the dataset says")."""
+
+    presets: Mapping[str, Any]
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        missing = [p for p in PROTOCOLS if p not in self.presets]
+        if missing:
+            raise ValueError(f"evaluation switch: no value for the protocols {missing}")
+
+    def check(self, value: Any) -> Any:
+        """``value`` if this switch takes it (ints given for a number become floats); ValueError otherwise."""
+        if self.choices is not None:
+            if isinstance(value, bool) != any(isinstance(c, bool) for c in self.choices) or value not in self.choices:
+                raise ValueError(f"expected one of {', '.join(map(repr, self.choices))}, got {value!r}")
+            return value
+        if value is None and any(v is None for v in self.presets.values()):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"expected a number >= 0, got {value!r}")
+        return float(value)
 
 
 class Metric(ABC):
@@ -96,10 +131,37 @@ class Task(ABC):
     #: the cross-task consistency losses (``loss.consistency[*].loss``) the task accepts as the target of a
     #: transfer net, each handled by ``transfer_loss``; empty: no transfer net may map into this task type
     transfer_losses: ClassVar[tuple[str, ...]] = ()
+    #: the evaluation conventions the task type's metric switches between, by switch name (see ``Switch``);
+    #: ``metric()`` follows ``self.evaluation``
+    evaluation_switches: ClassVar[Mapping[str, Switch]] = {}
 
     def __init__(self, name: str, info: DatasetInfo) -> None:
         self.name = name
         self.info = info
+        #: the value of every evaluation switch the metric follows (``configure_evaluation``)
+        self.evaluation: dict[str, Any] = self.protocol_switches("project")
+
+    @classmethod
+    def protocol_switches(cls, protocol: str) -> dict[str, Any]:
+        """Every switch of the task type at its value under ``protocol`` (one of ``PROTOCOLS``)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown evaluation protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+        return {name: switch.presets[protocol] for name, switch in cls.evaluation_switches.items()}
+
+    def configure_evaluation(self, protocol: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Follow ``protocol``'s conventions, then ``overrides`` (switch name -> value); returns the switches.
+        An unknown protocol, switch or value is a ValueError naming it."""
+        switches = self.protocol_switches(protocol)
+        for key, value in (overrides or {}).items():
+            if key not in self.evaluation_switches:
+                known = ", ".join(self.evaluation_switches) or "none"
+                raise ValueError(f"task {self.name!r} has no evaluation switch {key!r} (it has: {known})")
+            try:
+                switches[key] = self.evaluation_switches[key].check(value)
+            except ValueError as exc:
+                raise ValueError(f"task {self.name!r}: evaluation switch {key!r}: {exc}") from exc
+        self.evaluation = switches
+        return dict(switches)
 
     @property
     @abstractmethod
@@ -126,7 +188,7 @@ class Task(ABC):
 
     @abstractmethod
     def metric(self) -> Metric:
-        """A fresh metric accumulator."""
+        """A fresh metric accumulator, following the evaluation switches ``self.evaluation``."""
 
     @abstractmethod
     def visualize(self, value: Tensor) -> Tensor:

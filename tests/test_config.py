@@ -380,6 +380,7 @@ def test_saved_config_of_a_config_with_bases_is_complete_and_has_no_base_key(tmp
         "scheduler",
         "train",
         "test",
+        "evaluation",
     }
     assert data["dataset"]["crop"] == [40, 40] and data["dataset"]["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
     assert data["loss"] == {"edge": {"weight": 50, "pos_weight": 0.9}}

@@ -10,6 +10,7 @@ import typing
 
 from rcm_nddr.commands.docker import DEFAULT_SHM_SIZE, DEFAULT_STOP_TIMEOUT, DEFAULT_TAG, MOUNTS, WORKDIR
 from rcm_nddr.config import CompileMode
+from rcm_nddr.protocols import PROTOCOLS
 from rcm_nddr.registry import installed_names
 
 ARCHS = ("resnet18", "resnet34", "resnet50")  # the benchmarks' ResNets
@@ -107,6 +108,22 @@ class GpuId(argparse.Action):
         namespace.overrides = [*(getattr(namespace, "overrides", None) or []), f"train.device=cuda:{value}"]
 
 
+class Protocol(argparse.Action):
+    """``--protocol NAME``: the same as ``--set evaluation.protocol=NAME``."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        namespace.overrides = [*(getattr(namespace, "overrides", None) or []), f"evaluation.protocol={value}"]
+
+
+def add_protocol_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        action=Protocol,
+        help="whose metric conventions to follow (= --set evaluation.protocol=NAME; default: the config's)",
+    )
+
+
 def add_gpu_id_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu_id", type=int, action=GpuId, metavar="N", help="run on cuda:N (= --set train.device=cuda:N)")
 
@@ -156,6 +173,7 @@ def add_test_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--log-performance", "--log_performance", metavar="CSV", help="append one row per task to this CSV file"
     )
     add_gpu_id_argument(p)
+    add_protocol_argument(p)
     p.add_argument(
         "--save-predictions",
         metavar="DIR",
@@ -308,6 +326,19 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="task option, e.g. max_dist=0.011 or matching=distance for edge",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="project",
+        help="whose metric conventions to follow (default: project; see docs/metrics.md#protocols)",
+    )
+    p.add_argument(
+        "--switch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an evaluation switch over the protocol's, e.g. beta2=0.3 for sal or ois_ties=first for edge",
     )
     p.add_argument("--plugin", action="append", default=[], help="module or .py file registering task types")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")

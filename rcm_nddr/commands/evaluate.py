@@ -5,6 +5,7 @@ the same layout; see ``rcm_nddr.engine.saved``)."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from rcm_nddr.engine.evaluate import to_json
+from rcm_nddr.engine.evaluate import describe_switches, to_json
 from rcm_nddr.engine.saved import evaluate_saved
 from rcm_nddr.errors import UserError
 from rcm_nddr.registry import DATASETS, TASKS, RegistryError, discover, options_error
@@ -50,9 +51,12 @@ def evaluate_folder(
     plugins: list[str] | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    protocol: str = "project",
+    switches: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the dataset split and the task (task name = task type), score the folder, and return
-    ``{dataset, root, split, task, pred, samples, metrics}``."""
+    """Build the dataset split and the task (task name = task type), its metric following ``protocol``
+    and ``switches``, score the folder, and return ``{dataset, root, split, task, pred, samples, evaluation,
+    metrics}`` (``evaluation``: the protocol and the value of every switch)."""
     discover(plugins or [])
     try:
         dataset_cls, task_cls = DATASETS.get(dataset_name), TASKS.get(task_name)
@@ -62,6 +66,9 @@ def evaluate_folder(
     error = options_error(dataset_cls, (root, split, [task_cls.target_key], None), dataset_options)
     if error:
         raise EvaluateError(f"--option of dataset {dataset_name!r}: {error}")
+    switches = dict(switches or {})
+    if "evaluation" in inspect.signature(dataset_cls).parameters:  # a target made under a switch (PASCAL edges)
+        dataset_options["evaluation"] = {task_cls.target_key: {**task_cls.protocol_switches(protocol), **switches}}
     dataset = dataset_cls(root, split, [task_cls.target_key], **dataset_options)
     error = options_error(task_cls, (task_name, dataset.info), task_options)
     if error:
@@ -70,6 +77,10 @@ def evaluate_folder(
         task = task_cls(task_name, dataset.info, **task_options)
     except ValueError as exc:
         raise EvaluateError(f"--task-option: {exc}") from exc
+    try:
+        task.configure_evaluation(protocol, switches)
+    except ValueError as exc:
+        raise EvaluateError(f"--switch: {exc}") from exc
     metrics = evaluate_saved(dataset, task, pred, num_workers=num_workers, progress=progress)
     return {
         "dataset": dataset_name,
@@ -78,6 +89,7 @@ def evaluate_folder(
         "task": task_name,
         "pred": str(pred),
         "samples": len(dataset),
+        "evaluation": {"protocol": protocol, "switches": {task_name: dict(task.evaluation)}},
         "metrics": metrics,
     }
 
@@ -94,12 +106,17 @@ def main(args: argparse.Namespace) -> int:
         plugins=args.plugin,
         num_workers=args.workers,
         progress=not args.quiet and not args.json,
+        protocol=args.protocol,
+        switches=parse_options(args.switch, "--switch"),
     )
     if args.json:
         sys.stdout.write(to_json(result, indent=2) + "\n")
         return 0
     metrics = result["metrics"]
-    header = f"{result['task']} on {result['dataset']} {result['split']} ({result['samples']} samples, {args.pred})"
+    header = (
+        f"{result['task']} on {result['dataset']} {result['split']} ({result['samples']} samples, {args.pred}; "
+        f"protocol {args.protocol}: {describe_switches(result['evaluation']['switches'][result['task']])})"
+    )
     lines = [header] + [f"  {key:<16} {value:.4f}" for key, value in metrics.items() if "/" not in key]
     per_class = {k: v for k, v in metrics.items() if "/" in k}
     if per_class:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import tempfile
@@ -59,17 +60,25 @@ def task_classes(cfg: Config) -> dict[str, type[Task]]:
 
 
 def build_dataset(cfg: Config, split: str, train: bool):
-    """The config's dataset for ``split`` with training or validation transforms."""
+    """The config's dataset for ``split`` with training or validation transforms. A validation set whose class
+    takes ``evaluation`` gets the run's evaluation switches by target key (e.g. PASCAL's edge ground truth)."""
     _discover(cfg)
     try:
         dataset_cls = DATASETS.get(cfg.dataset.name)
     except RegistryError as exc:
         raise ConfigError(f"{cfg.source}: key 'dataset.name': {exc}") from exc
-    targets = sorted({cls.target_key for cls in task_classes(cfg).values()})
+    classes = task_classes(cfg)
+    targets = sorted({cls.target_key for cls in classes.values()})
     options = dict(cfg.dataset.options)
     error = options_error(dataset_cls, (cfg.dataset.root, split, targets, None), options)
     if error:
         raise ConfigError(f"{cfg.source}: key 'dataset.options' of dataset {cfg.dataset.name!r}: {error}")
+    if not train and "evaluation" in inspect.signature(dataset_cls).parameters:
+        # a dataset that makes a target differently under some evaluation switch (PASCAL's edges) gets them
+        options["evaluation"] = {
+            cls.target_key: {**cls.protocol_switches(cfg.protocol), **cfg.evaluation.get(name, {})}
+            for name, cls in classes.items()
+        }
     return dataset_cls(
         root=cfg.dataset.root,
         split=split,
@@ -80,7 +89,8 @@ def build_dataset(cfg: Config, split: str, train: bool):
 
 
 def build_tasks(cfg: Config, info: DatasetInfo) -> dict[str, Task]:
-    """Instantiate each task with its options from ``loss.<name>`` (all keys but ``weight``)."""
+    """Instantiate each task with its options from ``loss.<name>`` (all keys but ``weight``), its metric
+    following ``evaluation.protocol`` and the switches of ``evaluation.<name>``."""
     tasks = {}
     for name, cls in task_classes(cfg).items():
         options = {k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"}
@@ -88,6 +98,10 @@ def build_tasks(cfg: Config, info: DatasetInfo) -> dict[str, Task]:
         if error:
             raise ConfigError(f"{cfg.source}: key 'loss.{name}' of task type {name!r}: {error}")
         tasks[name] = cls(name, info, **options)
+        try:
+            tasks[name].configure_evaluation(cfg.protocol, cfg.evaluation.get(name))
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: key 'evaluation.{name}': {exc}") from exc
     return tasks
 
 

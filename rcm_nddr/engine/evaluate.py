@@ -16,6 +16,7 @@ from tqdm import tqdm
 from rcm_nddr.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from rcm_nddr.engine import distributed
 from rcm_nddr.engine.saved import sample_sizes, unpad
+from rcm_nddr.errors import ConfigError
 from rcm_nddr.task import Metric, Task
 
 
@@ -118,6 +119,37 @@ def primary_metrics(tasks: Mapping[str, Task]) -> dict[str, tuple[str, bool]]:
         metric = task.metric()
         out[name] = (metric.primary, metric.higher_is_better)
     return out
+
+
+def evaluation_record(protocol: str, tasks: Mapping[str, Task]) -> dict[str, Any]:
+    """What the metrics of ``tasks`` followed: the protocol and every task's evaluation switches."""
+    return {"protocol": protocol, "switches": {name: dict(task.evaluation) for name, task in tasks.items()}}
+
+
+def describe_switches(switches: Mapping[str, Any]) -> str:
+    """``beta2=1.0, empty_image=zero`` (``no switches`` for a task type without any)."""
+    return ", ".join(f"{k}={v}" for k, v in switches.items()) or "no switches"
+
+
+def check_same_evaluation(
+    mine: Mapping[str, Any], theirs: Mapping[str, Mapping[str, Any]], tasks: Mapping[str, Task], source: str
+) -> None:
+    """Delta_MTL compares like with like: each task's baseline (``theirs``: task -> ``{protocol, switches}``,
+    None when its results record none: ``project``, under which everything before the protocols was scored)
+    must have been scored with the switches ``mine`` (an ``evaluation_record``) holds for it; otherwise a
+    ConfigError names both protocols and the switches that differ."""
+    for name, task in tasks.items():
+        recorded = theirs.get(name) or {"protocol": "project", "switches": task.protocol_switches("project")}
+        own, other = mine["switches"][name], dict(recorded.get("switches") or {})
+        differ = sorted(k for k in own.keys() | other.keys() if own.get(k) != other.get(k))
+        if differ:
+            diffs = ", ".join(f"{k}: {other.get(k)!r} there, {own.get(k)!r} here" for k in differ)
+            raise ConfigError(
+                f"baselines {source}: task {name!r} was scored under protocol {recorded.get('protocol')!r} and this "
+                f"evaluation follows {mine['protocol']!r} ({diffs}); Delta_MTL needs both scored alike: evaluate "
+                f"with --protocol {recorded.get('protocol')} (or the same evaluation switches), or score the "
+                "baselines again under this one"
+            )
 
 
 def delta_mtl(

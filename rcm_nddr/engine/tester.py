@@ -15,7 +15,15 @@ from rcm_nddr.config import Config, ConfigError, check_paths
 from rcm_nddr.engine import distributed, provenance
 from rcm_nddr.engine.builders import build_dataset, build_model, build_tasks, resolve_device
 from rcm_nddr.engine.checkpoint import CheckpointError, cause, load_checkpoint
-from rcm_nddr.engine.evaluate import delta_mtl, eval_loader, evaluate, primary_metrics, to_json
+from rcm_nddr.engine.evaluate import (
+    check_same_evaluation,
+    delta_mtl,
+    eval_loader,
+    evaluate,
+    evaluation_record,
+    primary_metrics,
+    to_json,
+)
 from rcm_nddr.engine.fast import configure_backends, maybe_compile
 from rcm_nddr.engine.plan import GroupPlan
 from rcm_nddr.engine.run import RunPaths
@@ -25,7 +33,20 @@ from rcm_nddr.store import ModelStore
 
 log = logging.getLogger(__name__)
 
-CSV_FIELDS = ["config", "store", "group", "task", "split", "checkpoint", "iteration", "primary", "value", "metrics"]
+CSV_FIELDS = [
+    "config",
+    "store",
+    "group",
+    "task",
+    "split",
+    "checkpoint",
+    "iteration",
+    "protocol",
+    "evaluation",
+    "primary",
+    "value",
+    "metrics",
+]
 
 
 def run_test(
@@ -50,7 +71,9 @@ def run_test(
     check_paths(cfg)
     baselines = baselines if baselines is not None else cfg.test.baselines
     # read the baselines first: a wrong path should fail before a long evaluation, not after
-    baseline_metrics = load_baselines(baselines, cfg.tasks) if baselines else None
+    baseline_metrics, baseline_evaluation = load_baselines(baselines, cfg.tasks) if baselines else (None, {})
+    if log_performance is not None:
+        check_csv_header(log_performance)
     split = split or cfg.dataset.val_split
     which = checkpoint or cfg.test.checkpoint
     paths = RunPaths.of(cfg)
@@ -64,6 +87,9 @@ def run_test(
     state = load_checkpoint(ckpt_path, remedy=again)
     dataset = build_dataset(cfg, split, train=False)
     tasks = build_tasks(cfg, dataset.info)
+    scored = evaluation_record(cfg.protocol, tasks)
+    if baseline_metrics is not None:
+        check_same_evaluation(scored, baseline_evaluation, tasks, str(baselines))
     ctx = distributed.context()
     device = distributed.process_device(cfg.train.device, ctx) or resolve_device(cfg.train.device)
     # The network the run trained: its group, and the stored tasks it read (from the store, frozen).
@@ -91,6 +117,7 @@ def run_test(
         "split": split,
         "checkpoint": str(ckpt_path),
         "iteration": state["iteration"],
+        "evaluation": scored,
         "metrics": metrics,
         "environment": environment,
     }
@@ -121,6 +148,8 @@ def run_test(
                     "split": split,
                     "checkpoint": which,
                     "iteration": state["iteration"],
+                    "protocol": cfg.protocol,
+                    "evaluation": to_json(scored["switches"][name], sort_keys=True),
                     "primary": primaries[name][0],
                     "value": f"{values[primaries[name][0]]:.6g}",
                     "metrics": to_json(values, sort_keys=True),
@@ -129,6 +158,20 @@ def run_test(
             ],
         )
     return metrics
+
+
+def check_csv_header(path: str | Path) -> None:
+    """A CSV log written before its columns changed cannot take the new rows: refused before evaluating."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if header != CSV_FIELDS:
+        raise ConfigError(
+            f"--log-performance {path}: its columns {header} are not this version's {CSV_FIELDS} (which record "
+            "the evaluation protocol); log to a new file"
+        )
 
 
 def append_csv(path: str | Path, rows: list[dict[str, object]]) -> None:
@@ -142,12 +185,19 @@ def append_csv(path: str | Path, rows: list[dict[str, object]]) -> None:
         writer.writerows(rows)
 
 
-def load_baselines(source: str | Path, task_names: Sequence[str]) -> dict[str, dict[str, float]]:
+def load_baselines(
+    source: str | Path, task_names: Sequence[str]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any] | None]]:
     """Single-task results of ``task_names`` from a model store (each record's metrics) or a JSON file:
-    ``{task: {metric: value}}``, or a ``test_metrics.json`` (its ``metrics``)."""
+    ``{task: {metric: value}}``, or a ``test_metrics.json`` (its ``metrics``); and how each was scored
+    (``{protocol, switches}`` as recorded, None where nothing is recorded)."""
     source = Path(source)
+    evaluation: dict[str, dict[str, Any] | None] = {}
     if (source / "store.yaml").is_file():
         records = {record.name: record.metrics for record in ModelStore(source).tasks}
+        for name, metrics in records.items():
+            if "protocol" in metrics:
+                evaluation[name] = {"protocol": metrics["protocol"], "switches": metrics.get("evaluation") or {}}
         what = f"model store {source}"
     elif source.is_file():
         try:
@@ -155,6 +205,10 @@ def load_baselines(source: str | Path, task_names: Sequence[str]) -> dict[str, d
         except (OSError, ValueError) as exc:
             raise ConfigError(f"baselines file {source}: not readable JSON ({exc})") from exc
         if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+            scored = data.get("evaluation")
+            if isinstance(scored, dict) and isinstance(scored.get("switches"), dict):
+                protocol = scored.get("protocol")
+                evaluation = {n: {"protocol": protocol, "switches": v} for n, v in scored["switches"].items()}
             data = data["metrics"]
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise ConfigError(
@@ -169,7 +223,7 @@ def load_baselines(source: str | Path, task_names: Sequence[str]) -> dict[str, d
         raise ConfigError(
             f"{what} has no result for task(s) {', '.join(missing)} (it has: {', '.join(records) or 'none'})"
         )
-    return {name: dict(records[name]) for name in task_names}
+    return {name: dict(records[name]) for name in task_names}, {name: evaluation.get(name) for name in task_names}
 
 
 def delta_report(

@@ -26,7 +26,7 @@ from rcm_nddr.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from rcm_nddr.engine.evaluate import autocast, delta_mtl, eval_loader, evaluate, to_json
+from rcm_nddr.engine.evaluate import autocast, delta_mtl, eval_loader, evaluate, evaluation_record, to_json
 from rcm_nddr.engine.fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
 from rcm_nddr.engine.run import RunExistsError, RunPaths, TrainingRun, build_run
 from rcm_nddr.engine.sampler import ResumableSampler
@@ -276,7 +276,8 @@ class Trainer:
         if self.iteration == self.max_iters and self.is_main:
             weighting = self.objective.objective.weighting
             final = dict(zip(weighting.names, weighting.current().tolist(), strict=True))
-            summary = {"iteration": self.iteration, "metrics": self.last_metrics}
+            summary = {"iteration": self.iteration, "evaluation": evaluation_record(self.cfg.protocol, self.tasks)}
+            summary["metrics"] = self.last_metrics
             summary["objective"] = {"weighting": self.cfg.weighting["type"], "weights": final}
             atomic_write_text(self.paths.run / "metrics.json", to_json(summary, indent=2))
         return self.last_metrics
@@ -452,6 +453,8 @@ class Trainer:
                         "primary": key,
                         "split": self.cfg.dataset.val_split,
                         "checkpoint": f"{which} (iteration {iteration})",
+                        "protocol": self.cfg.protocol,
+                        "evaluation": dict(task.evaluation),
                         **(metrics or {}).get(name, {}),
                     },
                     "model": spec.model_description(),
