@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rcm_nddr.commands import arguments as a
+from rcm_nddr.commands import tool_arguments as tools
 from rcm_nddr.errors import UserError
 
 #: bad input or a refusal; an internal error (sysexits' EX_SOFTWARE); interrupted (128 + SIGINT)
@@ -155,9 +156,9 @@ def decomp_parser() -> argparse.ArgumentParser:
 
 def decomp_main(argv: Sequence[str] | None = None) -> int:
     p = decomp_parser()
-    a.add_decomp_arguments(p)
+    tools.add_decomp_arguments(p)
     args = p.parse_args(argv)
-    a.check_decomp_arguments(p, args)
+    tools.check_decomp_arguments(p, args)
     return run_command(args)
 
 
@@ -176,10 +177,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_evaluate_arguments(
         a.command_parser(sub, "evaluate", "score saved predictions (.png/.npy files) against a dataset split")
     )
-    a.add_bench_arguments(
+    tools.add_bench_arguments(
         a.command_parser(sub, "bench", "speed: deploy form and RC training vs plain networks; bench decomp|scaling")
     )
-    a.add_docker_arguments(
+    tools.add_docker_arguments(
         a.command_parser(sub, "docker", "build the Docker image; run train.py/test.py in a container")
     )
     return p
