@@ -16,10 +16,11 @@ from rcm_nddr.tasks.binary import (
 )
 from rcm_nddr.tasks.common import check_map, check_same_shape, safe_divide, to_accumulator
 from rcm_nddr.tasks.edge_matching import bipartite_counts
+from rcm_nddr.tasks.edge_nms import edge_nms
 from torch import Tensor
 
 from rcm_nddr.registry import TASKS
-from rcm_nddr.task import DatasetInfo, Metric
+from rcm_nddr.task import PROTOCOLS, DatasetInfo, Metric, Switch
 
 #: binarization thresholds of the F-measure curves: 0.01, 0.02, ..., 0.99
 EDGE_THRESHOLDS = torch.linspace(0.01, 0.99, 99)
@@ -27,6 +28,8 @@ EDGE_THRESHOLDS = torch.linspace(0.01, 0.99, 99)
 EDGE_MATCHINGS = ("bipartite", "distance")
 #: matching tolerance (fraction of the image diagonal) when neither the config nor the dataset gives one
 DEFAULT_MAX_DIST = 0.011
+#: which threshold an image's OIS takes among those with its best F, see ``EdgeMetric``
+EDGE_OIS_TIES = ("last", "first")
 
 
 def disk_max(values: Tensor, radius: float) -> Tensor:
@@ -92,9 +95,19 @@ class EdgeMetric(Metric):
     lines (a thick prediction crossing into an ignored region is thinned within its valid part); an
     image without any valid pixel is skipped; P and R are 0 where their denominator is 0, as in the
     BSDS code. ODS: the counts of each threshold are summed over the set, F = 2PR / (P + R) per
-    threshold, and the best is reported. OIS: each image picks the threshold with its best F (the
-    highest one on ties, so an image without edges picks the fewest false positives), those counts are
-    summed over the set, and F is computed from the sums.
+    threshold, and the best is reported. OIS: each image picks the threshold with its best F, those
+    counts are summed over the set, and F is computed from the sums. ``ois_ties`` says which threshold
+    an image picks among equal best F: ``"last"`` (default) the highest one, so that an image without
+    ground-truth edges (F = 0 at every threshold) picks the fewest false positives, or ``"first"`` the
+    lowest one, as SEISM does (MATLAB's ``max`` returns the first maximum over increasing thresholds).
+
+    ``nms`` (default False): before thresholding, each predicted map goes through the structured edge
+    toolbox's non-maximum suppression (``edge_nms.edge_nms``: r = 1, s = 5, m = 1.01, orientation from
+    a triangle filter of radius 4), as SEISM's contour reader does. It is applied to the bounding box of
+    the image's valid pixels, so that an image padded at the bottom and right to a common size (the
+    validation transform pads the target with 255) is suppressed, smoothed and damped at its own border
+    as SEISM sees it; pixels outside the box are ignored anyway. The ignored pixels inside the box keep
+    their predicted values through the suppression and are masked afterwards, as without it.
 
     Where ``"bipartite"`` differs from SEISM/BSDS: BSDS solves a min-cost assignment with outlier
     nodes whose cost (100 x the tolerance) makes leaving a pixel unmatched dearer than any match, so
@@ -103,25 +116,39 @@ class EdgeMetric(Metric):
     many (the counts are equal whenever the BSDS assignment is maximum). The thinning is this code's
     implementation of the published algorithm MATLAB's ``bwmorph`` documents, checked against
     scikit-image, not MATLAB itself. The best F is taken over the discrete thresholds without the BSDS
-    interpolation between them, and OIS breaks ties towards the highest threshold. Each image has a
-    single ground truth (NYUD and PASCAL do), so matched predictions and matched ground-truth pixels
-    are the same count. The ground truth is used as given, not thinned: the datasets thin it when
-    loading, where the reference pipeline does.
+    interpolation between them. SEISM reads each prediction from an 8-bit PNG (values k / 255) and
+    keeps the pixels strictly above the threshold; this code takes the float prediction and >= t. Each
+    image has a single ground truth (NYUD and PASCAL do), so matched predictions and matched
+    ground-truth pixels are the same count. The ground truth is used as given, not thinned: the
+    datasets thin it when loading, where the reference pipeline does.
     """
 
     primary = "odsF"
     higher_is_better = True
     state = ("ods", "gt_pixels", "ois", "images")
 
-    def __init__(self, max_dist: float = DEFAULT_MAX_DIST, matching: str = "bipartite") -> None:
+    def __init__(
+        self,
+        max_dist: float = DEFAULT_MAX_DIST,
+        matching: str = "bipartite",
+        *,
+        ois_ties: str = "last",
+        nms: bool = False,
+    ) -> None:
         if not max_dist >= 0:
             raise ValueError(f"edge metric: max_dist must be >= 0 (a fraction of the diagonal), got {max_dist}")
         if matching not in EDGE_MATCHINGS:
             raise ValueError(
                 f"edge metric: matching must be one of {', '.join(map(repr, EDGE_MATCHINGS))}, got {matching!r}"
             )
+        if ois_ties not in EDGE_OIS_TIES:
+            raise ValueError(
+                f"edge metric: ois_ties must be one of {', '.join(map(repr, EDGE_OIS_TIES))}, got {ois_ties!r}"
+            )
         self.max_dist = max_dist
         self.matching = matching
+        self.ois_ties = ois_ties
+        self.nms = bool(nms)
         self.reset()
 
     def reset(self) -> None:
@@ -144,6 +171,8 @@ class EdgeMetric(Metric):
         if not len(valid):
             return
         truth = (target[keep, 0] == 1) & valid
+        if self.nms:
+            scores = torch.stack([suppress_in_valid_box(s, v) for s, v in zip(scores, valid, strict=True)])
         counts = _distance_counts if self.matching == "distance" else _bipartite_counts
         matched, predicted, recalled = counts(scores, valid, truth, radius)
         gt_pixels = truth.flatten(1).sum(1).double()[:, None].expand_as(recalled)
@@ -151,7 +180,10 @@ class EdgeMetric(Metric):
         self.ods += to_accumulator(torch.stack([matched.sum(0), predicted.sum(0), recalled.sum(0)]))
         self.gt_pixels += float(gt_pixels[:, 0].sum())
         f = _f_measure(safe_divide(matched, predicted, 0.0), safe_divide(recalled, gt_pixels, 0.0))
-        best = f.shape[1] - 1 - f.flip(1).argmax(1, keepdim=True)
+        if self.ois_ties == "first":
+            best = f.argmax(1, keepdim=True)  # the first maximum
+        else:
+            best = f.shape[1] - 1 - f.flip(1).argmax(1, keepdim=True)
         at_best = [c.gather(1, best).sum() for c in (matched, predicted, recalled, gt_pixels)]
         self.ois += to_accumulator(torch.stack(at_best))
         self.images += len(valid)
@@ -165,6 +197,17 @@ class EdgeMetric(Metric):
         m, p, r, g = self.ois
         ois = _f_measure(safe_divide(m, p, 0.0), safe_divide(r, g, 0.0))
         return {"odsF": 100 * float(ods), "oisF": 100 * float(ois)}
+
+
+def suppress_in_valid_box(scores: Tensor, valid: Tensor) -> Tensor:
+    """``edge_nms`` of the H x W ``scores`` within the bounding box of the ``valid`` pixels (at least one);
+    0 outside the box."""
+    rows = valid.any(1).nonzero()[:, 0]
+    columns = valid.any(0).nonzero()[:, 0]
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+    result = torch.zeros_like(scores, dtype=torch.float32)
+    result[top:bottom, left:right] = edge_nms(scores[top:bottom, left:right])
+    return result
 
 
 def _distance_counts(scores: Tensor, valid: Tensor, truth: Tensor, radius: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -201,10 +244,40 @@ class EdgeTask(BinaryMapTask):
     dataset's ``extra["edge_max_dist"]``, else 0.011 (the benchmark's NYUD value; PASCAL uses 0.0075);
     ``matching`` is the metric's ``"bipartite"`` (default, the benchmark protocol) or ``"distance"``
     (faster, for validation during training), see ``EdgeMetric``.
+
+    Evaluation switches (``evaluation_switches``, set by ``configure_evaluation``): ``ois_ties``,
+    ``edge_nms`` and ``max_dist`` set the metric (``max_dist``, when not None, wins over the option);
+    ``pascal_edge_gt`` is read by the PASCAL-MT dataset, which makes the validation edge target with it
+    (the engine hands every task's switches to a dataset that takes ``evaluation``).
     """
 
     target_key = "edge"
     default_loss_weight = 50.0
+    evaluation_switches = {
+        "ois_ties": Switch(
+            {"survey": "first", "astmt": "first", "rcm": "first", "project": "last"},
+            EDGE_OIS_TIES,
+            help="which threshold an image's OIS takes among equal best F: the highest ('last': an image "
+            "without ground-truth edges picks the fewest false positives) or the lowest ('first', SEISM)",
+        ),
+        "edge_nms": Switch(
+            {"survey": True, "astmt": True, "rcm": True, "project": False},
+            (False, True),
+            help="non-maximum suppression of the predicted map before thresholding (the structured edge "
+            "toolbox's, r = 1, s = 5, m = 1.01, as SEISM's reader applies it)",
+        ),
+        "pascal_edge_gt": Switch(
+            {"survey": "seg2bmap", "astmt": "seg2bmap", "rcm": "seg2bmap", "project": "laplacian"},
+            ("laplacian", "seg2bmap"),
+            help="PASCAL-MT validation edges from the label map: thinned non-zero 4-neighbour Laplacian "
+            "('laplacian') or thinned BSDS seg2bmap boundaries ('seg2bmap', SEISM); applied by the dataset",
+        ),
+        "max_dist": Switch(
+            dict.fromkeys(PROTOCOLS),
+            help="matching tolerance, a fraction of the image diagonal; None: the option max_dist, else the "
+            "dataset's edge_max_dist, else 0.011",
+        ),
+    }
 
     def __init__(
         self,
@@ -236,4 +309,12 @@ class EdgeTask(BinaryMapTask):
         return masked_bce_with_logits(output, target, self.pos_weight)
 
     def metric(self) -> EdgeMetric:
-        return EdgeMetric(self.max_dist, self.matching)
+        """The metric following ``self.evaluation`` (a ``max_dist`` switch of None: the task's tolerance)."""
+        switches = self.evaluation
+        max_dist = switches.get("max_dist")
+        return EdgeMetric(
+            self.max_dist if max_dist is None else float(max_dist),
+            self.matching,
+            ois_ties=switches.get("ois_ties", "last"),
+            nms=switches.get("edge_nms", False),
+        )

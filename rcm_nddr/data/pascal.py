@@ -26,7 +26,8 @@ requested targets are read:
 - ``sal_distill/<id>.png``: greyscale (or RGB, converted to grey) uint8, salient where
   value / 255 > 0.5 -> float32 1 x H x W in {0, 1}.
 - ``pascal-context/trainval/<id>.mat``: the variable ``LabelMap`` (integer H x W, PASCAL-Context
-  classes); the edge target is computed from it (``label_map_edges``), and it masks the normals.
+  classes); it masks the normals and makes the edge target: ``label_map_edges`` (ASTMT/RCM), or
+  ``label_map_boundaries`` (SEISM's) under the edge task's evaluation switch ``pascal_edge_gt``.
 
 There is no ``meta.json``: the name, the class names and the benchmark constants (the edge matching
 tolerance ``edge_max_dist`` and ``ignore_index``) are built in.
@@ -54,6 +55,7 @@ from tqdm import tqdm
 from rcm_nddr.data.folder import MultiTaskFolder
 from rcm_nddr.data.readers import IGNORE_INDEX, DatasetError, decode_image, read_png
 from rcm_nddr.data.targets import TargetReader
+from rcm_nddr.errors import ConfigError
 from rcm_nddr.registry import DATASETS
 from rcm_nddr.task import DatasetInfo
 
@@ -106,6 +108,7 @@ HUMAN_PART_IDS: Mapping[str, int] = {
 }
 #: the edge benchmark's matching tolerance on PASCAL, a fraction of the image diagonal
 EDGE_MAX_DIST = 0.0075
+PASCAL_EDGE_GT = ("laplacian", "seg2bmap")  # the switch pascal_edge_gt: label_map_edges, label_map_boundaries
 #: a kept distilled normal shorter than this (before renormalization) is invalid
 NORMAL_MIN_LENGTH = 1e-6
 #: the four-neighbour Laplacian of ``cv2.Laplacian(ksize=1)``
@@ -239,13 +242,31 @@ def label_map_edges(labels: np.ndarray | Tensor) -> np.ndarray:
     return thin(np.abs(laplacian) > 0)
 
 
+def seg2bmap(labels: np.ndarray | Tensor) -> np.ndarray:
+    """Boolean H x W boundary map of a segmentation, BSDS's ``seg2bmap`` (D. Martin, 2003): a pixel is a
+    boundary when its label differs from its east, south or south-east neighbour's; on the last row only
+    the east one counts, on the last column only the south one; the bottom-right pixel never is one."""
+    labels = np.asarray(labels)
+    boundary = np.zeros(labels.shape, dtype=bool)
+    boundary[:, :-1] = labels[:, :-1] != labels[:, 1:]  # east: every row, the last one included
+    boundary[:-1, :] |= labels[:-1, :] != labels[1:, :]  # south: every column, the last one included
+    boundary[:-1, :-1] |= labels[:-1, :-1] != labels[1:, 1:]  # south-east: neither last row nor column
+    return boundary
+
+
+def label_map_boundaries(labels: np.ndarray | Tensor) -> np.ndarray:
+    """Boolean H x W edges of a label map as SEISM makes its ground truth: ``thin(seg2bmap(labels))``."""
+    return thin(seg2bmap(labels))
+
+
 def decode_pascal_edge(path: Path) -> Tensor:
     """``LabelMap`` ``.mat`` -> float32 1 x H x W edges in {0, 1} (``label_map_edges``)."""
     return _edge_tensor(decode_label_map(path))
 
 
-def _edge_tensor(labels: Tensor) -> Tensor:
-    return torch.from_numpy(label_map_edges(labels.numpy())).float().unsqueeze(0)
+def _edge_tensor(labels: Tensor, ground_truth: str = "laplacian") -> Tensor:
+    make = label_map_boundaries if ground_truth == "seg2bmap" else label_map_edges
+    return torch.from_numpy(make(labels.numpy())).float().unsqueeze(0)
 
 
 def decode_distilled_normals(path: Path) -> Tensor:
@@ -333,6 +354,9 @@ class PascalMT(MultiTaskFolder):
 
     ``TARGETS`` names the file each target is read from; the normals are also masked by the
     ``LabelMap`` of the sample, which ``load`` reads once for the edges and the normals together.
+
+    ``evaluation`` (the engine's, for validation sets): target key -> switches of the task reading it;
+    ``evaluation["edge"]["pascal_edge_gt"]`` (default ``"laplacian"``) is ``edge_ground_truth``.
     """
 
     MISSING_ROOT_HINT: ClassVar[str] = "nothing is downloaded at run time; put PASCAL-MT there (see docs/datasets.md)"
@@ -373,7 +397,15 @@ class PascalMT(MultiTaskFolder):
         split: str,
         targets: Sequence[str],
         transform: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None,
+        *,
+        evaluation: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        self.edge_ground_truth = ((evaluation or {}).get("edge") or {}).get("pascal_edge_gt", "laplacian")
+        if not isinstance(self.edge_ground_truth, str) or self.edge_ground_truth not in PASCAL_EDGE_GT:
+            raise ConfigError(
+                "PASCAL-MT: the edge task's evaluation switch 'pascal_edge_gt' must be one of "
+                f"{', '.join(map(repr, PASCAL_EDGE_GT))}, got {self.edge_ground_truth!r}"
+            )
         super().__init__(root, split, targets, transform)
         self.normals_classes = load_normals_classes(self.root) if "normals" in self.targets else frozenset()
 
@@ -432,7 +464,7 @@ class PascalMT(MultiTaskFolder):
             if key in ("edge", "normals") and label_map is None:
                 label_map = self._read(self.LABEL_MAP, sample_id, size)
             if key == "edge":
-                sample[key] = _edge_tensor(label_map)
+                sample[key] = _edge_tensor(label_map, self.edge_ground_truth)
             elif key == "normals":
                 normals = self._read(reader, sample_id, size)
                 sample[key] = mask_normals(normals, label_map, self.normals_classes)
@@ -459,6 +491,7 @@ __all__ = [
     "PERSON_CLASS",
     "PascalMT",
     "decode_human_parts",
+    "label_map_boundaries",
     "label_map_edges",
     "load_normals_classes",
     "mask_normals",
