@@ -179,6 +179,8 @@ INTEGRATION_MODULES = {
     "test_plugin_task",
     "test_predict",
     "test_pretrain",
+    "test_protocols",
+    "test_rc_pretrained",
     "test_real_configs",
     "test_store_trust",
 }
