@@ -183,6 +183,9 @@ def parser() -> argparse.ArgumentParser:
     tools.add_docker_arguments(
         a.command_parser(sub, "docker", "build the Docker image; run train.py/test.py in a container")
     )
+    tools.add_study_arguments(
+        a.command_parser(sub, "study", "run a study (variants x tasks x a grid, e.g. seeds) and aggregate it")
+    )
     return p
 
 

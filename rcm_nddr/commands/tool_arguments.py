@@ -189,3 +189,29 @@ def add_docker_arguments(p: argparse.ArgumentParser) -> None:
         help="what to run, after --, e.g. -- python train.py --config configs/synthetic/semseg_RC_RI_NFF.yaml",
     )
     r.set_defaults(handler="rcm_nddr.commands.docker:run")
+
+
+# ----------------------------------------------------------------------------- rcm-nddr study
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", required=True, help="study spec (YAML), e.g. studies/synth_mt.yaml")
+    p.add_argument(
+        "--workers", type=positive_int, default=1, help="cells run at once by the local executor (default: 1)"
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "slurm", "submitit-local"),
+        default="local",
+        help="local worker processes; SLURM jobs through submitit (the spec's slurm: parameters); or "
+        "submitit's local executor, the SLURM path run here (every cell at once) (default: local)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=non_negative_int,
+        help="GPUs the local workers share out, one per running cell (default: every visible GPU)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the cells, finished or not, and run nothing")
+    p.add_argument("--report-only", action="store_true", help="aggregate the finished cells, run nothing")
+    add_logging_arguments(p)
+    p.set_defaults(handler="rcm_nddr.commands.study:main")

@@ -1,0 +1,350 @@
+"""``rcm-nddr study``: many runs as one experiment. A study spec (YAML) names variants (a config, or a
+sequence of configs trained into one store), the tasks that fill a config's ``{task}``, a grid of
+overrides crossed with them (e.g. seeds) and the baseline variant of Delta_MTL. Every cell (variant x
+task x grid point) trains and tests in its own store under ``<out>/cells/``, named by a hash of its
+resolved configs, so running the study again skips finished cells and resumes interrupted ones. Cells
+run in local worker processes (one GPU each when there are several) or as submitit jobs (SLURM, or its
+local executor); a failed cell is reported with its log and never stops the others. The results are
+aggregated by ``rcm_nddr.commands.study_report``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from rcm_nddr.commands.study_report import report
+from rcm_nddr.config import load_config
+from rcm_nddr.errors import ConfigError, UserError
+from rcm_nddr.files import atomic_write_text
+from rcm_nddr.nn.assembly import TaskSpec
+from rcm_nddr.store import ModelStore
+from rcm_nddr.yamlio import load_yaml
+
+log = logging.getLogger(__name__)
+
+SPEC_KEYS = ("out", "tasks", "variants", "grid", "set", "baseline", "slurm")
+RESULT_FILE = "result.json"
+
+
+class StudyError(UserError):
+    """A study spec or argument that cannot run: the message names the file and the key."""
+
+
+@dataclass
+class Step:
+    """One training run of a cell: a config and the overrides it runs with (``store`` comes from the cell)."""
+
+    config: str
+    overrides: list[str]
+
+
+@dataclass
+class Cell:
+    """One point of the study: a variant, the task that filled its configs (None: a group or a sequence),
+    a grid point, and the runs that make it, in order, into one store under ``directory``."""
+
+    name: str
+    variant: str
+    task: str | None
+    point: dict[str, Any]
+    steps: list[Step]
+    directory: Path
+    key: str = ""
+
+    @property
+    def result_file(self) -> Path:
+        return self.directory / RESULT_FILE
+
+    def finished(self) -> bool:
+        return self.result_file.is_file()
+
+
+@dataclass
+class Spec:
+    path: Path
+    out: Path
+    tasks: list[str]
+    variants: dict[str, dict[str, Any]]
+    grid: dict[str, list[Any]]
+    overrides: list[str]
+    baseline: str | None
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and check a study spec; every error names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study spec {path} does not exist")
+    try:
+        doc = load_yaml(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise StudyError(f"study spec {path}: not readable YAML ({exc})") from exc
+
+    def fail(key: str, message: str) -> StudyError:
+        return StudyError(f"{path}: key '{key}': {message}")
+
+    if not isinstance(doc, dict):
+        raise StudyError(f"{path}: expected a mapping with keys {', '.join(SPEC_KEYS)}")
+    unknown = [k for k in doc if k not in SPEC_KEYS]
+    if unknown:
+        raise fail(unknown[0], f"unknown key; known: {', '.join(SPEC_KEYS)}")
+    variants = doc.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise fail("variants", "expected a mapping of variant name -> config path, {config, set} or {sequence, set}")
+    checked = {name: _variant(value, f"variants.{name}", fail) for name, value in variants.items()}
+    tasks = doc.get("tasks", [])
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+        raise fail("tasks", f"expected a list of task names, got {tasks!r}")
+    templated = [n for n, v in checked.items() if any("{task}" in s["config"] for s in v["steps"])]
+    if templated and not tasks:
+        raise fail("tasks", f"variants {templated} name configs with {{task}}: list the tasks that fill it")
+    grid = doc.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise fail("grid", f"expected a mapping of config key -> non-empty list of values, got {grid!r}")
+    overrides = _overrides(doc.get("set") or [], "set", fail)
+    baseline = doc.get("baseline")
+    if baseline is not None and baseline not in checked:
+        raise fail("baseline", f"{baseline!r} is not one of the variants {list(checked)}")
+    slurm = doc.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise fail("slurm", f"expected a mapping of submitit executor parameters, got {slurm!r}")
+    out = Path(doc.get("out") or Path("results") / "studies" / path.stem)
+    return Spec(path, out, list(tasks), checked, dict(grid), overrides, baseline, dict(slurm))
+
+
+def _overrides(items: Any, key: str, fail: Callable[[str, str], StudyError]) -> list[str]:
+    if not isinstance(items, list) or not all(isinstance(i, str) and "=" in i for i in items):
+        raise fail(key, f"expected a list of KEY=VALUE overrides, got {items!r}")
+    return list(items)
+
+
+def _variant(value: Any, key: str, fail: Callable[[str, str], StudyError]) -> dict[str, Any]:
+    """``{steps: [{config}], set: [...]}`` from a config path, ``{config, set}`` or ``{sequence, set}``."""
+    if isinstance(value, str):
+        value = {"config": value}
+    if not isinstance(value, dict) or len({"config", "sequence"} & set(value)) != 1:
+        raise fail(key, "expected a config path, {config: PATH, set: [...]} or {sequence: [PATH, ...], set: [...]}")
+    extra = set(value) - {"config", "sequence", "set"}
+    if extra:
+        raise fail(f"{key}.{sorted(extra)[0]}", "unknown key; known: config, sequence, set")
+    configs = [value["config"]] if "config" in value else value["sequence"]
+    if not isinstance(configs, list) or not configs or not all(isinstance(c, str) and c for c in configs):
+        raise fail(key, f"expected config paths, got {configs!r}")
+    return {"steps": [{"config": c} for c in configs], "set": _overrides(value.get("set") or [], f"{key}.set", fail)}
+
+
+def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in the spec's order (one empty point without a grid)."""
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def expand(spec: Spec) -> list[Cell]:
+    """Every cell of the study, its configs loaded and checked (a bad config fails before any run)."""
+    cells = []
+    for variant, v in spec.variants.items():
+        templated = any("{task}" in s["config"] for s in v["steps"])
+        for task in spec.tasks if templated else [None]:
+            for point in grid_points(spec.grid):
+                overrides = [*spec.overrides, *v["set"], *(f"{k}={json.dumps(x)}" for k, x in point.items())]
+                steps, resolved = [], []
+                for s in v["steps"]:
+                    config = s["config"].replace("{task}", task or "")
+                    try:
+                        cfg = load_config(config, overrides)
+                    except ConfigError as exc:
+                        raise StudyError(f"{spec.path}: variant {variant!r}: {exc}") from exc
+                    steps.append(Step(config, overrides))
+                    resolved.append({k: val for k, val in cfg.to_dict().items() if k != "store"})
+                key = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
+                label = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{variant}__{task or 'group'}")
+                directory = spec.out / "cells" / f"{label}__{key}"
+                cells.append(Cell(directory.name, variant, task, point, steps, directory, key))
+    return cells
+
+
+def run_cell(cell: Cell, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Train and test every step of ``cell`` into its store (``--auto-resume``: an interrupted cell goes on
+    from its checkpoint), then write and return its result. A failing step raises ``CellError``."""
+    cell.directory.mkdir(parents=True, exist_ok=True)
+    store, logfile = cell.directory / "store", cell.directory / "cell.log"
+    resumed = any(store.glob("checkpoints/*/last.pt"))
+    start, training = time.monotonic(), 0.0
+    with open(logfile, "a") as out:
+        for step in cell.steps:
+            sets = [x for o in [f"store={store}", *step.overrides] for x in ("--set", o)]
+            for command in (["train", "--auto-resume"], ["test"]):
+                argv = [sys.executable, "-m", "rcm_nddr", *command, "--config", step.config, "--quiet", *sets]
+                out.write(f"$ {' '.join(argv)}\n")
+                out.flush()
+                began = time.monotonic()
+                done = subprocess.run(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env)
+                )
+                if command[0] == "train":
+                    training += time.monotonic() - began
+                if done.returncode != 0:
+                    raise CellError(cell, f"{command[0]} of {step.config} exited with status {done.returncode}")
+    result = collect(cell, store, time.monotonic() - start, resumed)
+    # the training processes' wall time (their start-up included) per iteration
+    result["training_seconds"] = training
+    result["seconds_per_iteration"] = training / result["iterations"] if result["iterations"] else None
+    atomic_write_text(cell.result_file, json.dumps(result, indent=2))
+    return result
+
+
+class CellError(RuntimeError):
+    def __init__(self, cell: Cell, message: str) -> None:
+        super().__init__(f"{cell.name}: {message}; log: {cell.directory / 'cell.log'}")
+        self.cell = cell
+
+
+def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str, Any]:
+    """A finished cell's result: every task's test metrics, primary metric and direction, how it was
+    scored, its parameters (trainable, and with the shared filter bank), the iterations and the time."""
+    records = ModelStore(store).tasks
+    metrics, evaluation, primary, parameters, iterations = {}, {}, {}, {}, 0
+    for group in dict.fromkeys("+".join(load_config(s.config, s.overrides).tasks) for s in cell.steps):
+        tested = json.loads((store / "runs" / group / "test_metrics.json").read_text())
+        metrics.update(tested["metrics"])
+        for name, switches in tested.get("evaluation", {}).get("switches", {}).items():
+            evaluation[name] = {"protocol": tested["evaluation"]["protocol"], "switches": switches}
+        iterations += int(tested["iteration"])
+    for record in records:
+        if record.name in metrics:
+            metric = TaskSpec.from_record(record).build_task().metric()
+            primary[record.name] = [metric.primary, metric.higher_is_better]
+            trainable = record.trainable_parameters
+            parameters[record.name] = {
+                "trainable": trainable,
+                "total": trainable + record.parameters.get("filter_bank", 0),
+            }
+    return {
+        "cell": cell.name,
+        "key": cell.key,
+        "variant": cell.variant,
+        "task": cell.task,
+        "point": cell.point,
+        "steps": [asdict(s) for s in cell.steps],
+        "metrics": metrics,
+        "primary": primary,
+        "evaluation": evaluation,
+        "parameters": parameters,
+        "iterations": iterations,
+        "seconds": seconds,
+        "resumed": resumed,
+    }
+
+
+def run_local(cells: list[Cell], workers: int, gpus: int, bar: tqdm) -> list[str]:
+    """Run ``cells`` in ``workers`` threads, each driving one cell's processes; with ``gpus`` > 1 each
+    running cell sees one GPU (``CUDA_VISIBLE_DEVICES``). The cores are shared out between the workers."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    free: queue.Queue[int | None] = queue.Queue()
+    for slot in range(gpus) if gpus > 1 else [None] * workers:
+        free.put(slot)
+
+    def one(cell: Cell) -> dict[str, Any]:
+        slot = free.get()
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        try:
+            return run_cell(cell, env)
+        finally:
+            free.put(slot)
+
+    failures: list[str] = []
+    with ThreadPoolExecutor(max(workers, gpus if gpus > 1 else 1)) as pool:
+        pending: set[Future] = {pool.submit(one, cell) for cell in cells}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                _settle(future.exception(), failures, bar)
+    return failures
+
+
+def run_submitit(cells: list[Cell], spec: Spec, cluster: str | None, bar: tqdm) -> list[str]:
+    """Run ``cells`` as submitit jobs: on SLURM (``cluster`` None: submitit's detection) with the spec's
+    ``slurm`` parameters, or with submitit's local executor (``cluster="local"``)."""
+    try:
+        import submitit  # noqa: PLC0415 - an optional dependency, needed by this executor only
+    except ImportError as exc:
+        raise StudyError("--executor slurm needs submitit: pip install 'rcm-nddr[cluster]'") from exc
+    executor = submitit.AutoExecutor(folder=str(spec.out / "submitit"), cluster=cluster)
+    executor.update_parameters(**{"timeout_min": 24 * 60, **spec.slurm})
+    jobs = [executor.submit(run_cell, cell) for cell in cells]
+    failures: list[str] = []
+    waiting = list(jobs)
+    while waiting:
+        time.sleep(1.0)
+        for job in [j for j in waiting if j.done()]:
+            waiting.remove(job)
+            try:
+                job.result()
+                error = None
+            except Exception as exc:  # submitit wraps the job's exception
+                error = exc
+            _settle(error, failures, bar)
+    return failures
+
+
+def _settle(error: BaseException | None, failures: list[str], bar: tqdm) -> None:
+    """Count a finished cell; a failure is logged and kept (its message names the cell and its log)."""
+    if error is not None:
+        failures.append(str(error).strip().splitlines()[-1] if not isinstance(error, CellError) else str(error))
+        log.error("%s", failures[-1])
+    bar.update(1)
+    bar.set_postfix(failed=len(failures))
+
+
+def main(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    cells = expand(spec)
+    todo = [c for c in cells if not c.finished()]
+    log.info(
+        "study %s: %d cells, %d finished, %d to run (%s)",
+        spec.path,
+        len(cells),
+        len(cells) - len(todo),
+        len(todo),
+        spec.out,
+    )
+    if args.dry_run:
+        for cell in cells:
+            sys.stdout.write(f"{'done' if cell.finished() else 'todo'}  {cell.name}  {cell.point}\n")
+        return 0
+    failures: list[str] = []
+    if todo and not args.report_only:
+        with tqdm(total=len(todo), desc="cells", disable=args.quiet, dynamic_ncols=True) as bar:
+            if args.executor == "local":
+                gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
+                failures = run_local(todo, args.workers, gpus, bar)
+            else:
+                failures = run_submitit(todo, spec, "local" if args.executor == "submitit-local" else None, bar)
+    results = [json.loads(c.result_file.read_text()) for c in cells if c.finished()]
+    markdown = report(spec, results, spec.out)
+    sys.stdout.write(markdown + "\n")
+    if failures:
+        sys.stderr.write(f"{len(failures)} of {len(todo)} cells failed:\n" + "".join(f"  {f}\n" for f in failures))
+        return 1
+    return 0

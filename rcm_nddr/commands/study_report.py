@@ -1,0 +1,191 @@
+"""A study's aggregate: per variant and task, mean +- std (and n) of every metric over the grid points,
+Delta_MTL per grid point against the baseline variant's cells of the same point (mean +- std), trainable
+and total parameters per task, training time per iteration. Written as ``study.md``, ``study.json``,
+``cells.csv`` (one row per cell and task), ``delta_vs_parameters.png`` (one point per variant) and
+TensorBoard HParams (one run per cell under ``hparams/``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
+from rcm_nddr.engine.evaluate import delta_mtl
+from rcm_nddr.files import atomic_write_text
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def point_key(point: Mapping[str, Any]) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def by_point(results: Sequence[Mapping[str, Any]], variant: str) -> dict[str, dict[str, Any]]:
+    """A variant's cells joined per grid point: every task's metrics, primaries, evaluation, parameters."""
+    joined: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r["variant"] != variant:
+            continue
+        j = joined.setdefault(point_key(r["point"]), {"metrics": {}, "primary": {}, "evaluation": {}, "parameters": {}})
+        for part in ("metrics", "primary", "evaluation", "parameters"):
+            j[part].update(r.get(part) or {})
+    return joined
+
+
+def deltas(results: Sequence[Mapping[str, Any]], variant: str, baseline: str | None) -> list[float]:
+    """Delta_MTL of ``variant`` at each grid point where the baseline variant has every one of its tasks,
+    over those tasks (primary metrics), with baselines scored under the same evaluation switches."""
+    if baseline is None:
+        return []
+    mine, theirs = by_point(results, variant), by_point(results, baseline)
+    out = []
+    for key, run in mine.items():
+        base = theirs.get(key)
+        tasks = [t for t in run["metrics"] if base is not None and t in base["metrics"]]
+        if not tasks or any(run["evaluation"].get(t) != base["evaluation"].get(t) for t in tasks):
+            continue
+        primaries = {t: (run["primary"][t][0], bool(run["primary"][t][1])) for t in tasks}
+        out.append(delta_mtl(run["metrics"], base["metrics"], primaries))
+    return out
+
+
+def summarize(results: Sequence[Mapping[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
+    """One row per variant: per task, every metric's mean, std and n; Delta_MTL; parameters; time."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        cells = [r for r in results if r["variant"] == variant]
+        tasks: dict[str, Any] = {}
+        for name in dict.fromkeys(t for r in cells for t in r["metrics"]):
+            runs = [r for r in cells if name in r["metrics"]]
+            keys = dict.fromkeys(k for r in runs for k, v in r["metrics"][name].items() if _number(v))
+            values = {k: [r["metrics"][name][k] for r in runs if _number(r["metrics"][name].get(k))] for k in keys}
+            tasks[name] = {
+                "primary": runs[0]["primary"][name][0],
+                "higher_is_better": bool(runs[0]["primary"][name][1]),
+                "metrics": {k: {"mean": m, "std": s, "n": len(v)} for k, v in values.items() for m, s in [mean_std(v)]},
+                "trainable_parameters": runs[0]["parameters"][name]["trainable"],
+                "total_parameters": runs[0]["parameters"][name]["total"],
+            }
+        d = deltas(results, variant, baseline)
+        per_iteration = [
+            r["seconds_per_iteration"] for r in cells if r.get("seconds_per_iteration") and not r["resumed"]
+        ]
+        rows.append(
+            {
+                "variant": variant,
+                "cells": len(cells),
+                "tasks": tasks,
+                "delta_mtl": {"mean": mean_std(d)[0], "std": mean_std(d)[1], "n": len(d), "values": d} if d else None,
+                "trainable_parameters_per_task": statistics.fmean(t["trainable_parameters"] for t in tasks.values()),
+                "seconds_per_iteration": statistics.median(per_iteration) if per_iteration else None,
+            }
+        )
+    return rows
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
+    names = list(dict.fromkeys(t for row in rows for t in row["tasks"]))
+    primary = {t: next(row["tasks"][t] for row in rows if t in row["tasks"]) for t in names}
+    head = " | ".join(
+        f"{t} {primary[t]['primary']} ({'higher' if primary[t]['higher_is_better'] else 'lower'})" for t in names
+    )
+    lines = [
+        f"| variant | n | {head} | Delta_MTL (%) vs {baseline or '-'} | trainable parameters per task | s/iteration |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|",
+    ]
+    for row in rows:
+        cells = []
+        for t in names:
+            task = row["tasks"].get(t)
+            m = task["metrics"].get(task["primary"]) if task else None
+            cells.append(f"{m['mean']:.4g} +- {m['std']:.2g}" if m else "-")
+        d = row["delta_mtl"]
+        delta = f"{d['mean']:+.2f} +- {d['std']:.2f} (n={d['n']})" if d else "-"
+        n = max((m["n"] for task in row["tasks"].values() for m in task["metrics"].values()), default=0)
+        seconds = f"{row['seconds_per_iteration']:.3g}" if row["seconds_per_iteration"] else "-"
+        params = f"{row['trainable_parameters_per_task']:,.0f}"
+        lines.append(f"| {row['variant']} | {n} | {' | '.join(cells)} | {delta} | {params} | {seconds} |")
+    return "\n".join(lines)
+
+
+def write_csv(results: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """One row per cell and task: the grid point, the primary metric and every metric as JSON."""
+    fields = ["cell", "variant", "task", "point", "primary", "value", "trainable_parameters", "seconds", "metrics"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in results:
+            for name, values in r["metrics"].items():
+                key = r["primary"][name][0]
+                writer.writerow(
+                    {
+                        "cell": r["cell"],
+                        "variant": r["variant"],
+                        "task": name,
+                        "point": json.dumps(r["point"], sort_keys=True),
+                        "primary": key,
+                        "value": values.get(key),
+                        "trainable_parameters": r["parameters"][name]["trainable"],
+                        "seconds": f"{r['seconds']:.1f}",
+                        "metrics": json.dumps(values, sort_keys=True),
+                    }
+                )
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: Path, baseline: str | None) -> bool:
+    """Delta_MTL (mean +- std) against trainable parameters per task, one point per variant; False when no
+    variant has a Delta_MTL (no baseline)."""
+    points = [r for r in rows if r["delta_mtl"]]
+    if not points:
+        return False
+    fig = Figure(figsize=(6.4, 4.2))  # no pyplot: no display backend, no global figure state
+    ax = fig.subplots()
+    for r in points:
+        x, d = r["trainable_parameters_per_task"] / 1e6, r["delta_mtl"]
+        ax.errorbar(x, d["mean"], yerr=d["std"], fmt="o", capsize=3)
+        ax.annotate(r["variant"], (x, d["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters per task (millions)")
+    ax.set_ylabel(f"Delta_MTL (%) vs {baseline}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def hparams(results: Sequence[Mapping[str, Any]], folder: Path) -> None:
+    """Each cell's variant, task and grid point with its final metrics, for TensorBoard's HParams."""
+    for r in results:
+        params = {"variant": r["variant"], "task": r["task"] or "group", **{k: str(v) for k, v in r["point"].items()}}
+        values = {
+            f"{t}/{k}": float(v) for t, m in r["metrics"].items() for k, v in m.items() if _number(v) and "/" not in k
+        }
+        with SummaryWriter(str(folder / r["cell"])) as writer:
+            writer.add_hparams(params, values, run_name=".")
+
+
+def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
+    """Aggregate ``results`` (the finished cells) into ``out``; returns the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(results, spec.baseline)
+    table = markdown(rows, spec.baseline) if rows else "(no finished cell)"
+    atomic_write_text(out / "study.md", table + "\n")
+    atomic_write_text(out / "study.json", json.dumps({"spec": str(spec.path), "rows": rows}, indent=2))
+    write_csv(results, out / "cells.csv")
+    plot(rows, out / "delta_vs_parameters.png", spec.baseline)
+    hparams(results, out / "hparams")
+    return table
