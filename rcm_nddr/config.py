@@ -66,12 +66,25 @@ class BackboneConfig:
 
 
 @dataclass
+class AutoSourcesConfig:
+    """``fusion.sources: auto``: a probe of ``probe_iters`` iterations reading every stored task, then each
+    candidate's affinity on ``batches`` held-out training batches (``rcm_nddr.engine.affinity``); kept when
+    above ``threshold``, at most ``max_sources`` (null: no limit)."""
+
+    probe_iters: int = 20
+    batches: int = 2
+    threshold: float = 0.01
+    max_sources: int | None = None
+
+
+@dataclass
 class FusionConfig:
     #: ``none``: the tasks' paths stay separate; ``nddr``: NDDR layers after each of ``stages``;
     #: ``cross_stitch``: cross-stitch units (per-channel weighted sums of the sources' features) instead
     type: Literal["none", "nddr", "cross_stitch"] = "none"
-    #: the tasks the group reads besides its own; only ``all`` until the model store exists
-    sources: Union[Literal["all"], list[str]] = "all"  # noqa: UP007 - evaluated by the schema walker
+    #: the stored tasks the group reads besides its own: ``all``, ``auto`` (measured, see ``auto``) or names
+    sources: Union[Literal["all", "auto"], list[str]] = "all"  # noqa: UP007 - evaluated by the schema walker
+    auto: AutoSourcesConfig = field(default_factory=AutoSourcesConfig)
     stages: list[str] = field(default_factory=lambda: ["stem", "layer1", "layer2", "layer3", "layer4"])
     alpha: float = 0.9
     beta: float | None = None
@@ -333,6 +346,7 @@ def _check(cfg: Config, where: Where) -> None:
         "train.log_every": t.log_every,
         "test.batch_size": cfg.test.batch_size,
         "head.channels": cfg.head.channels,
+        **{f"fusion.auto.{k}": getattr(cfg.fusion.auto, k) for k in ("probe_iters", "batches", "max_sources")},
         "dataset.crop[0]": cfg.dataset.crop[0],
         "dataset.crop[1]": cfg.dataset.crop[1],
     }
@@ -431,6 +445,8 @@ def _check_model(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) ->
     if b.shared_modulators and (b.reparam != "rc" or b.sharing == "shared"):
         why = f"reparam is {b.reparam}" if b.reparam != "rc" else "sharing: shared shares the whole encoder already"
         raise fail("backbone.shared_modulators", f"shares RC modulators, but {why}")
+    if f.sources == "auto" and f.type == "none":
+        raise fail("fusion.sources", "auto measures which stored tasks the fusion layers read; fusion.type is none")
     if f.type == "cross_stitch":
         ablations = {"fusion.shortcut": f.shortcut, "fusion.bn": not f.bn, "fusion.init": f.init != "constant"}
         for key, set_ in ablations.items():

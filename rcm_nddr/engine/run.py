@@ -4,6 +4,7 @@ the config, a plug-in, the data or the store is refused before anything touches 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from rcm_nddr.config import Config, ConfigError, check_paths, save_config
 from rcm_nddr.data.check import check_targets
 from rcm_nddr.engine import distributed, provenance
+from rcm_nddr.engine.affinity import measure_sources, nothing_to_measure
 from rcm_nddr.engine.builders import (
     ResponseInit,
     build_dataset,
@@ -145,7 +147,9 @@ def build_run(
 
     The store's bank and the stored tasks the group reads through NDDR are loaded frozen (a config with
     another backbone or bank is refused); a task name the store already registers is refused unless
-    ``replace``. ``shared_backbone`` builds one plain backbone shared by the group's tasks (pretraining)."""
+    ``replace``. ``fusion.sources: auto`` first measures which stored tasks each new task reads (rank 0
+    probes, see ``rcm_nddr.engine.affinity``; a resumed run reads its checkpoint's choice).
+    ``shared_backbone`` builds one plain backbone shared by the group's tasks (pretraining)."""
     check_paths(cfg)
     dist = distributed.context()
     paths = RunPaths.of(cfg)
@@ -170,13 +174,16 @@ def build_run(
     else:
         store = ModelStore(cfg.store)  # read here; created by start()
         check_store_backbone(cfg, store, net)
-        if checkpoint is not None and "plan" in checkpoint:  # what the run started with, whatever was added since
+        resumed = checkpoint is not None and "plan" in checkpoint
+        if resumed:  # what the run started with (auto's choice included), whatever was added since
             plan = GroupPlan.from_dict(checkpoint["plan"])
         else:
             plan = plan_group(cfg, store.tasks if store.exists else [], replace)
         ri = distributed.from_main(lambda: resolve_ri(cfg, net, store))
         if not dist.is_main:
             ri.content = None  # rank 0 writes the file
+        if cfg.fusion.sources == "auto" and not resumed:  # measured once per run, on rank 0 (see affinity)
+            plan = distributed.from_main(lambda: _choose_sources(cfg, plan, store, tasks, train_set, net, ri, device))
         model = build_model(cfg, tasks, store=store, plan=plan, net=net, decomposition=ri.eigenvectors)
     if dist.enabled and t.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -215,6 +222,31 @@ def build_run(
         checkpoint=checkpoint,
         replace=replace,
     )
+
+
+def _choose_sources(
+    cfg: Config,
+    plan: GroupPlan,
+    store: ModelStore,
+    tasks: dict[str, Task],
+    train_set: Dataset,
+    net: nn.Module,
+    ri: ResponseInit,
+    device: torch.device,
+) -> GroupPlan:
+    """``fusion.sources: auto``: the plan narrowed to the stored tasks each new task keeps (``affinity``)."""
+    if not plan.candidates:
+        return nothing_to_measure(plan, list(tasks))
+    probe_tasks = copy.deepcopy(tasks)  # a task's state (if any) stays as the run starts it
+
+    def build(probe_plan: GroupPlan) -> nn.Module:
+        return build_model(
+            cfg, probe_tasks, store=store, plan=probe_plan, net=copy.deepcopy(net), decomposition=ri.eigenvectors
+        )
+
+    records = store.tasks if store.exists else []
+    weights = loss_weights(cfg, tasks)
+    return measure_sources(cfg, plan, records, probe_tasks, weights, train_set, build, device)
 
 
 def _check_launch(cfg: Config, dist: distributed.Context, paths: RunPaths, resume: bool, restart: bool) -> None:

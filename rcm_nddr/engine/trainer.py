@@ -457,7 +457,8 @@ class Trainer:
                         "evaluation": dict(task.evaluation),
                         **(metrics or {}).get(name, {}),
                     },
-                    "model": spec.model_description(),
+                    # fusion.sources: auto: what was measured and chosen (rcm_nddr.engine.affinity)
+                    "model": {**spec.model_description(), **self._auto_record(name)},
                     "dataset": spec.dataset,
                     "environment": self.setup.environment,
                 }
@@ -465,3 +466,6 @@ class Trainer:
         store = self.setup.store
         probes = store.compute_probes(records, tensors)
         return store.register_group(records, tensors, probes, replace=self.setup.replace)  # the store logs it
+
+    def _auto_record(self, name: str) -> dict[str, Any]:
+        return {"sources_auto": self.plan.auto[name]} if name in self.plan.auto else {}

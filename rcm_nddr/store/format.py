@@ -47,9 +47,11 @@ class TaskRecord:
     relative to the store to their sha256, ``parameters`` is the task's parameter breakdown by
     category, and ``metrics`` may name its primary metric under ``primary`` (e.g.
     ``{"primary": "mIoU", "mIoU": 33.1}``). ``model`` describes the task's modules (NFF, head, NDDR
-    stages, task options, plug-ins) and ``dataset`` its dataset (name, class names), so ``load_model``
-    rebuilds it from the store alone. ``environment`` is the provenance of the run that trained it
-    (packages, devices, source commit, image, config sha256, seed, command line: its ``env.json``).
+    stages, task options, plug-ins; ``sources_auto``: the affinities that chose its sources under
+    ``fusion.sources: auto``; other keys are kept and ignored) and ``dataset`` its dataset (name, class
+    names), so ``load_model`` rebuilds it from the store alone. ``environment`` is the provenance of the
+    run that trained it (packages, devices, source commit, image, config sha256, seed, command line: its
+    ``env.json``).
     ``source_pins`` maps each source task to the sha256 of the tensors file it was trained against."""
 
     name: str
