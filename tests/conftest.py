@@ -182,6 +182,7 @@ INTEGRATION_MODULES = {
     "test_protocols",
     "test_rc_pretrained",
     "test_real_configs",
+    "test_sources_auto",
     "test_store_trust",
 }
 
