@@ -292,7 +292,7 @@ def run_submitit(cells: list[Cell], spec: Spec, cluster: str | None, bar: tqdm) 
         raise StudyError("--executor slurm needs submitit: pip install 'rcm-nddr[cluster]'") from exc
     executor = submitit.AutoExecutor(folder=str(spec.out / "submitit"), cluster=cluster)
     executor.update_parameters(**{"timeout_min": 24 * 60, **spec.slurm})
-    jobs = [executor.submit(run_cell, cell) for cell in cells]
+    jobs = {executor.submit(run_cell_job, cell): cell for cell in cells}
     failures: list[str] = []
     waiting = list(jobs)
     while waiting:
@@ -300,18 +300,27 @@ def run_submitit(cells: list[Cell], spec: Spec, cluster: str | None, bar: tqdm) 
         for job in [j for j in waiting if j.done()]:
             waiting.remove(job)
             try:
-                job.result()
-                error = None
-            except Exception as exc:  # submitit wraps the job's exception
-                error = exc
-            _settle(error, failures, bar)
+                message = job.result()
+            except Exception as exc:  # the job itself failed (killed, out of time, ...): submitit's report
+                first = str(exc).strip().splitlines()[0]
+                message = f"{jobs[job].name}: job {job.job_id} failed ({first}); logs: {job.paths.stderr}"
+            _settle(message, failures, bar)
     return failures
 
 
-def _settle(error: BaseException | None, failures: list[str], bar: tqdm) -> None:
+def run_cell_job(cell: Cell) -> str | None:
+    """``run_cell`` as a submitit job: a failed cell comes back as its message, not as an exception."""
+    try:
+        run_cell(cell)
+    except CellError as exc:
+        return str(exc)
+    return None
+
+
+def _settle(error: BaseException | str | None, failures: list[str], bar: tqdm) -> None:
     """Count a finished cell; a failure is logged and kept (its message names the cell and its log)."""
     if error is not None:
-        failures.append(str(error).strip().splitlines()[-1] if not isinstance(error, CellError) else str(error))
+        failures.append(str(error))
         log.error("%s", failures[-1])
     bar.update(1)
     bar.set_postfix(failed=len(failures))

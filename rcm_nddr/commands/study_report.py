@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from rcm_nddr.engine.evaluate import delta_mtl
 from rcm_nddr.files import atomic_write_text
@@ -168,14 +170,19 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, baseline: str | None) ->
 
 
 def hparams(results: Sequence[Mapping[str, Any]], folder: Path) -> None:
-    """Each cell's variant, task and grid point with its final metrics, for TensorBoard's HParams."""
+    """Each cell's variant, task and grid point with its final metrics, for TensorBoard's HParams: one
+    events file per cell, written anew with every aggregate."""
+    shutil.rmtree(folder, ignore_errors=True)
     for r in results:
         params = {"variant": r["variant"], "task": r["task"] or "group", **{k: str(v) for k, v in r["point"].items()}}
         values = {
             f"{t}/{k}": float(v) for t, m in r["metrics"].items() for k, v in m.items() if _number(v) and "/" not in k
         }
         with SummaryWriter(str(folder / r["cell"])) as writer:
-            writer.add_hparams(params, values, run_name=".")
+            for summary in hparams_summary(params, values):
+                writer.file_writer.add_summary(summary)
+            for key, value in values.items():
+                writer.add_scalar(key, value)
 
 
 def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:

@@ -1,0 +1,188 @@
+"""``rcm-nddr study``: spec checks, cells named by their resolved configs, the aggregate against values
+computed here from the cells' own metrics, restarting a killed study, a failing cell, submitit's local
+executor."""
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rcm_nddr.commands import cli
+from rcm_nddr.commands.study import StudyError, expand, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(tmp_path: Path, data: Path, name: str = "spec", bank: Path | None = None, **changes) -> Path:
+    """A 2 x 2 study: single_task and RC_RI_NFF for sal, seeds 0 and 1, 2 iterations each, on the fixed
+    random bank ``bank`` (one RI decomposition for every seed)."""
+    spec = {
+        "out": str(tmp_path / "out"),
+        "tasks": ["sal"],
+        "variants": {
+            "single_task": "configs/synthetic/{task}_single_task.yaml",
+            "RC_RI_NFF": "configs/synthetic/{task}_RC_RI_NFF.yaml",
+        },
+        "grid": {"train.seed": [0, 1]},
+        "set": [
+            f"dataset.root={data}",
+            "dataset.crop=[48, 48]",
+            "head.channels=8",
+            "train.max_iters=2",
+            "train.val_every=2",
+            "train.batch_size=2",
+            "train.num_workers=0",
+            "train.device=cpu",
+            "test.batch_size=2",
+            f"backbone.weights={bank or 'none'}",
+            f"backbone.decomposition={tmp_path / 'ri.safetensors'}",
+        ],
+        "baseline": "single_task",
+        **changes,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, synth, bank) -> Path:
+    tmp = tmp_path_factory.mktemp("study")
+    spec = tiny_spec(tmp, synth, bank=bank)
+    assert cli.main(["study", "--spec", str(spec), "--workers", "2", "--quiet"]) == 0
+    return spec
+
+
+def test_spec_errors_name_the_file_and_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    good = yaml.safe_load(tiny_spec(tmp_path, tmp_path).read_text())
+    cases = [
+        ({"seeds": [0]}, r"key 'seeds': unknown key"),
+        ({"variants": {}}, r"key 'variants': expected a mapping"),
+        ({"variants": {"a": {"config": "x.yaml", "sequence": ["y.yaml"]}}}, r"key 'variants.a': expected a config"),
+        ({"variants": {"a": {"config": "x.yaml", "sets": []}}}, r"key 'variants.a.sets': unknown key"),
+        ({"tasks": []}, r"key 'tasks': variants \['single_task', 'RC_RI_NFF'\] name configs with \{task\}"),
+        ({"grid": {"train.seed": []}}, r"key 'grid': expected a mapping of config key -> non-empty list"),
+        ({"set": ["train.max_iters"]}, r"key 'set': expected a list of KEY=VALUE"),
+        ({"baseline": "plain"}, r"key 'baseline': 'plain' is not one of the variants"),
+    ]
+    for change, message in cases:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**good, **change}, sort_keys=False))
+        with pytest.raises(StudyError, match=rf"bad.yaml: {message}"):
+            load_spec(path)
+    # a config key the schema does not know fails before anything runs, naming the variant
+    path.write_text(yaml.safe_dump({**good, "set": [*good["set"], "train.iters=3"]}, sort_keys=False))
+    with pytest.raises(StudyError, match=r"variant 'single_task': .*unknown key 'train.iters'"):
+        expand(load_spec(path))
+
+
+def test_cells_are_named_by_their_resolved_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    spec = load_spec(tiny_spec(tmp_path, tmp_path))
+    cells = expand(spec)
+    assert [(c.variant, c.task, c.point) for c in cells] == [
+        ("single_task", "sal", {"train.seed": 0}),
+        ("single_task", "sal", {"train.seed": 1}),
+        ("RC_RI_NFF", "sal", {"train.seed": 0}),
+        ("RC_RI_NFF", "sal", {"train.seed": 1}),
+    ]
+    assert len({c.key for c in cells}) == 4 and [c.key for c in expand(spec)] == [c.key for c in cells]
+    assert all(c.directory == spec.out / "cells" / f"{c.variant}__sal__{c.key}" for c in cells)
+    # another value of any config key is another cell; the output folder is not part of the name
+    other = load_spec(tiny_spec(tmp_path, tmp_path, "other", out=str(tmp_path / "elsewhere")))
+    assert [c.key for c in expand(other)] == [c.key for c in cells]
+    changed = yaml.safe_load(tiny_spec(tmp_path, tmp_path).read_text())
+    changed["set"] = [s.replace("train.max_iters=2", "train.max_iters=3") for s in changed["set"]]
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    assert not {c.key for c in expand(load_spec(tmp_path / "changed.yaml"))} & {c.key for c in cells}
+    assert cli.main(["study", "--spec", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("todo  ") == 4
+
+
+def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
+    spec = load_spec(study)
+    results = [json.loads(c.result_file.read_text()) for c in expand(spec)]
+    assert len(results) == 4 and all(r["metrics"]["sal"]["maxF"] >= 0 for r in results)
+    rows = {r["variant"]: r for r in json.loads((spec.out / "study.json").read_text())["rows"]}
+    maxf = {v: [r["metrics"]["sal"]["maxF"] for r in results if r["variant"] == v] for v in rows}
+    for variant, row in rows.items():
+        m = row["tasks"]["sal"]["metrics"]["maxF"]
+        assert m["n"] == 2 and m["mean"] == pytest.approx(sum(maxf[variant]) / 2)
+        assert m["std"] == pytest.approx(statistics.stdev(maxf[variant]))
+    # Delta_MTL per seed against the single-task cell of the same seed: 100 (M - B) / B for a higher-is-better metric
+    by_seed = {(r["variant"], r["point"]["train.seed"]): r["metrics"]["sal"]["maxF"] for r in results}
+    base = {s: by_seed[("single_task", s)] for s in (0, 1)}
+    expected = [100 * (by_seed[("RC_RI_NFF", s)] - base[s]) / base[s] for s in (0, 1)]
+    assert rows["RC_RI_NFF"]["delta_mtl"]["values"] == pytest.approx(expected)
+    assert rows["single_task"]["delta_mtl"]["values"] == [0.0, 0.0]
+    # parameters: the RC task trains a fraction of the single-task network
+    assert rows["RC_RI_NFF"]["trainable_parameters_per_task"] < rows["single_task"]["trainable_parameters_per_task"] / 4
+    assert all(r["seconds_per_iteration"] > 0 for r in results)
+    table = (spec.out / "study.md").read_text()
+    assert "| RC_RI_NFF | 2 |" in table and f"{rows['RC_RI_NFF']['delta_mtl']['mean']:+.2f}" in table
+    rows_csv = list(csv.DictReader((spec.out / "cells.csv").open()))
+    assert sorted(float(r["value"]) for r in rows_csv) == sorted(v for vs in maxf.values() for v in vs)
+    assert (spec.out / "delta_vs_parameters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((spec.out / "hparams").glob("*/events.out.tfevents.*"))) == 4
+    # running it again runs nothing and rewrites the same aggregate
+    before = {c.name: c.result_file.stat().st_mtime_ns for c in expand(spec)}
+    assert cli.main(["study", "--spec", str(study), "--quiet"]) == 0
+    assert {c.name: c.result_file.stat().st_mtime_ns for c in expand(spec)} == before
+
+
+@pytest.mark.slow
+def test_a_killed_study_restarted_runs_only_the_unfinished_cells(tmp_path, synth, bank):
+    spec_path = tiny_spec(tmp_path, synth, bank=bank)
+    spec = load_spec(spec_path)
+    command = [sys.executable, "-m", "rcm_nddr", "study", "--spec", str(spec_path), "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    cells = expand(spec)
+    deadline = time.monotonic() + 300
+    while not any(c.finished() for c in cells) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)  # the study and the cell in flight
+    process.wait()
+    finished = {c.name: c.result_file.stat().st_mtime_ns for c in cells if c.finished()}
+    assert 1 <= len(finished) < 4
+    assert subprocess.run(command, cwd=REPO).returncode == 0
+    assert all(c.finished() for c in cells)
+    assert {n: m for n, m in ((c.name, c.result_file.stat().st_mtime_ns) for c in cells) if n in finished} == finished
+    for cell in cells:  # a finished cell trained once; the others as often as they were started
+        trains = (cell.directory / "cell.log").read_text().count(" train --auto-resume ")
+        assert trains == 1 if cell.name in finished else trains >= 1
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_reported_and_the_others_finish_under_submitit(tmp_path, synth, bank, capsys):
+    pytest.importorskip("submitit")
+    spec_path = tiny_spec(
+        tmp_path,
+        synth,
+        bank=bank,
+        variants={
+            "single_task": {"config": "configs/synthetic/{task}_single_task.yaml"},
+            "broken": {
+                "config": "configs/synthetic/{task}_RC_RI_NFF.yaml",
+                "set": [f"dataset.root={tmp_path / 'none'}"],
+            },
+        },
+        grid={"train.seed": [0]},
+    )
+    code = cli.main(["study", "--spec", str(spec_path), "--executor", "submitit-local", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1
+    cells = {c.variant: c for c in expand(load_spec(spec_path))}
+    assert cells["single_task"].finished() and not cells["broken"].finished()
+    assert "1 of 2 cells failed" in captured.err and "broken__sal__" in captured.err
+    assert str(cells["broken"].directory / "cell.log") in captured.err
+    assert "does not exist" in (cells["broken"].directory / "cell.log").read_text()
+    assert "| single_task | 1 |" in captured.out  # the finished cell is aggregated all the same
