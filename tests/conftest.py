@@ -184,6 +184,7 @@ INTEGRATION_MODULES = {
     "test_real_configs",
     "test_sources_auto",
     "test_store_trust",
+    "test_study",
 }
 
 
