@@ -186,3 +186,14 @@ def test_a_failing_cell_is_reported_and_the_others_finish_under_submitit(tmp_pat
     assert str(cells["broken"].directory / "cell.log") in captured.err
     assert "does not exist" in (cells["broken"].directory / "cell.log").read_text()
     assert "| single_task | 1 |" in captured.out  # the finished cell is aggregated all the same
+
+
+def test_the_shipped_study_specs_expand(monkeypatch):
+    monkeypatch.chdir(REPO)
+    specs = sorted((REPO / "studies").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = load_spec(path)
+        cells = expand(spec)
+        assert cells and spec.out == Path("results") / "studies" / path.stem
+        assert spec.baseline is None or any(c.variant == spec.baseline for c in cells)
