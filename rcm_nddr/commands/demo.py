@@ -152,7 +152,7 @@ def run_demo(
             r[f"delta_{variant}"] = _delta([r], variant)
         overall[variant] = _delta(rows_list, variant)
     summary = {"rows": rows_list, "delta_mtl": overall, "steps": step_log, "seconds": round(time.monotonic() - start)}
-    table = format_table(rows_list, overall)
+    table = format_table(rows_list, overall, max_iters)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo_results.json", to_json(summary, indent=2))
     atomic_write_text(out / "demo_results.md", table + "\n")
@@ -170,7 +170,7 @@ def _delta(rows: list[dict], variant: str) -> float:
     )
 
 
-def format_table(rows: list[dict], overall: dict[str, float]) -> str:
+def format_table(rows: list[dict], overall: dict[str, float], iterations: int) -> str:
     lines = [
         f"| task | reads | metric | trivial | {BASELINE} | {VARIANT} | {FUSED} | Delta {VARIANT} (%) | "
         f"Delta {FUSED} (%) | params {BASELINE} | params {VARIANT} | params {FUSED} |",
@@ -187,6 +187,11 @@ def format_table(rows: list[dict], overall: dict[str, float]) -> str:
     lines.append("")
     for variant, value in overall.items():
         lines.append(f"Delta_MTL of {variant} against the single-task baselines: {value:+.2f}%")
+    lines.append(
+        f"(one seed, {iterations} iterations per model: differences of a few points lie within the run-to-run "
+        "spread; means and spreads over seeds come from `rcm-nddr study`, e.g. --spec studies/example.yaml, "
+        "docs/studies.md)"
+    )
     return "\n".join(lines)
 
 
