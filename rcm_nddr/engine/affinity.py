@@ -8,14 +8,17 @@ The measure (``fusion.auto``: ``probe_iters``, ``batches``, ``threshold``, ``max
    training stream: the config's optimizer and learning rates (the fusion's multiplier included) without
    the schedule, the sum of the tasks' losses times their loss weights (no loss weighting method, no
    consistency term).
-2. **Ablation.** On the next ``batches`` batches of the training stream (held out from the probe), in
-   eval mode, each new task t has its loss ``L_t``; ``L_t^-s`` is the same loss when the stage features of
-   candidate s, wherever a new task's fusion layer reads them, are replaced by their mean over the
-   held-out images (per channel and position). What is the same for every image stays; what s says
-   about the particular image is removed.
+2. **Ablation.** On the next ``batches`` batches of the training stream (held out from the probe), without
+   gradients, dropout off, the new tasks' BatchNorm normalizing with each batch's statistics as in
+   training (stored tasks as always: eval mode), each new task t has its loss ``L_t``; ``L_t^-s`` is the
+   same loss when the stage features of candidate s, wherever a new task's fusion layer reads them, are
+   replaced by their mean over the held-out images (per channel and position). What is the same for
+   every image stays; what s says about the particular image is removed.
 3. **Affinity** ``a(t, s) = (L_t^-s - L_t) / |L_t|``: the relative increase of t's loss without s. It
-   favours the stored tasks whose image-specific features the probe learned to use for t; a source that
-   carries nothing about the image (or that t ignores) scores 0, one that misleads t scores below 0.
+   favours the stored tasks whose image-specific features the probe learned to rely on for t (not
+   scale-free: a source of larger feature variance weighs more in a fusion layer that starts as
+   ``[alpha I, beta I, ...]``); a source that carries nothing about the image (or that t ignores) scores 0,
+   one whose removal helps t scores below 0.
 
 Task t keeps the candidates with ``a(t, s) > threshold`` (at most ``max_sources``, the highest), in store
 order; its group mates are always read. The probe runs once per run, before the run's network is built,
@@ -202,10 +205,15 @@ class _Ablation:
 def _ablate(
     cfg: Config, model: MultiTaskNet, tasks: dict[str, Task], candidates: list[str], batches: list[Batch]
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Each new task's mean loss over ``batches`` (eval mode), and, by candidate, the same with the
-    candidate's features replaced by their mean over the batches' images at every fusion input of a new
-    task."""
-    model.eval()
+    """Each new task's mean loss over ``batches``, and, by candidate, the same with the candidate's features
+    replaced by their mean over the batches' images at every fusion input of a new task. The new tasks'
+    BatchNorm layers normalize with the batch's statistics, as in training (after a short probe their
+    running statistics lag behind the weights, and a network normalized by them scores every change of
+    its input's spread rather than what it says); dropout is off."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
     fusion, ablation = model.fusion, _Ablation(candidates)
     handles = [
         fusion[t][stage].register_forward_pre_hook(ablation.hook(stage, list(fusion.sources[t])))
