@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"rcm_nddr": "rcm_nddr", "tasks": "rcm_nddr.tasks", "decomp": "rcm_nddr.decomp"}
 #: rank of each layer under rcm_nddr: a module may import its own rank or lower ones only
 RANKS = {"commands": 4, "engine": 3, "store": 2, "nn": 1, "data": 1, "tasks": 1, "decomp": 1, "objectives": 1}
-#: optional heavy packages a function may import where it needs them
-LAZY_PACKAGES = ("matplotlib", "docker", "torch.utils.tensorboard")
+#: optional or heavy packages a function may import where it needs them (submitit: only --executor slurm)
+LAZY_PACKAGES = ("matplotlib", "docker", "torch.utils.tensorboard", "submitit")
 MAX_LINES = 500
 MAX_FUNCTION_IMPORTS = 20
 
