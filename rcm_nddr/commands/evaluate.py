@@ -5,7 +5,6 @@ the same layout; see ``rcm_nddr.engine.saved``)."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from rcm_nddr.engine.builders import dataset_evaluation
 from rcm_nddr.engine.evaluate import describe_switches, to_json
 from rcm_nddr.engine.saved import evaluate_saved
 from rcm_nddr.errors import UserError
@@ -67,8 +67,7 @@ def evaluate_folder(
     if error:
         raise EvaluateError(f"--option of dataset {dataset_name!r}: {error}")
     switches = dict(switches or {})
-    if "evaluation" in inspect.signature(dataset_cls).parameters:  # a target made under a switch (PASCAL edges)
-        dataset_options["evaluation"] = {task_cls.target_key: {**task_cls.protocol_switches(protocol), **switches}}
+    dataset_options.update(dataset_evaluation(dataset_cls, {task_name: task_cls}, protocol, {task_name: switches}))
     dataset = dataset_cls(root, split, [task_cls.target_key], **dataset_options)
     error = options_error(task_cls, (task_name, dataset.info), task_options)
     if error:

@@ -6,9 +6,10 @@ import inspect
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,12 +74,8 @@ def build_dataset(cfg: Config, split: str, train: bool):
     error = options_error(dataset_cls, (cfg.dataset.root, split, targets, None), options)
     if error:
         raise ConfigError(f"{cfg.source}: key 'dataset.options' of dataset {cfg.dataset.name!r}: {error}")
-    if not train and "evaluation" in inspect.signature(dataset_cls).parameters:
-        # a dataset that makes a target differently under some evaluation switch (PASCAL's edges) gets them
-        options["evaluation"] = {
-            cls.target_key: {**cls.protocol_switches(cfg.protocol), **cfg.evaluation.get(name, {})}
-            for name, cls in classes.items()
-        }
+    if not train:
+        options.update(dataset_evaluation(dataset_cls, classes, cfg.protocol, cfg.evaluation))
     return dataset_cls(
         root=cfg.dataset.root,
         split=split,
@@ -86,6 +83,22 @@ def build_dataset(cfg: Config, split: str, train: bool):
         transform=build_transforms(train, cfg.dataset.crop, cfg.dataset.scales, cfg.dataset.flip),
         **options,
     )
+
+
+def dataset_evaluation(
+    dataset_cls: type, classes: Mapping[str, type[Task]], protocol: str, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``{"evaluation": {target key: switches}}`` for a dataset class that makes a target differently under
+    some evaluation switch (PASCAL's edges: it takes ``evaluation``), else ``{}``: the switches of each task
+    (``classes``: task name -> type) under ``protocol``, then ``overrides[task name]``."""
+    if "evaluation" not in inspect.signature(dataset_cls).parameters:
+        return {}
+    return {
+        "evaluation": {
+            cls.target_key: {**cls.protocol_switches(protocol), **overrides.get(name, {})}
+            for name, cls in classes.items()
+        }
+    }
 
 
 def build_tasks(cfg: Config, info: DatasetInfo) -> dict[str, Task]:
