@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from rcm_nddr.commands import cli
 from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.engine.builders import build_model
-from rcm_nddr.engine.pretrain import pretrain
+from rcm_nddr.engine.pretrain import describe_bank, pretrain, read_recipe
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn.accounting import parameter_breakdown
 from rcm_nddr.nn.backbone import SharedBackbone, load_state_dict_file, resnet_backbone
@@ -37,6 +37,12 @@ def test_pretrain_exports_a_torchvision_state_dict_usable_as_a_bank(tmp_path, sy
     out = pretrain(cfg, tmp_path / "bank.pth", progress=False)
     state = load_state_dict_file(out)
     assert "conv1.weight" in state and "layer4.1.conv2.weight" in state and not any(k.startswith("fc.") for k in state)
+    # the recipe next to the bank says how it was made, and stops vouching for the file once it changes
+    recipe = read_recipe(out)
+    assert recipe["iterations"] == 3 and recipe["tasks"] == ["semseg", "depth", "normals"]
+    assert recipe["dataset"]["root"] == str(synth) and recipe["dataset"]["splits"]["train"] > 0
+    assert recipe["batch_size"] == 2 and set(recipe["validation"]) == {"semseg", "depth", "normals"}
+    assert "3 iterations of semseg+depth+normals, batch 2" in describe_bank(out)
     plain = resnet_backbone("resnet18", weights=str(out))  # loads strictly
     assert torch.equal(plain.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
     # the bank of an RC run is exactly the exported conv weights (plain RC, no RI)
@@ -57,6 +63,8 @@ def test_pretrain_exports_a_torchvision_state_dict_usable_as_a_bank(tmp_path, sy
     assert torch.equal(trainer.model.backbone.layer2[0].conv1.filter_bank, state["layer2.0.conv1.weight"])
     trainer.fit()
     assert torch.equal(trainer.model.backbone.layer2[0].conv1.filter_bank, state["layer2.0.conv1.weight"])
+    torch.save({k: v + 1 for k, v in state.items()}, out)
+    assert read_recipe(out) is None and "how it was made is unknown" in describe_bank(out)
     counts = trainer.parameter_counts["sal"]
     assert counts["modulators"] == 1_396_736 and counts["backbone"] == 0 and counts["head"] > 0
     assert counts["batchnorm"] > 0 and counts["downsample"] > 0 and counts["filter_bank"] > 10_000_000

@@ -17,6 +17,7 @@ import yaml
 
 from rcm_nddr.commands import cli
 from rcm_nddr.commands.study import StudyError, expand, load_spec
+from rcm_nddr.commands.study_report import summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +74,8 @@ def test_spec_errors_name_the_file_and_the_key(tmp_path, monkeypatch):
         ({"grid": {"train.seed": []}}, r"key 'grid': expected a mapping of config key -> non-empty list"),
         ({"set": ["train.max_iters"]}, r"key 'set': expected a list of KEY=VALUE"),
         ({"baseline": "plain"}, r"key 'baseline': 'plain' is not one of the variants"),
+        ({"replicates": ["seed"]}, r"key 'replicates': \['seed'\] are not keys of the grid \['train.seed'\]"),
+        ({"replicates": "train.seed"}, r"key 'replicates': expected a list of grid keys"),
     ]
     for change, message in cases:
         path = tmp_path / "bad.yaml"
@@ -106,6 +109,60 @@ def test_cells_are_named_by_their_resolved_configs(tmp_path, monkeypatch, capsys
     assert not {c.key for c in expand(load_spec(tmp_path / "changed.yaml"))} & {c.key for c in cells}
     assert cli.main(["study", "--spec", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("todo  ") == 4
+
+
+def test_a_cell_name_follows_the_content_of_its_weights_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    bank = tmp_path / "bank.pth"
+    bank.write_bytes(b"one")
+    spec = load_spec(tiny_spec(tmp_path, tmp_path, bank=bank))
+    first = [c.key for c in expand(spec)]
+    bank.write_bytes(b"two")  # the same path, another bank: the cells are others
+    assert not set(first) & {c.key for c in expand(spec)}
+    bank.write_bytes(b"one")
+    assert [c.key for c in expand(spec)] == first
+
+
+def fake_result(variant: str, point: dict, value: float) -> dict:
+    return {
+        "variant": variant,
+        "point": point,
+        "metrics": {"sal": {"maxF": value}},
+        "primary": {"sal": ["maxF", True]},
+        "evaluation": {},
+        "parameters": {"sal": {"trainable": 10, "total": 20}},
+        "seconds_per_iteration": 1.0,
+        "resumed": False,
+    }
+
+
+def test_a_row_per_variant_and_setting_pools_only_the_replicates():
+    values = {  # (variant, lr, seed) -> maxF
+        ("base", 0.1, 0): 50.0,
+        ("base", 0.1, 1): 60.0,
+        ("base", 0.2, 0): 40.0,
+        ("base", 0.2, 1): 80.0,
+        ("rc", 0.1, 0): 55.0,
+        ("rc", 0.1, 1): 57.0,
+        ("rc", 0.2, 0): 44.0,
+        ("rc", 0.2, 1): 60.0,
+    }
+    results = [fake_result(v, {"lr": lr, "train.seed": s}, x) for (v, lr, s), x in values.items()]
+    rows = {(r["variant"], r["setting"]["lr"]): r for r in summarize(results, "base", ["train.seed"])}
+    assert len(rows) == 4
+    for (variant, lr), row in rows.items():
+        runs = [values[(variant, lr, s)] for s in (0, 1)]
+        m = row["tasks"]["sal"]["metrics"]["maxF"]
+        assert (m["mean"], m["n"]) == (pytest.approx(statistics.fmean(runs)), 2)
+        assert m["std"] == pytest.approx(statistics.stdev(runs))
+        # Delta_MTL against the baseline of the same lr and seed
+        expected = [
+            100 * (values[(variant, lr, s)] - values[("base", lr, s)]) / values[("base", lr, s)] for s in (0, 1)
+        ]
+        assert row["delta_mtl"]["values"] == pytest.approx(expected)
+        assert row["label"] == f"{variant} (lr={lr})"
+    # with no replicate key every grid point is its own row
+    assert len(summarize(results, "base", [])) == 8
 
 
 def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):

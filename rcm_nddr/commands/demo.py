@@ -22,7 +22,7 @@ from rcm_nddr.config import Config, load_config
 from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_dataset
 from rcm_nddr.engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
-from rcm_nddr.engine.pretrain import pretrain
+from rcm_nddr.engine.pretrain import describe_bank, pretrain, read_recipe
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.files import atomic_write_text
 from rcm_nddr.source import source_tree
@@ -85,8 +85,15 @@ def run_demo(
 
     generate(data, n_train, n_val, size=size, seed=0, progress=progress)
     if bank.is_file():
-        log.info("reusing the pretrained filter bank %s", bank)
+        log.info("reusing the pretrained filter bank %s", describe_bank(bank))
     else:
+        log.info(
+            "no filter bank at %s: pretraining a quick one (%d iterations on %s); `make bank` makes the longer "
+            "recipe of configs/synthetic/pretrain.yaml, which the SYNTH_MT benchmark uses",
+            bank,
+            pretrain_iters,
+            data,
+        )
         cfg = load_config(
             configs / "pretrain.yaml",
             [*common, f"store={out / 'pretrain'}", f"train.max_iters={pretrain_iters}", "train.epochs=null"],
@@ -151,8 +158,14 @@ def run_demo(
         for r in rows_list:
             r[f"delta_{variant}"] = _delta([r], variant)
         overall[variant] = _delta(rows_list, variant)
-    summary = {"rows": rows_list, "delta_mtl": overall, "steps": step_log, "seconds": round(time.monotonic() - start)}
-    table = format_table(rows_list, overall, max_iters)
+    summary = {
+        "rows": rows_list,
+        "delta_mtl": overall,
+        "steps": step_log,
+        "bank": read_recipe(bank),
+        "seconds": round(time.monotonic() - start),
+    }
+    table = format_table(rows_list, overall, max_iters, describe_bank(bank))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo_results.json", to_json(summary, indent=2))
     atomic_write_text(out / "demo_results.md", table + "\n")
@@ -170,7 +183,7 @@ def _delta(rows: list[dict], variant: str) -> float:
     )
 
 
-def format_table(rows: list[dict], overall: dict[str, float], iterations: int) -> str:
+def format_table(rows: list[dict], overall: dict[str, float], iterations: int, bank: str = "") -> str:
     lines = [
         f"| task | reads | metric | trivial | {BASELINE} | {VARIANT} | {FUSED} | Delta {VARIANT} (%) | "
         f"Delta {FUSED} (%) | params {BASELINE} | params {VARIANT} | params {FUSED} |",
@@ -187,6 +200,8 @@ def format_table(rows: list[dict], overall: dict[str, float], iterations: int) -
     lines.append("")
     for variant, value in overall.items():
         lines.append(f"Delta_MTL of {variant} against the single-task baselines: {value:+.2f}%")
+    if bank:
+        lines.append(f"filter bank: {bank}")
     lines.append(
         f"(one seed, {iterations} iterations per model: differences of a few points lie within the run-to-run "
         "spread; means and spreads over seeds come from `rcm-nddr study`, e.g. --spec studies/example.yaml, "

@@ -2,10 +2,11 @@
 sequence of configs trained into one store), the tasks that fill a config's ``{task}``, a grid of
 overrides crossed with them (e.g. seeds) and the baseline variant of Delta_MTL. Every cell (variant x
 task x grid point) trains and tests in its own store under ``<out>/cells/``, named by a hash of its
-resolved configs, so running the study again skips finished cells and resumes interrupted ones. Cells
-run in local worker processes (one GPU each when there are several) or as submitit jobs (SLURM, or its
-local executor); a failed cell is reported with its log and never stops the others. The results are
-aggregated by ``rcm_nddr.commands.study_report``."""
+resolved configs and of the content of their ``backbone.weights``, so running the study again skips
+finished cells and resumes interrupted ones. Cells run in local worker processes (one GPU each when there
+are several) or as submitit jobs (SLURM, or its local executor); a failed cell is reported with its log
+and never stops the others. The results are aggregated by ``rcm_nddr.commands.study_report``: one row per
+variant and setting (the grid point less its replicate keys, the seeds)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ from tqdm import tqdm
 from rcm_nddr.commands.study_report import report
 from rcm_nddr.config import load_config
 from rcm_nddr.errors import ConfigError, UserError
-from rcm_nddr.files import atomic_write_text
+from rcm_nddr.files import atomic_write_text, file_sha256
 from rcm_nddr.nn.assembly import TaskSpec
 from rcm_nddr.store import ModelStore
 from rcm_nddr.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
 
-SPEC_KEYS = ("out", "tasks", "variants", "grid", "set", "baseline", "slurm")
+SPEC_KEYS = ("out", "tasks", "variants", "grid", "replicates", "set", "baseline", "slurm")
 RESULT_FILE = "result.json"
 
 
@@ -87,6 +88,8 @@ class Spec:
     overrides: list[str]
     baseline: str | None
     slurm: dict[str, Any] = field(default_factory=dict)
+    #: grid keys whose values repeat one setting (seeds): the report pools them; other grid keys give rows
+    replicates: list[str] = field(default_factory=lambda: ["train.seed"])
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -120,6 +123,11 @@ def load_spec(path: str | Path) -> Spec:
     grid = doc.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise fail("grid", f"expected a mapping of config key -> non-empty list of values, got {grid!r}")
+    replicates = doc.get("replicates", ["train.seed"])
+    if not isinstance(replicates, list) or not all(isinstance(k, str) for k in replicates):
+        raise fail("replicates", f"expected a list of grid keys, got {replicates!r}")
+    if "replicates" in doc and (missing := [k for k in replicates if k not in grid]):
+        raise fail("replicates", f"{missing} are not keys of the grid {list(grid)}")
     overrides = _overrides(doc.get("set") or [], "set", fail)
     baseline = doc.get("baseline")
     if baseline is not None and baseline not in checked:
@@ -128,7 +136,7 @@ def load_spec(path: str | Path) -> Spec:
     if not isinstance(slurm, dict):
         raise fail("slurm", f"expected a mapping of submitit executor parameters, got {slurm!r}")
     out = Path(doc.get("out") or Path("results") / "studies" / path.stem)
-    return Spec(path, out, list(tasks), checked, dict(grid), overrides, baseline, dict(slurm))
+    return Spec(path, out, list(tasks), checked, dict(grid), overrides, baseline, dict(slurm), list(replicates))
 
 
 def _overrides(items: Any, key: str, fail: Callable[[str, str], StudyError]) -> list[str]:
@@ -158,9 +166,19 @@ def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def weights_identity(value: Any, known: dict[str, str]) -> str | None:
+    """sha256 of a ``backbone.weights`` file (cached in ``known``), so a cell's name changes with the bank's
+    content and not only with its path; None for a name that is no file (``none``, ``imagenet``)."""
+    if not isinstance(value, str) or not Path(value).is_file():
+        return None
+    if value not in known:
+        known[value] = file_sha256(value)
+    return known[value]
+
+
 def expand(spec: Spec) -> list[Cell]:
     """Every cell of the study, its configs loaded and checked (a bad config fails before any run)."""
-    cells = []
+    cells, banks = [], {}
     for variant, v in spec.variants.items():
         templated = any("{task}" in s["config"] for s in v["steps"])
         for task in spec.tasks if templated else [None]:
@@ -175,6 +193,7 @@ def expand(spec: Spec) -> list[Cell]:
                         raise StudyError(f"{spec.path}: variant {variant!r}: {exc}") from exc
                     steps.append(Step(config, overrides))
                     resolved.append({k: val for k, val in cfg.to_dict().items() if k != "store"})
+                    resolved[-1]["weights_sha256"] = weights_identity(cfg.backbone.weights, banks)
                 key = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
                 label = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{variant}__{task or 'group'}")
                 directory = spec.out / "cells" / f"{label}__{key}"

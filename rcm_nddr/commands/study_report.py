@@ -1,5 +1,5 @@
-"""A study's aggregate: per variant and task, mean +- std (and n) of every metric over the grid points,
-Delta_MTL per grid point against the baseline variant's cells of the same point (mean +- std), trainable
+"""A study's aggregate: per variant, setting (the grid point less its replicate keys) and task, mean +- std
+(and n) of every metric over the replicates, Delta_MTL per grid point against the baseline variant's cells of the same point (mean +- std), trainable
 and total parameters per task, training time per iteration. Written as ``study.md``, ``study.json``,
 ``cells.csv`` (one row per cell and task), ``delta_vs_parameters.png`` (one point per variant) and
 TensorBoard HParams (one run per cell under ``hparams/``)."""
@@ -44,12 +44,14 @@ def by_point(results: Sequence[Mapping[str, Any]], variant: str) -> dict[str, di
     return joined
 
 
-def deltas(results: Sequence[Mapping[str, Any]], variant: str, baseline: str | None) -> list[float]:
-    """Delta_MTL of ``variant`` at each grid point where the baseline variant has every one of its tasks,
-    over those tasks (primary metrics), with baselines scored under the same evaluation switches."""
-    if baseline is None:
+def deltas(
+    cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], baseline: str | None
+) -> list[float]:
+    """Delta_MTL of ``cells`` (one variant) at each grid point where the baseline variant has every one of
+    its tasks, over those tasks (primary metrics), with baselines scored under the same evaluation switches."""
+    if baseline is None or not cells:
         return []
-    mine, theirs = by_point(results, variant), by_point(results, baseline)
+    mine, theirs = by_point(cells, cells[0]["variant"]), by_point(results, baseline)
     out = []
     for key, run in mine.items():
         base = theirs.get(key)
@@ -61,11 +63,29 @@ def deltas(results: Sequence[Mapping[str, Any]], variant: str, baseline: str | N
     return out
 
 
-def summarize(results: Sequence[Mapping[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
-    """One row per variant: per task, every metric's mean, std and n; Delta_MTL; parameters; time."""
+def setting(point: Mapping[str, Any], replicates: Sequence[str]) -> dict[str, Any]:
+    """The grid point without its replicate keys (the seed): what a row of the report stands for."""
+    return {k: v for k, v in point.items() if k not in replicates}
+
+
+def label(variant: str, values: Mapping[str, Any]) -> str:
+    """``variant`` or ``variant (key=value, ...)`` (a path value by its file name)."""
+    if not values:
+        return variant
+    shown = ", ".join(f"{k}={Path(v).name if isinstance(v, str) and '/' in v else v}" for k, v in values.items())
+    return f"{variant} ({shown})"
+
+
+def summarize(
+    results: Sequence[Mapping[str, Any]], baseline: str | None, replicates: Sequence[str] = ("train.seed",)
+) -> list[dict[str, Any]]:
+    """One row per variant and setting (the grid point less ``replicates``): per task, every metric's mean,
+    std and n over the replicates; Delta_MTL; parameters; time."""
     rows = []
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        cells = [r for r in results if r["variant"] == variant]
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["variant"], point_key(setting(r["point"], replicates))), []).append(r)
+    for (variant, _), cells in groups.items():
         tasks: dict[str, Any] = {}
         for name in dict.fromkeys(t for r in cells for t in r["metrics"]):
             runs = [r for r in cells if name in r["metrics"]]
@@ -78,13 +98,16 @@ def summarize(results: Sequence[Mapping[str, Any]], baseline: str | None) -> lis
                 "trainable_parameters": runs[0]["parameters"][name]["trainable"],
                 "total_parameters": runs[0]["parameters"][name]["total"],
             }
-        d = deltas(results, variant, baseline)
+        d = deltas(cells, results, baseline)
         per_iteration = [
             r["seconds_per_iteration"] for r in cells if r.get("seconds_per_iteration") and not r["resumed"]
         ]
+        values = setting(cells[0]["point"], replicates)
         rows.append(
             {
                 "variant": variant,
+                "setting": values,
+                "label": label(variant, values),
                 "cells": len(cells),
                 "tasks": tasks,
                 "delta_mtl": {"mean": mean_std(d)[0], "std": mean_std(d)[1], "n": len(d), "values": d} if d else None,
@@ -120,7 +143,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
         n = max((m["n"] for task in row["tasks"].values() for m in task["metrics"].values()), default=0)
         seconds = f"{row['seconds_per_iteration']:.3g}" if row["seconds_per_iteration"] else "-"
         params = f"{row['trainable_parameters_per_task']:,.0f}"
-        lines.append(f"| {row['variant']} | {n} | {' | '.join(cells)} | {delta} | {params} | {seconds} |")
+        lines.append(f"| {row['label']} | {n} | {' | '.join(cells)} | {delta} | {params} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -149,8 +172,8 @@ def write_csv(results: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def plot(rows: Sequence[Mapping[str, Any]], path: Path, baseline: str | None) -> bool:
-    """Delta_MTL (mean +- std) against trainable parameters per task, one point per variant; False when no
-    variant has a Delta_MTL (no baseline)."""
+    """Delta_MTL (mean +- std) against trainable parameters per task, one point per row (variant and
+    setting); False when no row has a Delta_MTL (no baseline)."""
     points = [r for r in rows if r["delta_mtl"]]
     if not points:
         return False
@@ -159,7 +182,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, baseline: str | None) ->
     for r in points:
         x, d = r["trainable_parameters_per_task"] / 1e6, r["delta_mtl"]
         ax.errorbar(x, d["mean"], yerr=d["std"], fmt="o", capsize=3)
-        ax.annotate(r["variant"], (x, d["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(r["label"], (x, d["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters per task (millions)")
@@ -188,7 +211,7 @@ def hparams(results: Sequence[Mapping[str, Any]], folder: Path) -> None:
 def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     """Aggregate ``results`` (the finished cells) into ``out``; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(results, spec.baseline)
+    rows = summarize(results, spec.baseline, spec.replicates)
     table = markdown(rows, spec.baseline) if rows else "(no finished cell)"
     atomic_write_text(out / "study.md", table + "\n")
     atomic_write_text(out / "study.json", json.dumps({"spec": str(spec.path), "rows": rows}, indent=2))

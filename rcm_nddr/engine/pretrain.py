@@ -6,15 +6,20 @@ variant starts from."""
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from rcm_nddr.config import Config, ConfigError
+from rcm_nddr.engine.evaluate import to_json
+from rcm_nddr.engine.provenance import config_sha256
 from rcm_nddr.engine.trainer import Trainer
-from rcm_nddr.files import atomic_write
+from rcm_nddr.files import atomic_write, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -46,5 +51,62 @@ def pretrain(cfg: Config, out: str | Path | None = None, overwrite: bool = False
         atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"arch": cfg.backbone.arch}))
     else:
         atomic_write(out, lambda tmp: torch.save(state, tmp))
-    log.info("pretrained %s backbone written to %s", cfg.backbone.arch, out)
+    write_recipe(cfg, out, trainer.iteration, trainer.last_metrics)
+    log.info("pretrained %s backbone written to %s (recipe: %s)", cfg.backbone.arch, out, recipe_path(out))
     return out
+
+
+def recipe_path(bank: str | Path) -> Path:
+    """The JSON next to a pretrained bank that says how it was made: ``<bank stem>.json``."""
+    bank = Path(bank)
+    return bank.with_name(bank.stem + ".json")
+
+
+def write_recipe(cfg: Config, bank: Path, iterations: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """Record how ``bank`` was made (resolved config, data, iterations, last validation, its sha256), so a
+    bank found on disk says whether it is the quick one of the demo or the full recipe."""
+    meta = Path(cfg.dataset.root) / "meta.json"
+    try:
+        data = json.loads(meta.read_text())
+        dataset = {"root": str(cfg.dataset.root), "splits": data.get("splits"), "seed": data.get("seed")}
+    except (OSError, ValueError):
+        dataset = {"root": str(cfg.dataset.root)}
+    recipe = {
+        "bank": bank.name,
+        "sha256": file_sha256(bank),
+        "config": str(cfg.source),
+        "config_sha256": config_sha256(cfg),
+        "tasks": list(cfg.tasks),
+        "iterations": int(iterations),
+        "batch_size": cfg.train.batch_size,
+        "dataset": dataset,
+        "validation": metrics,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "resolved_config": cfg.to_dict(),
+    }
+    atomic_write_text(recipe_path(bank), to_json(recipe, indent=2))
+    return recipe
+
+
+def read_recipe(bank: str | Path) -> dict[str, Any] | None:
+    """The recipe of ``bank`` when it is there and belongs to this file (sha256), else None."""
+    try:
+        recipe = json.loads(recipe_path(bank).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recipe, dict) or recipe.get("sha256") != file_sha256(bank):
+        return None
+    return recipe
+
+
+def describe_bank(bank: str | Path) -> str:
+    """One line on a bank's recipe for logs: its iterations, tasks and data, or that it has none."""
+    recipe = read_recipe(bank)
+    if recipe is None:
+        return f"{bank} (no recipe file {recipe_path(bank).name} for this file: how it was made is unknown)"
+    d = recipe.get("dataset", {})
+    train = (d.get("splits") or {}).get("train")
+    return (
+        f"{bank} ({recipe['iterations']} iterations of {'+'.join(recipe['tasks'])}, batch {recipe['batch_size']}, "
+        f"on {d.get('root')}{f' ({train} train images)' if train else ''})"
+    )
