@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from rcm_nddr.commands import cli
-from rcm_nddr.commands.study import StudyError, expand, load_spec
+from rcm_nddr.commands.study import StudyError, expand, load_spec, run_order
 from rcm_nddr.commands.study_report import summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +107,13 @@ def test_cells_are_named_by_their_resolved_configs(tmp_path, monkeypatch, capsys
     changed["set"] = [s.replace("train.max_iters=2", "train.max_iters=3") for s in changed["set"]]
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     assert not {c.key for c in expand(load_spec(tmp_path / "changed.yaml"))} & {c.key for c in cells}
+    # the cells run replicate by replicate: every variant's seed 0 before any seed 1
+    assert [(c.variant, c.point["train.seed"]) for c in run_order(cells, spec)] == [
+        ("single_task", 0),
+        ("RC_RI_NFF", 0),
+        ("single_task", 1),
+        ("RC_RI_NFF", 1),
+    ]
     assert cli.main(["study", "--spec", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("todo  ") == 4
 

@@ -345,10 +345,20 @@ def _settle(error: BaseException | str | None, failures: list[str], bar: tqdm) -
     bar.set_postfix(failed=len(failures))
 
 
+def run_order(cells: list[Cell], spec: Spec) -> list[Cell]:
+    """``cells`` with the first replicate (seed) of every variant and setting first, then the second...: a
+    study stopped halfway has whole replicates to compare, not some variants' every seed."""
+
+    def rank(cell: Cell) -> tuple[int, ...]:
+        return tuple(spec.grid[k].index(cell.point[k]) for k in spec.replicates if k in cell.point)
+
+    return sorted(cells, key=rank)  # stable: the spec's order within a replicate
+
+
 def main(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     cells = expand(spec)
-    todo = [c for c in cells if not c.finished()]
+    todo = run_order([c for c in cells if not c.finished()], spec)
     log.info(
         "study %s: %d cells, %d finished, %d to run (%s)",
         spec.path,

@@ -1,8 +1,9 @@
 """A study's aggregate: per variant, setting (the grid point less its replicate keys) and task, mean +- std
-(and n) of every metric over the replicates, Delta_MTL per grid point against the baseline variant's cells of the same point (mean +- std), trainable
-and total parameters per task, training time per iteration. Written as ``study.md``, ``study.json``,
-``cells.csv`` (one row per cell and task), ``delta_vs_parameters.png`` (one point per variant) and
-TensorBoard HParams (one run per cell under ``hparams/``)."""
+(and n) of every metric over the replicates, Delta_MTL per grid point against the baseline variant's cells
+of the same point (mean +- std), trainable and total parameters per task, training time per iteration.
+Written as ``study.md``, ``study.json``, ``cells.csv`` (one row per cell and task),
+``delta_vs_parameters.png`` (one point per variant and setting) and TensorBoard HParams (one run per cell
+under ``hparams/``)."""
 
 from __future__ import annotations
 
