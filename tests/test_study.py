@@ -18,6 +18,7 @@ import yaml
 from rcm_nddr.commands import cli
 from rcm_nddr.commands.study import StudyError, expand, load_spec, run_order
 from rcm_nddr.commands.study_report import summarize
+from rcm_nddr.files import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,6 +193,10 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
     assert rows["RC_RI_NFF"]["trainable_parameters_per_task"] < rows["single_task"]["trainable_parameters_per_task"] / 4
     assert all(r["seconds_per_iteration"] > 0 for r in results)
     table = (spec.out / "study.md").read_text()
+    # the bank the cells read, by content: this one has no pretraining recipe
+    (bank, sha), *others = {(k, v) for r in results for k, v in r["weights"].items()}
+    assert not others and sha == file_sha256(bank)
+    assert f"backbone.weights: {bank} (sha256 {sha[:12]}; no recipe of this file here)" in table
     assert "| RC_RI_NFF | 2 |" in table and f"{rows['RC_RI_NFF']['delta_mtl']['mean']:+.2f}" in table
     rows_csv = list(csv.DictReader((spec.out / "cells.csv").open()))
     assert sorted(float(r["value"]) for r in rows_csv) == sorted(v for vs in maxf.values() for v in vs)

@@ -167,7 +167,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_test_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.add_argument("--split", help="split to evaluate (default: dataset.val_split)")
-    p.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint (default: test.checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        help="evaluate this checkpoint of the run (default: the group as the store registers it, from the "
+        "test.checkpoint checkpoint; the run's checkpoint when it is not registered)",
+    )
+    p.add_argument(
+        "--form",
+        choices=["deploy", "training"],
+        default="deploy",
+        help="deploy: the inference form rcm-nddr predict runs (BatchNorm and modulators folded into the convs), "
+        "checked on the probe input; training: the network as trained (default: deploy)",
+    )
     p.add_argument(
         "--log-performance", "--log_performance", metavar="CSV", help="append one row per task to this CSV file"
     )

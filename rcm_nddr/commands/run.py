@@ -96,6 +96,7 @@ def test(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             save_predictions=args.save_predictions,
             baselines=args.baselines,
+            form=args.form,
         )
     return 0
 

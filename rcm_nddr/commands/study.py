@@ -242,7 +242,9 @@ def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str,
     scored, its parameters (trainable, and with the shared filter bank), the iterations and the time."""
     records = ModelStore(store).tasks
     metrics, evaluation, primary, parameters, iterations = {}, {}, {}, {}, 0
-    for group in dict.fromkeys("+".join(load_config(s.config, s.overrides).tasks) for s in cell.steps):
+    configs = [load_config(s.config, s.overrides) for s in cell.steps]
+    weights = {c.backbone.weights: weights_identity(c.backbone.weights, {}) for c in configs}
+    for group in dict.fromkeys("+".join(c.tasks) for c in configs):
         tested = json.loads((store / "runs" / group / "test_metrics.json").read_text())
         metrics.update(tested["metrics"])
         for name, switches in tested.get("evaluation", {}).get("switches", {}).items():
@@ -268,6 +270,7 @@ def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str,
         "primary": primary,
         "evaluation": evaluation,
         "parameters": parameters,
+        "weights": {str(k): v for k, v in weights.items()},  # backbone.weights -> its sha256 (None: no file)
         "iterations": iterations,
         "seconds": seconds,
         "resumed": resumed,

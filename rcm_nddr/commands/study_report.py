@@ -21,6 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from rcm_nddr.engine.evaluate import delta_mtl
+from rcm_nddr.engine.pretrain import describe_bank, read_recipe
 from rcm_nddr.files import atomic_write_text
 
 
@@ -209,11 +210,23 @@ def hparams(results: Sequence[Mapping[str, Any]], folder: Path) -> None:
                 writer.add_scalar(key, value)
 
 
+def bank_line(path: str, sha256: str) -> str:
+    """What the cells' ``backbone.weights`` file was: its recipe while the file at ``path`` is still the one
+    they read (sha256), else only its sha256."""
+    recipe = read_recipe(path)
+    if recipe is not None and recipe["sha256"] == sha256:
+        return describe_bank(path)
+    return f"{path} (sha256 {sha256[:12]}; no recipe of this file here)"
+
+
 def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     """Aggregate ``results`` (the finished cells) into ``out``; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, spec.baseline, spec.replicates)
     table = markdown(rows, spec.baseline) if rows else "(no finished cell)"
+    banks = dict.fromkeys((path, sha) for r in results for path, sha in (r.get("weights") or {}).items() if sha)
+    if banks:
+        table += "\n\n" + "\n".join(f"backbone.weights: {bank_line(path, sha)}" for path, sha in banks)
     atomic_write_text(out / "study.md", table + "\n")
     atomic_write_text(out / "study.json", json.dumps({"spec": str(spec.path), "rows": rows}, indent=2))
     write_csv(results, out / "cells.csv")
