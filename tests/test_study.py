@@ -192,6 +192,10 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
     # parameters: the RC task trains a fraction of the single-task network
     assert rows["RC_RI_NFF"]["trainable_parameters_per_task"] < rows["single_task"]["trainable_parameters_per_task"] / 4
     assert all(r["seconds_per_iteration"] > 0 for r in results)
+    # inference FLOPs: the RC task's deploy form costs exactly the plain network of the same shape
+    flops = {(r["variant"], r["point"]["train.seed"]): r["inference_flops"]["sal"] for r in results}
+    assert flops[("single_task", 0)] > 10**8 and len(set(flops.values())) == 1
+    assert rows["RC_RI_NFF"]["inference_gflops_per_task"] == pytest.approx(flops[("single_task", 0)] / 1e9)
     table = (spec.out / "study.md").read_text()
     # the bank the cells read, by content: this one has no pretraining recipe
     (bank, sha), *others = {(k, v) for r in results for k, v in r["weights"].items()}

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from rcm_nddr.commands.study_report import report
@@ -237,9 +238,28 @@ class CellError(RuntimeError):
         self.cell = cell
 
 
+def inference_flops(store: Path, tasks: list[str], size: tuple[int, int]) -> dict[str, int | None]:
+    """Per task, the FLOPs of one ``size`` image through the store's deploy form of the task with the stored
+    tasks it reads (what serving it alone costs). A task that cannot be loaded or counted is None, with a
+    warning: the cell's training stays valid."""
+    image = torch.zeros(1, 3, *size)
+    out: dict[str, int | None] = {}
+    for task in tasks:
+        try:
+            model = ModelStore(store).load_model(tasks=[task], device="cpu", deploy=True)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(image, raw=True)
+            out[task] = int(counter.get_total_flops())
+        except Exception as exc:  # noqa: BLE001 - a count that failed is reported, not fatal
+            log.warning("%s: FLOPs of %s not counted: %s", store, task, exc)
+            out[task] = None
+    return out
+
+
 def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str, Any]:
     """A finished cell's result: every task's test metrics, primary metric and direction, how it was
-    scored, its parameters (trainable, and with the shared filter bank), the iterations and the time."""
+    scored, its parameters (trainable, and with the shared filter bank), its inference FLOPs per task, the
+    bank it read, the iterations and the time."""
     records = ModelStore(store).tasks
     metrics, evaluation, primary, parameters, iterations = {}, {}, {}, {}, 0
     configs = [load_config(s.config, s.overrides) for s in cell.steps]
@@ -270,6 +290,7 @@ def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str,
         "primary": primary,
         "evaluation": evaluation,
         "parameters": parameters,
+        "inference_flops": inference_flops(store, list(parameters), tuple(configs[0].dataset.crop)),
         "weights": {str(k): v for k, v in weights.items()},  # backbone.weights -> its sha256 (None: no file)
         "iterations": iterations,
         "seconds": seconds,

@@ -105,6 +105,7 @@ def summarize(
             r["seconds_per_iteration"] for r in cells if r.get("seconds_per_iteration") and not r["resumed"]
         ]
         values = setting(cells[0]["point"], replicates)
+        counted = [f for r in cells for f in (r.get("inference_flops") or {}).values() if f is not None]
         rows.append(
             {
                 "variant": variant,
@@ -114,6 +115,8 @@ def summarize(
                 "tasks": tasks,
                 "delta_mtl": {"mean": mean_std(d)[0], "std": mean_std(d)[1], "n": len(d), "values": d} if d else None,
                 "trainable_parameters_per_task": statistics.fmean(t["trainable_parameters"] for t in tasks.values()),
+                # a task served alone, with the stored tasks it reads: one image at the training crop
+                "inference_gflops_per_task": statistics.fmean(counted) / 1e9 if counted else None,
                 "seconds_per_iteration": statistics.median(per_iteration) if per_iteration else None,
             }
         )
@@ -131,8 +134,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
         f"{t} {primary[t]['primary']} ({'higher' if primary[t]['higher_is_better'] else 'lower'})" for t in names
     )
     lines = [
-        f"| variant | n | {head} | Delta_MTL (%) vs {baseline or '-'} | trainable parameters per task | s/iteration |",
-        "|---|---|" + "---|" * len(names) + "---|---|---|",
+        f"| variant | n | {head} | Delta_MTL (%) vs {baseline or '-'} | trainable parameters per task | "
+        "inference GFLOPs per task | s/iteration |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|---|",
     ]
     for row in rows:
         cells = []
@@ -145,7 +149,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
         n = max((m["n"] for task in row["tasks"].values() for m in task["metrics"].values()), default=0)
         seconds = f"{row['seconds_per_iteration']:.3g}" if row["seconds_per_iteration"] else "-"
         params = f"{row['trainable_parameters_per_task']:,.0f}"
-        lines.append(f"| {row['label']} | {n} | {' | '.join(cells)} | {delta} | {params} | {seconds} |")
+        flops = row.get("inference_gflops_per_task")
+        gflops = f"{flops:.3g}" if flops else "-"
+        lines.append(f"| {row['label']} | {n} | {' | '.join(cells)} | {delta} | {params} | {gflops} | {seconds} |")
     return "\n".join(lines)
 
 
