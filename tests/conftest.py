@@ -172,6 +172,7 @@ INTEGRATION_MODULES = {
     "test_engine",
     "test_errors",
     "test_evaluate",
+    "test_evaluated",
     "test_fast",
     "test_incremental",
     "test_nddr",

@@ -60,11 +60,14 @@ def test_train_then_test_writes_every_output(tmp_path, synth):
     assert last["iteration"] == 6 and best["iteration"] in (3, 6)
 
     csv_path = tmp_path / "perf.csv"
-    run_test(cfg, log_performance=csv_path, checkpoint="last", progress=False)
-    tested = run_test(cfg, log_performance=csv_path, checkpoint="last", progress=False)
+    deployed = run_test(cfg, log_performance=csv_path, checkpoint="last", progress=False)  # the deploy form
+    assert json.loads((run / "test_metrics.json").read_text())["form"] == "deploy"
+    for name, values in metrics.items():  # folding rounds differently, nothing more
+        assert deployed[name] == pytest.approx(values, rel=1e-4, abs=1e-6), name
+    tested = run_test(cfg, log_performance=csv_path, checkpoint="last", progress=False, form="training")
     assert tested == metrics  # the last checkpoint is the model that produced the final validation
     saved = json.loads((run / "test_metrics.json").read_text())
-    assert saved["metrics"] == tested and saved["iteration"] == 6
+    assert saved["metrics"] == tested and saved["iteration"] == 6 and saved["form"] == "training"
     lines = csv_path.read_text().splitlines()
     assert lines[0].startswith("config,store,group,task") and len(lines) == 5  # one header, 2 runs x 2 tasks
     rows = list(csv.DictReader(csv_path.open()))

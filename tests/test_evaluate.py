@@ -313,8 +313,8 @@ def test_delta_mtl_against_baselines_from_json_and_from_a_store(tmp_path, traine
     assert report["source"] == str(path) and report["primary"]["depth"] == "rmse"
 
     # a store: the run's own store holds the group's validation metrics, so Delta_MTL against itself is 0
-    # (the store's metrics are those of the best checkpoint; compare the same checkpoint)
-    own = run_test(cfg, checkpoint="best", progress=False, baselines=cfg.store)
+    # (the store's metrics are those of the best checkpoint; compare the same checkpoint, in the same form)
+    own = run_test(cfg, checkpoint="best", progress=False, baselines=cfg.store, form="training")
     assert own.keys() == set(cfg.tasks)
     report = json.loads((Path(cfg.store) / "runs" / cfg.group_name / "test_metrics.json").read_text())["delta_mtl"]
     assert report["value"] == pytest.approx(0.0, abs=1e-9)

@@ -13,8 +13,7 @@ import torch
 
 from rcm_nddr.config import Config, ConfigError, check_paths
 from rcm_nddr.engine import distributed, provenance
-from rcm_nddr.engine.builders import build_dataset, build_model, build_tasks, resolve_device
-from rcm_nddr.engine.checkpoint import CheckpointError, cause, load_checkpoint
+from rcm_nddr.engine.builders import build_dataset, build_tasks, resolve_device
 from rcm_nddr.engine.evaluate import (
     check_same_evaluation,
     delta_mtl,
@@ -24,8 +23,8 @@ from rcm_nddr.engine.evaluate import (
     primary_metrics,
     to_json,
 )
+from rcm_nddr.engine.evaluated import evaluated_network
 from rcm_nddr.engine.fast import configure_backends, maybe_compile
-from rcm_nddr.engine.plan import GroupPlan
 from rcm_nddr.engine.run import RunPaths
 from rcm_nddr.engine.saved import PredictionWriter
 from rcm_nddr.files import atomic_write_text
@@ -57,9 +56,15 @@ def run_test(
     progress: bool = True,
     save_predictions: str | Path | None = None,
     baselines: str | Path | None = None,
+    form: str = "deploy",
 ) -> dict[str, dict[str, float]]:
-    """Evaluate the run's ``best`` (or ``last``) checkpoint; write ``test_metrics.json`` in the run
-    directory and append one CSV row per task to ``log_performance`` (header when the file is new).
+    """Evaluate the config's task group; write ``test_metrics.json`` in the run directory and append one
+    CSV row per task to ``log_performance`` (header when the file is new).
+
+    What is evaluated (``rcm_nddr.engine.evaluated``): the group as the store registers it, which is what
+    ``rcm-nddr predict`` runs, when it was registered from the ``test.checkpoint`` checkpoint; else, or
+    when ``checkpoint`` (best or last) is given, the run's checkpoint. ``form``: ``deploy`` (default: the
+    inference form, checked on the probe input) or ``training`` (the network as trained).
 
     ``save_predictions``: also write every prediction to ``<dir>/<task>/<sample id>.png|.npy`` (the
     layout ``rcm-nddr evaluate`` reads). ``baselines`` (default ``test.baselines``): a model store or a
@@ -77,14 +82,6 @@ def run_test(
     split = split or cfg.dataset.val_split
     which = checkpoint or cfg.test.checkpoint
     paths = RunPaths.of(cfg)
-    ckpt_path = paths.best if which == "best" else paths.last
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(
-            f"no {which} checkpoint at {ckpt_path}: train this config first (python train.py --config {cfg.source})"
-        )
-    other = "last" if which == "best" else "best"
-    again = f"train the group again (train.py --replace), or evaluate the {other} checkpoint (--checkpoint {other})"
-    state = load_checkpoint(ckpt_path, remedy=again)
     dataset = build_dataset(cfg, split, train=False)
     tasks = build_tasks(cfg, dataset.info)
     scored = evaluation_record(cfg.protocol, tasks)
@@ -92,16 +89,9 @@ def run_test(
         check_same_evaluation(scored, baseline_evaluation, tasks, str(baselines))
     ctx = distributed.context()
     device = distributed.process_device(cfg.train.device, ctx) or resolve_device(cfg.train.device)
-    # The network the run trained: its group, and the stored tasks it read (from the store, frozen).
-    store = ModelStore(cfg.store)
-    plan = GroupPlan.from_dict(state["plan"]) if "plan" in state else GroupPlan()
-    model = build_model(cfg, tasks, store=store if store.exists else None, plan=plan, for_checkpoint=True)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt_path} does not fit the model of {cfg.source} ({cause(exc)}); {again}") from exc
+    tested = evaluated_network(cfg, tasks, which, explicit=checkpoint is not None, form=form)
     # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
-    model.to(device, memory_format=torch.channels_last)
+    model = tested.model.to(device, memory_format=torch.channels_last)
     configure_backends(device)
     loader = eval_loader(dataset, cfg.test.batch_size, cfg.train.num_workers, device)
     writer = PredictionWriter(save_predictions, tasks) if save_predictions is not None else None
@@ -115,8 +105,10 @@ def run_test(
         "config": cfg.source,
         "group": cfg.group_name,
         "split": split,
-        "checkpoint": str(ckpt_path),
-        "iteration": state["iteration"],
+        "form": tested.form,
+        "source": tested.source,
+        "checkpoint": which,
+        "iteration": tested.iteration,
         "evaluation": scored,
         "metrics": metrics,
         "environment": environment,
@@ -147,7 +139,7 @@ def run_test(
                     "task": name,
                     "split": split,
                     "checkpoint": which,
-                    "iteration": state["iteration"],
+                    "iteration": tested.iteration,
                     "protocol": cfg.protocol,
                     "evaluation": to_json(scored["switches"][name], sort_keys=True),
                     "primary": primaries[name][0],

@@ -1,0 +1,142 @@
+"""The network ``test.py`` evaluates: the task group as the model store registers it (what ``rcm-nddr predict``
+runs) or, for a run that has not registered it yet or when a checkpoint is asked for, the run's checkpoint;
+in the deploy form (checked on the probe input) or the training form."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from rcm_nddr.config import Config, ConfigError
+from rcm_nddr.engine.builders import build_model
+from rcm_nddr.engine.checkpoint import CheckpointError, cause, load_checkpoint
+from rcm_nddr.engine.plan import GroupPlan
+from rcm_nddr.engine.run import RunPaths
+from rcm_nddr.errors import UserError
+from rcm_nddr.nn.assembly import probe_input, probe_outputs
+from rcm_nddr.nn.deploy import deploy
+from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.store import ModelStore, TaskRecord
+from rcm_nddr.store.integrity import compare_probe
+from rcm_nddr.task import Task
+
+log = logging.getLogger(__name__)
+
+#: the forms ``test.py --form`` evaluates
+FORMS = ("deploy", "training")
+
+#: how a store record names the checkpoint its tensors were taken from (``Trainer.register``)
+_RECORDED = re.compile(r"^(best|last) \(iteration (\d+)\)$")
+
+
+class DeployCheckError(UserError):
+    """The deploy form of a checkpoint's network does not reproduce the training form on the probe input."""
+
+
+@dataclass
+class Evaluated:
+    """What ``test.py`` evaluates: ``model`` in ``form``, its weights from ``source`` (the store's path, or
+    the checkpoint file), the checkpoint ``which`` (best or last) at ``iteration``, ``group`` the store's
+    group number when the weights are the store's (else None)."""
+
+    model: MultiTaskNet
+    form: str
+    source: str
+    which: str
+    iteration: int | None
+    group: int | None = None
+
+
+def registered_group(cfg: Config) -> list[TaskRecord] | None:
+    """The store's records of the config's tasks when the store registers exactly this group (all its
+    tasks, registered together), else None."""
+    store = ModelStore(cfg.store)
+    if not store.exists:
+        return None
+    records = store.tasks
+    mine = [r for r in records if r.name in cfg.tasks]
+    if len(mine) != len(cfg.tasks) or len({r.group for r in mine}) != 1:
+        return None
+    together = [r.name for r in records if r.group == mine[0].group]
+    return mine if sorted(together) == sorted(cfg.tasks) else None
+
+
+def recorded_checkpoint(record: TaskRecord) -> tuple[str | None, int | None]:
+    """Which checkpoint (best or last) and iteration a record's tensors were registered from."""
+    match = _RECORDED.match(str(record.metrics.get("checkpoint", "")))
+    return (match.group(1), int(match.group(2))) if match else (None, None)
+
+
+def evaluated_network(cfg: Config, tasks: dict[str, Task], which: str, explicit: bool, form: str) -> Evaluated:
+    """The network of the config's group that ``test.py`` evaluates, on the CPU, in eval mode.
+
+    Its weights: the store's tasks when the store registers the group from the ``which`` checkpoint and
+    ``explicit`` is false (the run may have kept no checkpoint); else the run's ``which`` checkpoint
+    (``explicit``: ``--checkpoint`` was given). ``form``: ``deploy`` (``rcm_nddr.nn.deploy``), checked on the
+    probe input against the recorded outputs (store) or the training form (checkpoint); ``training``: the
+    network as trained."""
+    if form not in FORMS:
+        raise ConfigError(f"form {form!r}: expected one of {', '.join(FORMS)}")
+    paths = RunPaths.of(cfg)
+    ckpt_path = paths.best if which == "best" else paths.last
+    records = None if explicit else registered_group(cfg)
+    recorded = recorded_checkpoint(records[0]) if records else (None, None)
+    if records and recorded[0] == which:
+        store = ModelStore(cfg.store)
+        model = store.load_model(tasks=list(cfg.tasks), deploy=form == "deploy", allow_plugins=cfg.plugins)
+        log.info(
+            "evaluating group %d of %s (%s checkpoint, iteration %s) in the %s form",
+            records[0].group,
+            store.path,
+            which,
+            recorded[1],
+            form,
+        )
+        return Evaluated(model, form, str(store.path), which, recorded[1], records[0].group)
+    if not ckpt_path.is_file():
+        if records:
+            raise FileNotFoundError(
+                f"the store {cfg.store} registers group {cfg.group_name!r} from its {recorded[0]} checkpoint, and "
+                f"the run kept no {which} checkpoint at {ckpt_path} (train.keep_checkpoints): evaluate the "
+                f"registered one (test.checkpoint: {recorded[0]})"
+            )
+        raise FileNotFoundError(
+            f"no {which} checkpoint at {ckpt_path} and the store {cfg.store} does not register group "
+            f"{cfg.group_name!r}: train this config first (python train.py --config {cfg.source})"
+        )
+    other = "last" if which == "best" else "best"
+    again = f"train the group again (train.py --replace), or evaluate the {other} checkpoint (--checkpoint {other})"
+    state = load_checkpoint(ckpt_path, remedy=again)
+    # The network the run trained: its group, and the stored tasks it read (from the store, frozen).
+    store = ModelStore(cfg.store)
+    plan = GroupPlan.from_dict(state["plan"]) if "plan" in state else GroupPlan()
+    model = build_model(cfg, tasks, store=store if store.exists else None, plan=plan, for_checkpoint=True)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt_path} does not fit the model of {cfg.source} ({cause(exc)}); {again}") from exc
+    model.requires_grad_(False)
+    model.eval()
+    if form == "deploy":
+        model = checked_deploy(model, str(ckpt_path))
+    log.info("evaluating %s (iteration %d) in the %s form", ckpt_path, state["iteration"], form)
+    return Evaluated(model, form, str(ckpt_path), which, state["iteration"])
+
+
+def checked_deploy(model: MultiTaskNet, what: str) -> MultiTaskNet:
+    """The deploy form of ``model``, which must reproduce its outputs on the probe input (the tolerance of
+    the store's probe check), else DeployCheckError naming the tasks that differ."""
+    folded = deploy(model)
+    images = probe_input()
+    expected = probe_outputs(model, list(model.task_names), images)
+    actual = probe_outputs(folded, list(model.task_names), images)
+    problems = [compare_probe(actual[n], expected[n], n, Path(what)) for n in model.task_names]
+    problems = [p for p in problems if p]
+    if problems:
+        raise DeployCheckError(
+            f"the deploy form of {what} does not reproduce its training form: {'; '.join(problems)} "
+            "(evaluate it with --form training)"
+        )
+    return folded
