@@ -3,12 +3,14 @@ computed here from the cells' own metrics, restarting a killed study, a failing 
 executor."""
 
 import csv
+import fcntl
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 import yaml
 
 from rcm_nddr.commands import cli
-from rcm_nddr.commands.study import StudyError, expand, load_spec, run_order
+from rcm_nddr.commands.study import StudyError, expand, load_spec, run_cell, run_order
 from rcm_nddr.commands.study_report import summarize
 from rcm_nddr.files import file_sha256
 
@@ -77,6 +79,7 @@ def test_spec_errors_name_the_file_and_the_key(tmp_path, monkeypatch):
         ({"baseline": "plain"}, r"key 'baseline': 'plain' is not one of the variants"),
         ({"replicates": ["seed"]}, r"key 'replicates': \['seed'\] are not keys of the grid \['train.seed'\]"),
         ({"replicates": "train.seed"}, r"key 'replicates': expected a list of grid keys"),
+        ({"cells": 3}, r"key 'cells': expected a folder path"),
     ]
     for change, message in cases:
         path = tmp_path / "bad.yaml"
@@ -129,6 +132,30 @@ def test_a_cell_name_follows_the_content_of_its_weights_file(tmp_path, monkeypat
     assert not set(first) & {c.key for c in expand(spec)}
     bank.write_bytes(b"one")
     assert [c.key for c in expand(spec)] == first
+
+
+def test_studies_naming_one_cells_folder_share_their_cells_under_a_lock(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    shared = tmp_path / "shared_cells"
+    first = expand(load_spec(tiny_spec(tmp_path, tmp_path, "a", out=str(tmp_path / "a"), cells=str(shared))))
+    second = expand(load_spec(tiny_spec(tmp_path, tmp_path, "b", out=str(tmp_path / "b"), cells=str(shared))))
+    assert [c.directory for c in first] == [c.directory for c in second]
+    assert all(c.directory.parent == shared for c in first)
+    # while another study holds a cell, run_cell waits for it, then takes its result without running it
+    cell = first[0]
+    cell.directory.mkdir(parents=True)
+    with open(cell.directory / "cell.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        outcome = {}
+        waiting = threading.Thread(target=lambda: outcome.update(run_cell(cell)))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()  # blocked on the lock
+        cell.result_file.write_text(json.dumps({"cell": cell.name, "finished": "elsewhere"}))
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    waiting.join(30)
+    assert outcome == {"cell": cell.name, "finished": "elsewhere"}
+    assert not (cell.directory / "cell.log").exists()  # nothing ran here
 
 
 def fake_result(variant: str, point: dict, value: float) -> dict:

@@ -11,6 +11,7 @@ variant and setting (the grid point less its replicate keys, the seeds)."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import itertools
 import json
@@ -42,7 +43,7 @@ from rcm_nddr.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
 
-SPEC_KEYS = ("out", "tasks", "variants", "grid", "replicates", "set", "baseline", "slurm")
+SPEC_KEYS = ("out", "cells", "tasks", "variants", "grid", "replicates", "set", "baseline", "slurm")
 RESULT_FILE = "result.json"
 
 
@@ -91,6 +92,12 @@ class Spec:
     slurm: dict[str, Any] = field(default_factory=dict)
     #: grid keys whose values repeat one setting (seeds): the report pools them; other grid keys give rows
     replicates: list[str] = field(default_factory=lambda: ["train.seed"])
+    #: the cells' folder (default ``<out>/cells``): studies naming the same one share their identical cells
+    cells: Path | None = None
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.cells if self.cells is not None else self.out / "cells"
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -137,7 +144,21 @@ def load_spec(path: str | Path) -> Spec:
     if not isinstance(slurm, dict):
         raise fail("slurm", f"expected a mapping of submitit executor parameters, got {slurm!r}")
     out = Path(doc.get("out") or Path("results") / "studies" / path.stem)
-    return Spec(path, out, list(tasks), checked, dict(grid), overrides, baseline, dict(slurm), list(replicates))
+    cells = doc.get("cells")
+    if cells is not None and not (isinstance(cells, str) and cells):
+        raise fail("cells", f"expected a folder path, got {cells!r}")
+    return Spec(
+        path,
+        out,
+        list(tasks),
+        checked,
+        dict(grid),
+        overrides,
+        baseline,
+        dict(slurm),
+        list(replicates),
+        Path(cells) if cells else None,
+    )
 
 
 def _overrides(items: Any, key: str, fail: Callable[[str, str], StudyError]) -> list[str]:
@@ -197,15 +218,25 @@ def expand(spec: Spec) -> list[Cell]:
                     resolved[-1]["weights_sha256"] = weights_identity(cfg.backbone.weights, banks)
                 key = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
                 label = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{variant}__{task or 'group'}")
-                directory = spec.out / "cells" / f"{label}__{key}"
+                directory = spec.cells_dir / f"{label}__{key}"
                 cells.append(Cell(directory.name, variant, task, point, steps, directory, key))
     return cells
 
 
 def run_cell(cell: Cell, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cell`` (``_run_cell``) holding its lock: a study that shares the cell (the same ``cells``
+    folder) and is running it meanwhile finishes it first, and its result is returned as it is."""
+    cell.directory.mkdir(parents=True, exist_ok=True)
+    with open(cell.directory / "cell.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if cell.finished():
+            return json.loads(cell.result_file.read_text())
+        return _run_cell(cell, env)
+
+
+def _run_cell(cell: Cell, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Train and test every step of ``cell`` into its store (``--auto-resume``: an interrupted cell goes on
     from its checkpoint), then write and return its result. A failing step raises ``CellError``."""
-    cell.directory.mkdir(parents=True, exist_ok=True)
     store, logfile = cell.directory / "store", cell.directory / "cell.log"
     resumed = any(store.glob("checkpoints/*/last.pt"))
     start, training = time.monotonic(), 0.0
