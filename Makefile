@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-fast lint venv clean docker-smoke
+.PHONY: demo bank test test-slow test-all test-fast lint venv clean docker-smoke
 
 venv: $(STAMP)
 
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml $(wildcard */__init__.py)
 
 demo: $(STAMP)
 	$(BIN)/rcm-nddr demo
+
+# The SYNTH_MT filter bank by its full recipe (configs/synthetic/pretrain.yaml): a 2000-image pretraining
+# set of other scenes than data/SYNTH_MT, then the pretraining; it replaces a quick bank the demo made, and
+# the RI decomposition of the bank it replaces (the next RC + RI run computes the new one).
+bank: $(STAMP)
+	$(BIN)/rcm-nddr data synth --out data/SYNTH_MT_bank --train 2000 --val 200 --seed 1
+	$(BIN)/rcm-nddr pretrain --config configs/synthetic/pretrain.yaml --overwrite --out results/synthetic/resnet18_bank.pth
+	rm -f results/synthetic/resnet18_bank_ri.safetensors
 
 # The tests run on every core (at most 4 workers; TEST_WORKERS=0 runs them in this process).
 # `test`: the unit and integration tiers; `test-slow`: the slow tier (real processes, TorchDynamo
