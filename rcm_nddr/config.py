@@ -176,6 +176,9 @@ class TrainConfig:
     sync_bn: bool = False
     #: ``torch.compile`` the training step's model and the validation model: true (= ``default``) or a mode
     compile: bool | CompileMode = False
+    #: keep the run's ``last``/``best`` checkpoints once the group is registered (default: removed; the
+    #: store, metrics and logs stay)
+    keep_checkpoints: bool = False
 
 
 @dataclass

@@ -163,6 +163,7 @@ def recorded_compile(monkeypatch) -> list[RecordedCompile]:
 #: commands: the ``integration`` tier. The rest is the ``unit`` tier (``make test-fast``). ``slow`` marks
 #: the longest tests of either tier, the slow tier: ``make test`` leaves them to ``make test-slow`` (CI runs both).
 INTEGRATION_MODULES = {
+    "test_artifacts",
     "test_bench_scaling",
     "test_baselines",
     "test_bench_speed",

@@ -236,7 +236,13 @@ def test_torchrun_refuses_a_global_batch_that_does_not_split_in_one_line_from_ra
 
 # ----------------------------------------------------------------------------- crash safety
 
-CRASH_RUN = ("train.max_iters=30", "train.checkpoint_every=5", "train.val_every=15", "train.log_every=5")
+CRASH_RUN = (
+    "train.max_iters=30",
+    "train.checkpoint_every=5",
+    "train.val_every=15",
+    "train.log_every=5",
+    "train.keep_checkpoints=true",  # the weights are compared in the last checkpoints
+)
 
 
 def _train(config: Path, *args: str, **kwargs) -> subprocess.Popen:
@@ -368,7 +374,9 @@ def test_git_state_outside_a_checkout_comes_from_the_image(tmp_path, monkeypatch
 
 
 def test_auto_resume_continues_a_run_when_it_has_a_checkpoint_and_starts_one_otherwise(tmp_path, synth):
-    config = _config(tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", "train.max_iters=4")
+    config = _config(
+        tmp_path / "run.yaml", tmp_path / "store", synth, "[sal]", "train.max_iters=4", "train.keep_checkpoints=true"
+    )
     Trainer(load_config(config), progress=False).fit(stop_after=2)  # an interrupted run
     assert cli.train_main(["--config", str(config), "--quiet", "--auto-resume"]) == 0
     assert load_checkpoint(tmp_path / "store" / "checkpoints" / "sal" / "last.pt")["iteration"] == 4

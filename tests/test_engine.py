@@ -146,7 +146,11 @@ def test_entry_points_and_their_errors(tmp_path, synth, capsys):
     assert (tmp_path / "p.csv").read_text().count("\n") == 2
     assert cli.train_main([*args, "--set", "train.max_iters=oops"]) == 2
     assert "key 'train.max_iters': expected int" in capsys.readouterr().err
-    assert cli.train_main(args) == 2  # checkpoints exist and neither --resume nor --overwrite
+    assert cli.train_main(args) == 2  # registered (the finished run's checkpoints are removed): --replace needed
+    assert "already registers 'edge'" in capsys.readouterr().err
+    kept = [*args, "--set", "train.keep_checkpoints=true", "--set", f"store={tmp_path / 'kept'}"]
+    assert cli.train_main(kept) == 0
+    assert cli.train_main(kept) == 2  # checkpoints exist and neither --resume nor --overwrite
     assert "--resume" in capsys.readouterr().err
     assert cli.train_main([*args, "--set", f"dataset.root={tmp_path / 'absent'}"]) == 2
     assert "key 'dataset.root'" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -64,9 +65,10 @@ def snapshot(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def trained(module_tmp, synth) -> tuple[Path, list[str]]:
-    """A store whose group ``sal`` a train.py run trained and registered, and that run's arguments."""
+    """A store whose group ``sal`` a train.py run trained and registered (keeping its checkpoints), and
+    that run's arguments."""
     store = module_tmp / "store"
-    args = train_args(config_file(module_tmp), store, synth)
+    args = train_args(config_file(module_tmp), store, synth, "train.keep_checkpoints=true")
     assert cli.train_main(args) == 0
     return store, args
 
@@ -371,17 +373,27 @@ def test_auto_resume_refuses_a_group_the_store_holds_from_another_run(trained, c
     before = snapshot(store)
     assert cli.train_main([*args, "--set", "train.max_iters=3", "--auto-resume"]) == 2  # another config
     assert "already registers 'sal' (group 1), not from this run's checkpoint" in error_line(capsys.readouterr().err)
-    best = store / "checkpoints" / "sal" / "best.pt"  # what registration took: other tensors now
-    saved = best.read_bytes()
-    state = torch.load(best, weights_only=True)
-    name = next(k for k, v in state["model"].items() if k.startswith("heads.sal") and v.is_floating_point())
-    state["model"][name] += 1
-    torch.save(state, best)
+    registered = store / "runs" / "sal" / "registered.json"  # what the run registered: another file now
+    written = registered.read_bytes()
+    registered.write_text(json.dumps({"sal": "0" * 64}))
     try:
         assert cli.train_main([*args, "--auto-resume"]) == 2
         assert "not from this run's checkpoint" in error_line(capsys.readouterr().err)
+        # a run registered by an earlier version (no registered.json): what registration took, other tensors now
+        registered.unlink()
+        best = store / "checkpoints" / "sal" / "best.pt"
+        saved = best.read_bytes()
+        state = torch.load(best, weights_only=True)
+        name = next(k for k, v in state["model"].items() if k.startswith("heads.sal") and v.is_floating_point())
+        state["model"][name] += 1
+        torch.save(state, best)
+        try:
+            assert cli.train_main([*args, "--auto-resume"]) == 2
+            assert "not from this run's checkpoint" in error_line(capsys.readouterr().err)
+        finally:
+            best.write_bytes(saved)
     finally:
-        best.write_bytes(saved)
+        registered.write_bytes(written)
     assert snapshot(store) == before
 
 

@@ -23,7 +23,7 @@ from rcm_nddr.store import StoreError
 
 
 def overrides(store: Path, synth: Path, bank: Path, tasks: str, *extra: str) -> list[str]:
-    return rc_run(store, synth, bank, tasks, "fusion.type=nddr", *extra)
+    return rc_run(store, synth, bank, tasks, "fusion.type=nddr", "train.keep_checkpoints=true", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -209,7 +209,8 @@ def test_train_cli_registers_and_predict_writes_every_task(tmp_path, synth, bank
     store = tmp_path / "store"
     args = ["--config", "configs/synthetic/semseg_RC_RI_NFF.yaml", "--quiet"]
     ri = f"backbone.decomposition={tmp_path / 'ri.safetensors'}"  # not the config's, under the working directory
-    for item in overrides(store, synth, bank, "[semseg, depth]", "fusion.type=nddr", "optimizer.name=sgd", ri):
+    keep = "train.keep_checkpoints=true"
+    for item in overrides(store, synth, bank, "[semseg, depth]", "fusion.type=nddr", "optimizer.name=sgd", ri, keep):
         args += ["--set", item]
     repo = Path(__file__).resolve().parents[1]
     args[1] = str(repo / args[1])

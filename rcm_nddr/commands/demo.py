@@ -23,6 +23,7 @@ from rcm_nddr.data.synthetic import generate
 from rcm_nddr.engine.builders import build_dataset
 from rcm_nddr.engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
 from rcm_nddr.engine.pretrain import describe_bank, pretrain, read_recipe
+from rcm_nddr.engine.run import RunPaths, remove_checkpoints
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.files import atomic_write_text
 from rcm_nddr.source import source_tree
@@ -99,6 +100,8 @@ def run_demo(
             [*common, f"store={out / 'pretrain'}", f"train.max_iters={pretrain_iters}", "train.epochs=null"],
         )
         pretrain(cfg, bank, overwrite=True, progress=progress)
+        if not cfg.train.keep_checkpoints:  # the bank is written: its run's checkpoints serve nothing more
+            remove_checkpoints(RunPaths.of(cfg))
         decomposition.unlink(missing_ok=True)  # made for the bank this one replaces; the first RC run remakes it
     log.info("filter bank ready (%.0f s)", time.monotonic() - start)
     for store in (BASELINE, VARIANT, INCREMENTAL):  # the demo's own stores start empty on every run

@@ -73,7 +73,8 @@ def train(args: argparse.Namespace) -> int:
     distributed.check_global_batch(cfg, distributed.launched_world_size())
     resume = args.resume or (args.auto_resume and RunPaths.of(cfg).last.is_file())
     with _process_group(cfg.train.device):
-        if resume and not args.replace and _registered_before(cfg, auto=args.auto_resume):
+        # --auto-resume of a run that ended: its checkpoints are gone unless train.keep_checkpoints
+        if (resume or args.auto_resume) and not args.replace and _registered_before(cfg, auto=args.auto_resume):
             return 0
         trainer = Trainer(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet, replace=args.replace)
         try:

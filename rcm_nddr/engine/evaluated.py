@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rcm_nddr.config import Config, ConfigError
 from rcm_nddr.engine.builders import build_model
-from rcm_nddr.engine.checkpoint import CheckpointError, cause, load_checkpoint
+from rcm_nddr.engine.checkpoint import load_checkpoint, load_model_state
 from rcm_nddr.engine.plan import GroupPlan
 from rcm_nddr.engine.run import RunPaths
 from rcm_nddr.errors import UserError
@@ -113,10 +113,7 @@ def evaluated_network(cfg: Config, tasks: dict[str, Task], which: str, explicit:
     store = ModelStore(cfg.store)
     plan = GroupPlan.from_dict(state["plan"]) if "plan" in state else GroupPlan()
     model = build_model(cfg, tasks, store=store if store.exists else None, plan=plan, for_checkpoint=True)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt_path} does not fit the model of {cfg.source} ({cause(exc)}); {again}") from exc
+    load_model_state(model, state, ckpt_path, again)  # with the bank and stored tasks the checkpoint left out
     model.requires_grad_(False)
     model.eval()
     if form == "deploy":

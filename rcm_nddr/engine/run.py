@@ -4,7 +4,9 @@ the config, a plug-in, the data or the store is refused before anything touches 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import math
 import random
@@ -42,7 +44,7 @@ from rcm_nddr.errors import UserError
 from rcm_nddr.files import atomic_write_text, remove_stale_temporaries
 from rcm_nddr.nn.accounting import parameter_breakdown
 from rcm_nddr.nn.backbone import ResNetBackbone
-from rcm_nddr.store import ModelStore
+from rcm_nddr.store import ModelStore, TaskRecord
 from rcm_nddr.store.format import DECOMPOSITION_FILE
 from rcm_nddr.task import Metric, Task
 
@@ -72,6 +74,36 @@ class RunPaths:
     @property
     def best(self) -> Path:
         return self.checkpoints / "best.pt"
+
+    @property
+    def registered(self) -> Path:
+        """What the run registered: each task's tensors file sha256 (``write_registration``)."""
+        return self.run / "registered.json"
+
+
+def write_registration(paths: RunPaths, records: list[TaskRecord]) -> None:
+    """Record in the run directory the sha256 of the tensors file of each task the run registered."""
+    registered = {r.name: r.files[r.tensors_file] for r in records}
+    atomic_write_text(paths.registered, to_json(registered, indent=2))
+
+
+def read_registration(paths: RunPaths) -> dict[str, str] | None:
+    """What ``write_registration`` recorded, or None (not registered, or by a version that did not record it)."""
+    try:
+        registered = json.loads(paths.registered.read_text())
+    except (OSError, ValueError):
+        return None
+    return registered if isinstance(registered, dict) else None
+
+
+def remove_checkpoints(paths: RunPaths) -> None:
+    """Remove a finished run's checkpoints (and their folder, once empty): the store holds what it trained."""
+    for path in (paths.last, paths.best):
+        path.unlink(missing_ok=True)
+    for folder in (paths.checkpoints, paths.checkpoints.parent):  # <store>/checkpoints too, once empty
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    log.info("checkpoints of %s removed (set train.keep_checkpoints: true to keep them)", paths.checkpoints)
 
 
 def seed_everything(seed: int) -> None:
@@ -119,6 +151,8 @@ class TrainingRun:
         if self.started or not self.dist.is_main:
             return
         remove_stale_temporaries(self.paths.checkpoints)
+        if self.checkpoint is None:  # a fresh run: what an earlier run of the group registered is not its own
+            self.paths.registered.unlink(missing_ok=True)
         if self.store is not None:
             # a decomposition made for the store's own ri.safetensors is written with the store, under its
             # lock, so that of runs creating one store together the first one's is the one it records

@@ -21,14 +21,25 @@ from rcm_nddr.engine.builders import config_spec
 from rcm_nddr.engine.checkpoint import (
     CheckpointError,
     cause,
+    checkpoint_state,
     load_checkpoint,
+    model_state,
+    rebuilt_record,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from rcm_nddr.engine.evaluate import autocast, delta_mtl, eval_loader, evaluate, evaluation_record, to_json
 from rcm_nddr.engine.fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
-from rcm_nddr.engine.run import RunExistsError, RunPaths, TrainingRun, build_run
+from rcm_nddr.engine.run import (
+    RunExistsError,
+    RunPaths,
+    TrainingRun,
+    build_run,
+    read_registration,
+    remove_checkpoints,
+    write_registration,
+)
 from rcm_nddr.engine.sampler import ResumableSampler
 from rcm_nddr.engine.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
 from rcm_nddr.errors import UserError
@@ -59,7 +70,8 @@ def _canonical(config: dict[str, Any]) -> str:
 def stored_group(cfg: Config) -> tuple[list[TaskRecord], bool]:
     """The records the config's store holds under the names of the config's tasks, and whether they are
     this run's own registration: the whole group registered together, with this resolved config, and
-    with the tensors of the run's checkpoint that registering takes (``test.checkpoint``). That is what a
+    with the tensors the run registered (``runs/<group>/registered.json``; for a run registered before that
+    file was written, those of the checkpoint that registering takes, ``test.checkpoint``). That is what a
     requeued ``--auto-resume`` job finds when its run had already ended."""
     store = ModelStore(cfg.store)
     records = [r for r in store.tasks if r.name in cfg.tasks] if store.exists else []
@@ -70,6 +82,9 @@ def stored_group(cfg: Config) -> tuple[list[TaskRecord], bool]:
     if sorted(together) != sorted(cfg.tasks) or len(records) != len(cfg.tasks) or not same_config:
         return records, False
     paths = RunPaths.of(cfg)
+    registered = read_registration(paths)
+    if registered is not None:  # the run wrote what it registered (and may have kept no checkpoint)
+        return records, all(registered.get(r.name) == r.files.get(r.tensors_file) for r in records)
     which = paths.best if cfg.test.checkpoint == "best" and paths.best.is_file() else paths.last
     if not which.is_file():
         return records, False
@@ -122,6 +137,7 @@ class Trainer:
         self.last_metrics: dict[str, dict[str, float]] | None = None
         self._signals = StopSignals()
         self._stop_requested = False
+        self._rebuilt_record: dict[str, Any] | None = None
         if self.dist.enabled:
             # Every rank starts from the same weights (same seed); dropout and other draws differ per rank.
             torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
@@ -161,7 +177,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "iteration": self.iteration,
-            "model": self.model.state_dict(),
+            **checkpoint_state(self.model, self._rebuilt()),  # the model without the bank and stored tasks
             "objective": self.objective.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -188,7 +204,7 @@ class Trainer:
             kind = self.cfg.weighting["type"]
             raise CheckpointError(f"{last} holds no state of the group objective ({kind}); {again}")
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(model_state(self.model, state, last, again))
             if "objective" in state:
                 objective.load_state_dict(state["objective"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -213,6 +229,12 @@ class Trainer:
         self.reference = state["reference"]
         self.last_metrics = state["last_metrics"]
         log.info("resumed %s at iteration %d", self.paths.last, self.iteration)
+
+    def _rebuilt(self) -> dict[str, Any]:
+        """What checkpoints record of the tensors they leave out (computed once: they never change)."""
+        if self._rebuilt_record is None:
+            self._rebuilt_record = rebuilt_record(self.model)
+        return self._rebuilt_record
 
     def _save_last(self) -> None:
         state = self._state()  # a collective: every rank takes part, rank 0 writes
@@ -394,7 +416,7 @@ class Trainer:
                 self.paths.best,
                 {
                     "iteration": self.iteration,
-                    "model": self.model.state_dict(),
+                    **checkpoint_state(self.model, self._rebuilt()),
                     "metrics": metrics,
                     "group": self.cfg.group_name,
                     "plan": self.plan.to_dict(),
@@ -412,7 +434,10 @@ class Trainer:
         """Add the trained group to the model store: each task's tensors (those of the ``test.checkpoint``
         checkpoint: ``best`` or ``last``), its probe outputs, sources, config, parameter breakdown,
         validation metrics, model description and run environment (``env.json``). Earlier tasks and their
-        files are not touched. In a distributed run rank 0 registers (once) while the others wait."""
+        files are not touched. In a distributed run rank 0 registers (once) while the others wait.
+
+        The run directory records what was registered (``registered.json``); the run's checkpoints are then
+        removed unless ``train.keep_checkpoints`` (the store, metrics and logs are what a finished run keeps)."""
         if self.setup.store is None:
             raise RuntimeError("a pretraining run registers nothing in a model store")
         if self.iteration < self.max_iters:
@@ -425,7 +450,11 @@ class Trainer:
             distributed.barrier()
             return []
         try:
-            return self._register()
+            records = self._register()
+            write_registration(self.paths, records)
+            if not self.cfg.train.keep_checkpoints:
+                remove_checkpoints(self.paths)
+            return records
         finally:
             distributed.barrier()
 

@@ -288,14 +288,15 @@ def probe_outputs(model: MultiTaskNet, names: Sequence[str], images: Tensor | No
 
 def assemble(
     backbone: Mapping[str, Any],
-    bank: Mapping[str, Tensor],
+    bank: Mapping[str, Tensor] | None,
     records: Sequence[Any],
     names: Sequence[str],
     load_tensors: Callable[[str], Mapping[str, Tensor]],
 ) -> MultiTaskNet:
     """The inference network of ``names`` from store records (in store order), with each needed task's
     tensors from ``load_tensors(name)``: heads for ``names``, every task they read as a frozen source,
-    the bank as stored; eval mode, no parameter requires a gradient."""
+    the bank as stored (None for plain networks, which use none); eval mode, no parameter requires a
+    gradient."""
     specs = {r.name: TaskSpec.from_record(r) for r in records}
     unknown = [n for n in names if n not in specs]
     if unknown:

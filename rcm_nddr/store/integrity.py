@@ -51,6 +51,20 @@ def load_checked(root: Path, record: TaskRecord, relative: str) -> dict[str, Ten
     return load_tensors(path)
 
 
+def keeps_bank(backbone: Mapping[str, Any]) -> bool:
+    """Whether a store with ``backbone`` (store.yaml's) writes its filter bank: not for plain networks
+    (``reparam: none``), whose task files hold every weight; the bank's sha256 is recorded all the same."""
+    return backbone["reparam"] != "none"
+
+
+def stored_bank(root: Path, backbone: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    """The filter bank of the store ``root`` (``load_filter_bank``), None when it keeps none (``keeps_bank``;
+    a plain store written by an older version has one, which is checked and returned)."""
+    if not keeps_bank(backbone) and not (root / BANK_FILE).is_file():
+        return None
+    return load_filter_bank(root, backbone["filter_bank_sha256"])
+
+
 def load_filter_bank(root: Path, expected: str) -> dict[str, Tensor]:
     """The store's filter bank, checked against ``expected``, the sha256 of its tensors (not of the file)."""
     path = root / BANK_FILE
@@ -67,7 +81,7 @@ def stored_file_problems(root: Path, doc: Mapping[str, Any]) -> list[str]:
     """Every stored file of ``doc`` (store.yaml, parsed) that is missing or differs from its sha256."""
     problems = []
     try:
-        load_filter_bank(root, doc["backbone"]["filter_bank_sha256"])
+        stored_bank(root, doc["backbone"])
     except StoreError as exc:
         problems.append(str(exc))
     expected = doc["decomposition_sha256"]

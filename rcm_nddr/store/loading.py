@@ -15,7 +15,7 @@ from rcm_nddr.nn.deploy import deploy as deploy_form
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.registry import TASKS, RegistryError, discover
 from rcm_nddr.store.format import STORE_FILE, StoreError, TaskRecord, inside
-from rcm_nddr.store.integrity import check_file, load_checked, load_filter_bank, run_probes
+from rcm_nddr.store.integrity import check_file, load_checked, run_probes, stored_bank
 
 #: the records and tensors of tasks about to be registered, by name
 Extra = Mapping[str, tuple[TaskRecord, Mapping[str, Tensor]]]
@@ -76,7 +76,7 @@ def assemble_tasks(
         return extra[name][1] if name in extra else load_checked(root, known[name], known[name].tensors_file)
 
     import_plugins(store_file, [known[n] for n in names], allow_plugins)
-    bank = load_filter_bank(root, doc["backbone"]["filter_bank_sha256"])
+    bank = stored_bank(root, doc["backbone"])
     try:
         model = assemble(doc["backbone"], bank, records, list(names), load)
     except (AssemblyError, RegistryError) as exc:

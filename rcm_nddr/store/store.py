@@ -34,9 +34,10 @@ from rcm_nddr.store.integrity import (
     check_backbone,
     check_file,
     check_same_bank,
+    keeps_bank,
     load_checked,
-    load_filter_bank,
     run_probes,
+    stored_bank,
     stored_file_problems,
 )
 from rcm_nddr.store.registration import check_registration, checked_group, pin_sources, record_from_input
@@ -84,8 +85,9 @@ class ModelStore:
         decomposition_content: bytes | None = None,
     ) -> ModelStore:
         """A new store holding ``filter_bank`` (the bank as the convs use it: rotated by the RI
-        eigenvectors when ``ri``), and the RI decomposition: ``decomposition_content`` (the file's bytes)
-        written, or ``decomposition_file`` copied in, when given.
+        eigenvectors when ``ri``; only its sha256 for plain networks, ``reparam: none``, whose task files
+        hold every weight), and the RI decomposition: ``decomposition_content`` (the file's bytes) written,
+        or ``decomposition_file`` copied in, when given.
 
         ``weights_source`` describes where the bank's weights came from; when it names an existing
         file and ``weights_sha256`` is not given, that file's sha256 is recorded. An existing store is
@@ -106,7 +108,8 @@ class ModelStore:
                     raise StoreError(f"decomposition file {decomposition_file} does not exist")
                 if weights_sha256 is None and Path(weights_source).is_file():
                     weights_sha256 = file_sha256(weights_source)
-                save_tensors(store.path / BANK_FILE, bank)
+                if keeps_bank({"reparam": reparam}):  # plain networks' task files hold every weight
+                    save_tensors(store.path / BANK_FILE, bank)
                 decomposition_sha256 = None
                 if decomposition_content is not None:
                     target = store.path / DECOMPOSITION_FILE
@@ -192,9 +195,10 @@ class ModelStore:
                 return t
         raise StoreError(f"no task '{name}' in {self.store_file}; registered: {[t.name for t in tasks] or 'none'}")
 
-    def filter_bank(self) -> dict[str, Tensor]:
-        """The shared filter bank, checked against its recorded sha256."""
-        return load_filter_bank(self.path, self._index.read()["backbone"]["filter_bank_sha256"])
+    def filter_bank(self) -> dict[str, Tensor] | None:
+        """The shared filter bank, checked against its recorded sha256; None for a store of plain networks
+        (``backbone.reparam: none``), which writes no bank file (only its sha256)."""
+        return stored_bank(self.path, self._index.read()["backbone"])
 
     @property
     def decomposition_path(self) -> Path | None:
