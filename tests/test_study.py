@@ -19,7 +19,7 @@ import yaml
 
 from rcm_nddr.commands import cli
 from rcm_nddr.commands.study import StudyError, expand, load_spec, run_cell, run_order
-from rcm_nddr.commands.study_report import summarize
+from rcm_nddr.commands.study_report import plot_curves, summarize
 from rcm_nddr.files import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +200,21 @@ def test_a_row_per_variant_and_setting_pools_only_the_replicates():
     assert len(summarize(results, "base", [])) == 8
 
 
+def test_validation_curves_are_plotted_per_task(tmp_path):
+    rows = [
+        {"label": "a", "tasks": {"sal": {"primary": "maxF", "higher_is_better": True}}, "curves": {"sal": []}},
+        {
+            "label": "b",
+            "tasks": {"sal": {"primary": "maxF", "higher_is_better": True}},
+            "curves": {"sal": [[10, 50.0, 1.0, 2], [20, 60.0, 0.5, 2]]},
+        },
+    ]
+    assert plot_curves(rows, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows[1]["curves"]["sal"] = rows[1]["curves"]["sal"][:1]  # one point is no curve
+    assert not plot_curves(rows, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
 def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
     spec = load_spec(study)
     results = [json.loads(c.result_file.read_text()) for c in expand(spec)]
@@ -223,6 +238,11 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
     flops = {(r["variant"], r["point"]["train.seed"]): r["inference_flops"]["sal"] for r in results}
     assert flops[("single_task", 0)] > 10**8 and len(set(flops.values())) == 1
     assert rows["RC_RI_NFF"]["inference_gflops_per_task"] == pytest.approx(flops[("single_task", 0)] / 1e9)
+    # the validation curve (TensorBoard events of each cell's run): one validation, at the last iteration,
+    # of the model test.py scored
+    for variant, row in rows.items():
+        ((step, mean, std, n),) = row["curves"]["sal"]
+        assert (step, n) == (2, 2) and mean == pytest.approx(statistics.fmean(maxf[variant]), abs=1e-3)
     table = (spec.out / "study.md").read_text()
     # the bank the cells read, by content: this one has no pretraining recipe
     (bank, sha), *others = {(k, v) for r in results for k, v in r["weights"].items()}

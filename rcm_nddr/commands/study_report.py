@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -225,10 +226,65 @@ def bank_line(path: str, sha256: str) -> str:
     return f"{path} (sha256 {sha256[:12]}; no recipe of this file here)"
 
 
+def validation_curve(cell: Path, task: str, metric: str) -> dict[int, float]:
+    """``{iteration: value}`` of ``task``'s validation ``metric`` in the cell's runs (TensorBoard events of
+    the run that trained the task; a resumed run's repeated iterations keep their last value)."""
+    for run in sorted((cell / "store" / "runs").glob("*")):
+        events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        events.Reload()
+        tag = f"val/{task}/{metric}"
+        if tag in events.Tags().get("scalars", []):
+            return {e.step: e.value for e in events.Scalars(tag)}
+    return {}
+
+
+def add_curves(rows: Sequence[dict[str, Any]], results: Sequence[Mapping[str, Any]], spec: Any) -> None:
+    """Each row's validation curves: per task, ``[iteration, mean, std, n]`` of its primary metric over the
+    row's cells, at the iterations every one of them validated."""
+    for row in rows:
+        cells = [
+            r
+            for r in results
+            if r["variant"] == row["variant"] and setting(r["point"], spec.replicates) == row["setting"]
+        ]
+        row["curves"] = {}
+        for task, summary in row["tasks"].items():
+            runs = [validation_curve(spec.cells_dir / r["cell"], task, summary["primary"]) for r in cells]
+            common = sorted(set.intersection(*(set(c) for c in runs))) if runs and all(runs) else []
+            row["curves"][task] = [[i, *mean_std([c[i] for c in runs]), len(runs)] for i in common]
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """One panel per task: each row's validation curve of the task's primary metric (mean, +- std band);
+    False when no row has a curve."""
+    tasks = list(dict.fromkeys(t for r in rows for t, c in r.get("curves", {}).items() if len(c) > 1))
+    if not tasks:
+        return False
+    fig = Figure(figsize=(3.6 * len(tasks), 3.2))
+    for ax, task in zip(fig.subplots(1, len(tasks), squeeze=False)[0], tasks, strict=True):
+        for r in rows:
+            curve = r.get("curves", {}).get(task) or []
+            if len(curve) < 2:
+                continue
+            steps, means, stds = ([p[k] for p in curve] for k in range(3))
+            ax.plot(steps, means, label=r["label"])
+            low = [m - d for m, d in zip(means, stds, strict=True)]
+            high = [m + d for m, d in zip(means, stds, strict=True)]
+            ax.fill_between(steps, low, high, alpha=0.2)
+        primary = next(r["tasks"][task] for r in rows if task in r["tasks"])
+        ax.set_title(f"{task} {primary['primary']} ({'higher' if primary['higher_is_better'] else 'lower'} better)")
+        ax.set_xlabel("iteration")
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     """Aggregate ``results`` (the finished cells) into ``out``; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, spec.baseline, spec.replicates)
+    add_curves(rows, results, spec)
     table = markdown(rows, spec.baseline) if rows else "(no finished cell)"
     banks = dict.fromkeys((path, sha) for r in results for path, sha in (r.get("weights") or {}).items() if sha)
     if banks:
@@ -237,5 +293,6 @@ def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     atomic_write_text(out / "study.json", json.dumps({"spec": str(spec.path), "rows": rows}, indent=2))
     write_csv(results, out / "cells.csv")
     plot(rows, out / "delta_vs_parameters.png", spec.baseline)
+    plot_curves(rows, out / "validation_curves.png")
     hparams(results, out / "hparams")
     return table
