@@ -179,6 +179,7 @@ INTEGRATION_MODULES = {
     "test_nddr",
     "test_objectives_training",
     "test_plugin_task",
+    "test_precision",
     "test_predict",
     "test_pretrain",
     "test_protocols",

@@ -9,6 +9,7 @@ import pytest
 
 from rcm_nddr.commands import cli
 from rcm_nddr.commands.bench_speed import _quartiles, bench_model
+from rcm_nddr.nn.precision import int8_unsupported
 
 TINY = {"size": (32, 32), "batch": 2, "tasks": 3, "warmup": 1, "repeats": 2}
 
@@ -28,6 +29,17 @@ def test_ratios_are_the_quotients_of_the_measured_medians(report):
         assert len(run["seconds_all"]) == TINY["repeats"] and run["seconds"] > 0
         assert run["images_per_s"] == pytest.approx(TINY["batch"] / run["seconds"])
         assert run["tflops_per_s"] == pytest.approx(run["flops_per_image"] * TINY["batch"] / run["seconds"] / 1e12)
+
+
+def test_the_precisions_are_timed_beside_the_fp32_deploy_form(report):
+    inference, ratios = report["inference"], report["ratios"]
+    names = ["bf16"] + ([] if int8_unsupported() else ["int8"])
+    assert {f"{n}_vs_fp32_infer" for n in names} <= set(ratios)
+    for name in names:
+        run = inference[f"deploy_{name}"]
+        assert ratios[f"{name}_vs_fp32_infer"] == pytest.approx(run["seconds"] / inference["deploy"]["seconds"])
+        assert len(run["seconds_all"]) == TINY["repeats"]
+        assert run["flops_per_image"] == inference["deploy"]["flops_per_image"]  # the same arithmetic
 
 
 def test_ratio_quartiles_are_those_of_the_per_round_quotients(report):
@@ -136,8 +148,9 @@ def test_compiled_bench_times_compiled_networks_and_counts_the_same_flops(record
     args = ["bench", "--size", "32", "32", "--batch", "2", "--tasks", "2", "--warmup", "1", "--repeats", "1"]
     args += ["--head-channels", "32", "--compile", "reduce-overhead", "--json", str(tmp_path / "compiled.json")]
     assert cli.main(args) == 0
-    # deploy, the two plain networks, deploy_batched, the training form; then the two training models
-    assert [c.mode for c in recorded_compile] == ["reduce-overhead"] * 7
+    # deploy, the two plain networks, deploy_batched, the training form, deploy_bf16 (int8 runs eager); then the
+    # two training models
+    assert [c.mode for c in recorded_compile] == ["reduce-overhead"] * 8
     assert all(c.calls >= 2 for c in recorded_compile)  # the warm-up and the timed round
     compiled = json.loads((tmp_path / "compiled.json").read_text())
     assert compiled["setup"]["compile"] == "reduce-overhead" and eager["setup"]["compile"] is None
@@ -147,4 +160,4 @@ def test_compiled_bench_times_compiled_networks_and_counts_the_same_flops(record
             assert run["flops_per_image"] == eager[section][name]["flops_per_image"], name
     with pytest.raises(ValueError, match="compile: expected true, false or one of"):
         bench_model(**TINY, compile="fastest")
-    assert len(recorded_compile) == 7
+    assert len(recorded_compile) == 8

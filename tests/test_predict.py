@@ -259,6 +259,7 @@ class FakeStore:
     """Stands in for ``ModelStore``: its tasks, and ``load_model`` returning a ``FakeModel``."""
 
     loaded: list[tuple[list[str] | None, torch.device]] = []
+    precisions: list[tuple[str, int | None]] = []
 
     def __init__(self, path):
         self.path = Path(path)
@@ -267,8 +268,11 @@ class FakeStore:
     def tasks(self):
         return [SimpleNamespace(name=name) for name in TASK_NAMES]
 
-    def load_model(self, tasks=None, device=None, deploy=False, batched=False, allow_plugins=()):
+    def load_model(
+        self, tasks=None, device=None, deploy=False, batched=False, allow_plugins=(), precision="fp32", calibration=None
+    ):
         FakeStore.loaded.append((tasks, device, deploy, batched))
+        FakeStore.precisions.append((precision, None if calibration is None else len(calibration)))
         return FakeModel(tasks or TASK_NAMES)
 
 
@@ -311,12 +315,33 @@ def test_main_predicts_the_requested_tasks(tmp_path, monkeypatch, caplog):
     assert FakeStore.loaded == [(["edge", "semseg"], CPU, True, False)]  # the deploy form by default
     assert sorted(p.name for p in out.iterdir()) == ["edge", "semseg"]
     assert np.load(out / "semseg" / "x.npy").shape == (5, 7)
-    assert "written to" in caplog.text and "(deploy form)" in caplog.text
+    assert "written to" in caplog.text and "(deploy form, fp32)" in caplog.text
     assert main(parse(argv)) == 0  # default: every task of the store
     assert sorted(p.name for p in out.iterdir()) == sorted(TASK_NAMES)
     assert main(parse([*argv, "--form", "training"])) == 0
     assert main(parse([*argv, "--form", "batched"])) == 0
     assert [entry[2:] for entry in FakeStore.loaded[2:]] == [(False, False), (True, True)]
+
+
+def test_main_passes_the_precision_and_calibration_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict_mod, "ModelStore", FakeStore)
+    monkeypatch.setattr(FakeStore, "precisions", [])
+    image = write_image(tmp_path / "in" / "x.png", (5, 7))
+    for i, size in enumerate([(6, 6), (6, 6), (8, 6)]):
+        write_image(tmp_path / "calibration" / f"c{i}.png", size, seed=i)
+    argv = ["--store", "s", "--images", str(image), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]
+    assert main(parse([*argv, "--precision", "bf16"])) == 0
+    assert main(parse([*argv, "--precision", "int8"])) == 0  # the store's calibration set
+    assert main(parse([*argv, "--precision", "int8", "--calibration", str(tmp_path / "calibration")])) == 0
+    assert FakeStore.precisions == [("bf16", None), ("int8", None), ("int8", 2)]  # two batches of equal size
+    with pytest.raises(PredictError, match="--calibration calibrates int8"):
+        main(parse([*argv, "--calibration", str(tmp_path / "calibration")]))
+    with pytest.raises(PredictError, match="precision of the deploy form"):
+        main(parse([*argv, "--precision", "int8", "--form", "training"]))
+    with pytest.raises(PredictError, match="not a directory"):
+        main(parse([*argv, "--precision", "int8", "--calibration", str(image)]))
+    with pytest.raises(SystemExit):
+        parse([*argv, "--precision", "fp16"])
 
 
 def test_main_refuses_unknown_task_and_missing_cuda(tmp_path, monkeypatch):

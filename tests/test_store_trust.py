@@ -91,13 +91,14 @@ def test_single_byte_flips_of_every_file_are_caught_or_change_nothing(real_store
     """Seeded flips over every file of a three-task store. Each one is either caught (verify reports it
     or refuses the store, and load_model refuses it) or harmless (verify passes and the predictions are
     bit-identical). A flip of ri.safetensors is named by verify and refused by a run that would add a
-    task (``decomposition_path``), while predictions, which never read it, are unchanged."""
+    task (``decomposition_path``), and one of calibration.safetensors by int8 (``calibration_images``),
+    while predictions, which never read them, are unchanged."""
     store = tmp_path / "store"
     shutil.copytree(real_store, store)
     baseline = outputs(store)
     files = ["store.yaml", *sorted(p.relative_to(store).as_posix() for p in store.glob("*.safetensors"))]
     files += sorted(p.relative_to(store).as_posix() for p in store.glob("tasks/*.safetensors"))
-    assert len(files) == 9, files  # store.yaml, bank, decomposition, 3 tasks and their probes
+    assert len(files) == 10, files  # store.yaml, bank, decomposition, calibration set, 3 tasks and their probes
     g = np.random.default_rng(7)
     caught, harmless = {}, {}
     for relative in files:
@@ -121,6 +122,11 @@ def test_single_byte_flips_of_every_file_are_caught_or_change_nothing(real_store
                     assert problems and any("ri.safetensors" in p for p in problems)
                     with pytest.raises(StoreError, match="ri.safetensors"):
                         _ = ModelStore(store).decomposition_path
+                    assert loaded is not None and all(torch.equal(loaded[k], baseline[k]) for k in baseline)
+                elif relative == "calibration.safetensors":  # read by int8 alone, which refuses it
+                    assert problems and any("calibration.safetensors" in p for p in problems)
+                    with pytest.raises(StoreError, match="calibration.safetensors"):
+                        ModelStore(store).calibration_images()
                     assert loaded is not None and all(torch.equal(loaded[k], baseline[k]) for k in baseline)
                 elif problems:
                     assert loaded is None, f"{relative} byte {offset}: verify found {problems}, load_model did not"

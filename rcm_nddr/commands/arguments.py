@@ -144,6 +144,16 @@ def add_compile_argument(parser: argparse.ArgumentParser, what: str) -> None:
 # ----------------------------------------------------------------------------- train.py / test.py
 
 
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="of the deploy form: fp32; bf16 (slower than fp32 on a CPU without bf16 matrix instructions); int8 "
+        "(post-training static quantization, x86 CPUs; docs/precision.md)",
+    )
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_config_arguments(p)
     resume = p.add_mutually_exclusive_group()
@@ -183,6 +193,7 @@ def add_test_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--log-performance", "--log_performance", metavar="CSV", help="append one row per task to this CSV file"
     )
+    add_precision_argument(p)
     add_gpu_id_argument(p)
     add_protocol_argument(p)
     p.add_argument(
@@ -303,6 +314,12 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         default="deploy",
         help="deploy: modulators and BatchNorm folded into the convs; batched: the deploy form with the tasks' "
         "backbone convs grouped; training: the unfolded network as trained (same outputs up to float rounding)",
+    )
+    add_precision_argument(p)
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="int8: calibrate on the image files of DIR (default: the calibration set the store keeps)",
     )
     add_allow_plugins_argument(p)
     add_compile_argument(p, "run the network through torch.compile (the first batch of each image size compiles)")

@@ -6,6 +6,8 @@ of the same architecture, measured in one process, one run, so the ratios compar
   time of T plain single-task networks of the same architecture (BatchNorm folded too) run one after
   the other on the same batch. ``batched_vs_plain_infer``: the same for the batched deploy form (the
   tasks' backbone convs as grouped convs over one stacked tensor, ``deploy(model, batched=True)``).
+- ``bf16_vs_fp32_infer`` and ``int8_vs_fp32_infer``: the T-task deploy form in bf16 and in int8
+  (``rcm_nddr.nn.precision``; int8 on the CPU only) over the same deploy form in fp32.
 - ``rc_vs_plain_train_step``: one training step (forward, loss, backward, SGD step) of an RC + RI +
   NFF task over that of a fully trained plain single-task network; ``rc_vs_plain_train_flops`` is the
   same ratio in counted FLOPs, the floor the time ratio reaches when every FLOP costs the same.
@@ -42,6 +44,7 @@ from rcm_nddr.nn.assembly import build_head
 from rcm_nddr.nn.backbone import ResNetBackbone, TaskBackbones, resnet_backbone
 from rcm_nddr.nn.deploy import deploy
 from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.nn.precision import int8_unsupported, quantize_int8, to_bf16
 from rcm_nddr.nn.rc import RCResNet
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.task import DatasetInfo
@@ -152,6 +155,20 @@ def inference_call(
     return call
 
 
+def precision_forms(model: MultiTaskNet, device: torch.device, calibration: list[torch.Tensor]) -> dict[str, nn.Module]:
+    """``{"deploy_bf16": ..., "deploy_int8": ...}``: a deploy-form ``model`` (on the CPU, left as it is) in
+    bf16 and, on a CPU that runs it, in int8 calibrated on ``calibration`` (``rcm_nddr.nn.precision``); int8
+    is left out on a GPU and where it cannot run (logged)."""
+    forms: dict[str, nn.Module] = {"deploy_bf16": to_bf16(copy.deepcopy(model))}
+    reason = "it runs on the CPU only" if device.type != "cpu" else int8_unsupported()
+    if reason is None:
+        forms["deploy_int8"], report = quantize_int8(model, calibration)
+        log.info("int8: %d units quantized, %d kept in fp32", len(report.int8_units), len(report.fp32_units))
+    else:
+        log.warning("int8 is not measured: %s", reason)
+    return forms
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -232,10 +249,13 @@ def bench_model(
     rc_deploy = deploy(rc.eval())
     rc_batched = deploy(rc, batched=True)
     plain_deploy = {name: deploy(net.eval()) for name, net in plain.items()}
-    for module in (rc, rc_deploy, rc_batched, *plain.values(), *plain_deploy.values()):
-        module.to(dev, memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, *size, generator=gen).to(dev, memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, *size, generator=gen)
+    # the deploy form in bf16 and int8 (calibrated on the benchmark's own random images: random weights)
+    reduced = precision_forms(rc_deploy, dev, [images, torch.randn(batch, 3, *size, generator=gen)])
+    for module in (rc, rc_deploy, rc_batched, *plain.values(), *plain_deploy.values(), reduced["deploy_bf16"]):
+        module.to(dev, memory_format=torch.channels_last)
+    images = images.to(dev, memory_format=torch.channels_last)
     use_amp = amp and dev.type == "cuda"
 
     def timed(module: nn.Module) -> nn.Module:
@@ -260,7 +280,16 @@ def bench_model(
         "plain": infer_plain([timed(net) for net in plain_deploy.values()]),
         "deploy_batched": infer(timed(rc_batched)),
         "training_form": infer(timed(rc)),
+        # the precisions without autocast, against the fp32 deploy form without it (on CUDA with amp: its own run)
+        **{  # (int8 runs eager: its quantized modules are not compiled)
+            name: inference_call(model if name == "deploy_int8" else timed(model), images, False)
+            for name, model in reduced.items()
+        },
     }
+    fp32 = "deploy"
+    if use_amp:
+        fp32 = "deploy_fp32"
+        infer_runs[fp32] = inference_call(timed(rc_deploy), images, False)
     infer_times = _alternate(infer_runs, dev, warmup, repeats)
     # (counted under no_grad: the FLOP counter does not see through weight_norm under inference_mode)
     counted = {"deploy": infer(rc_deploy, torch.no_grad)}
@@ -268,6 +297,8 @@ def bench_model(
     counted["deploy_batched"] = infer(rc_batched, torch.no_grad)
     counted["training_form"] = infer(rc, torch.no_grad)
     infer_flops = {name: _flops(fn) for name, fn in counted.items()}
+    for name in infer_runs:  # the same arithmetic in another precision (quantized ops are not counted)
+        infer_flops.setdefault(name, infer_flops["deploy"])
 
     # training steps of one task: RC + RI + NFF against a fully trained plain network
     first = next(iter(task_objects))
@@ -309,6 +340,7 @@ def bench_model(
         "batched_vs_plain_infer": (infer_times["deploy_batched"], infer_times["plain"]),
         "training_form_vs_plain_infer": (infer_times["training_form"], infer_times["plain"]),
         "rc_vs_plain_train_step": (train_times["rc_ri_nff"], train_times["plain"]),
+        **{f"{name.removeprefix('deploy_')}_vs_fp32_infer": (infer_times[name], infer_times[fp32]) for name in reduced},
     }
     ratios = {name: statistics.median(a) / statistics.median(b) for name, (a, b) in pairs.items()}
     ratios["rc_vs_plain_train_flops"] = train["rc_ri_nff"]["flops_per_image"] / train["plain"]["flops_per_image"]
@@ -335,6 +367,9 @@ def bench_model(
             "single-task network per task, one after the other; deploy_batched = the deploy form with the tasks' "
             "backbone convs run as grouped convs over one stacked tensor; training_form = the RC network unfolded",
             "train_step": "forward, loss, backward, SGD step of one task; plain = every weight trained",
+            "precisions": "deploy_bf16 = the deploy form with bf16 weights and activations; deploy_int8 = the "
+            "deploy form quantized to int8 (FX graph mode, x86 engine, CPU only, eager), calibrated on random "
+            "images; both run without autocast, as does their fp32 reference (deploy, or deploy_fp32 with amp)",
         },
         "inference": inference,
         "train_step": train,

@@ -5,7 +5,9 @@ a PNG visualization (``<out>/<task>/<stem>.png``) and the raw post-processed pre
 By default the store's tasks run in the deploy form (``rcm_nddr.nn.deploy``: modulators and BatchNorm folded
 into the convs, the stem's bank response shared), channels_last, with bf16 autocast on CUDA; ``--form
 training`` runs the unfolded network, ``--form batched`` the deploy form with the tasks' backbone convs
-grouped, and ``--compile`` runs it through ``torch.compile``."""
+grouped, and ``--compile`` runs it through ``torch.compile``. ``--precision bf16|int8`` runs the deploy form
+in reduced precision (``rcm_nddr.nn.precision``; int8 calibrated on ``--calibration DIR`` or the store's
+calibration set)."""
 
 from __future__ import annotations
 
@@ -226,28 +228,43 @@ def _requested_tasks(requested: Sequence[str] | None, available: Sequence[str], 
     return names
 
 
+def calibration_images(folder: str | Path) -> list[Tensor]:
+    """The image files of ``folder`` (``--calibration``) as batches of equal size for int8 calibration."""
+    if not Path(folder).is_dir():
+        raise PredictError(f"--calibration {folder}: not a directory; expected a folder of images")
+    return [torch.stack(tensors) for _, tensors in _batches(collect_images([folder]), 16)]
+
+
 def main(args: argparse.Namespace) -> int:
     """Load the store's model, predict every image and log where the outputs went."""
     images = collect_images(args.images)
     device = _resolve_device(args.device)
     store = ModelStore(args.store)
     requested = _requested_tasks(args.tasks, [t.name for t in store.tasks], store.path)
+    if args.precision != "fp32" and args.form == "training":
+        raise PredictError(f"--precision {args.precision} is a precision of the deploy form: drop --form training")
+    if args.calibration is not None and args.precision != "int8":
+        raise PredictError("--calibration calibrates int8: add --precision int8")
+    calibration = calibration_images(args.calibration) if args.calibration is not None else None
     model = store.load_model(
         tasks=requested,
         device=device,
         deploy=args.form != "training",
         batched=args.form == "batched",
         allow_plugins=args.allow_plugins,
+        precision=args.precision,
+        calibration=calibration,
     )
     model.to(memory_format=torch.channels_last)
     configure_backends(device)
     names = requested if requested is not None else list(model.task_names)
     log.info(
-        "predicting %s for %d image(s) on %s (%s form%s)",
+        "predicting %s for %d image(s) on %s (%s form, %s%s)",
         ", ".join(names),
         len(images),
         device,
         args.form,
+        args.precision,
         ", bf16 autocast" if args.amp and device.type == "cuda" else "",
     )
     start = time.perf_counter()

@@ -98,6 +98,7 @@ def test(args: argparse.Namespace) -> int:
             save_predictions=args.save_predictions,
             baselines=args.baselines,
             form=args.form,
+            precision=args.precision,
         )
     return 0
 

@@ -81,7 +81,7 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """``rcm-nddr bench`` (the model benchmark) and its subcommands ``decomp`` and ``scaling``."""
+    """``rcm-nddr bench`` (the model benchmark) and its subcommands ``decomp``, ``scaling`` and ``precision``."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the networks run")
     parser.add_argument("--size", type=positive_int, nargs=2, default=[256, 256], metavar=("H", "W"), help="image size")
     parser.add_argument("--batch", type=positive_int, default=4, help="images per batch")
@@ -120,6 +120,20 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--json", help="also write the report (setup, machine, rows per T, fits) to this JSON file")
     s.add_argument("--plot", help="also draw time and parameters against T into this PNG (default: no plot)")
     s.set_defaults(handler="rcm_nddr.commands.bench_scaling:main")
+
+    p = command_parser(sub, "precision", "accuracy of every task of a store in fp32, bf16 and int8 (deploy form, CPU)")
+    p.add_argument(
+        "--store", required=True, help="model store whose tasks are evaluated (e.g. results/demo/incremental)"
+    )
+    p.add_argument("--root", help="the dataset's root folder (default: the one the store's first task was trained on)")
+    p.add_argument("--split", help="split to evaluate (default: the dataset's val split)")
+    p.add_argument(
+        "--precisions", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16", "int8"], help="precisions"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.set_defaults(handler="rcm_nddr.commands.bench_precision:main")
 
 
 # ----------------------------------------------------------------------------- rcm-nddr docker

@@ -18,8 +18,10 @@ from rcm_nddr.errors import UserError
 from rcm_nddr.nn.assembly import probe_input, probe_outputs
 from rcm_nddr.nn.deploy import deploy
 from rcm_nddr.nn.multitask import MultiTaskNet
-from rcm_nddr.store import ModelStore, TaskRecord
+from rcm_nddr.nn.precision import precision_of
+from rcm_nddr.store import ModelStore, StoreError, TaskRecord
 from rcm_nddr.store.integrity import compare_probe
+from rcm_nddr.store.loading import calibration_batches, reduce_precision
 from rcm_nddr.task import Task
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Evaluated:
     which: str
     iteration: int | None
     group: int | None = None
+    precision: str = "fp32"
 
 
 def registered_group(cfg: Config) -> list[TaskRecord] | None:
@@ -69,32 +72,41 @@ def recorded_checkpoint(record: TaskRecord) -> tuple[str | None, int | None]:
     return (match.group(1), int(match.group(2))) if match else (None, None)
 
 
-def evaluated_network(cfg: Config, tasks: dict[str, Task], which: str, explicit: bool, form: str) -> Evaluated:
+def evaluated_network(
+    cfg: Config, tasks: dict[str, Task], which: str, explicit: bool, form: str, precision: str = "fp32"
+) -> Evaluated:
     """The network of the config's group that ``test.py`` evaluates, on the CPU, in eval mode.
 
     Its weights: the store's tasks when the store registers the group from the ``which`` checkpoint and
     ``explicit`` is false (the run may have kept no checkpoint); else the run's ``which`` checkpoint
     (``explicit``: ``--checkpoint`` was given). ``form``: ``deploy`` (``rcm_nddr.nn.deploy``), checked on the
     probe input against the recorded outputs (store) or the training form (checkpoint); ``training``: the
-    network as trained."""
+    network as trained. ``precision`` (of the deploy form, ``rcm_nddr.nn.precision``): its probe check holds
+    it to the precision's tolerance; int8 is calibrated on the store's calibration set."""
     if form not in FORMS:
         raise ConfigError(f"form {form!r}: expected one of {', '.join(FORMS)}")
+    precision = precision_of(precision)
+    if precision != "fp32" and form != "deploy":
+        raise ConfigError(f"precision {precision}: a precision of the deploy form, not of the {form} form")
     paths = RunPaths.of(cfg)
     ckpt_path = paths.best if which == "best" else paths.last
     records = None if explicit else registered_group(cfg)
     recorded = recorded_checkpoint(records[0]) if records else (None, None)
     if records and recorded[0] == which:
         store = ModelStore(cfg.store)
-        model = store.load_model(tasks=list(cfg.tasks), deploy=form == "deploy", allow_plugins=cfg.plugins)
+        model = store.load_model(
+            tasks=list(cfg.tasks), deploy=form == "deploy", allow_plugins=cfg.plugins, precision=precision
+        )
         log.info(
-            "evaluating group %d of %s (%s checkpoint, iteration %s) in the %s form",
+            "evaluating group %d of %s (%s checkpoint, iteration %s) in the %s form, %s",
             records[0].group,
             store.path,
             which,
             recorded[1],
             form,
+            precision,
         )
-        return Evaluated(model, form, str(store.path), which, recorded[1], records[0].group)
+        return Evaluated(model, form, str(store.path), which, recorded[1], records[0].group, precision)
     if not ckpt_path.is_file():
         if records:
             raise FileNotFoundError(
@@ -117,23 +129,37 @@ def evaluated_network(cfg: Config, tasks: dict[str, Task], which: str, explicit:
     model.requires_grad_(False)
     model.eval()
     if form == "deploy":
-        model = checked_deploy(model, str(ckpt_path))
-    log.info("evaluating %s (iteration %d) in the %s form", ckpt_path, state["iteration"], form)
-    return Evaluated(model, form, str(ckpt_path), which, state["iteration"])
+        model = checked_deploy(model, str(ckpt_path), precision, store)
+    log.info("evaluating %s (iteration %d) in the %s form, %s", ckpt_path, state["iteration"], form, precision)
+    return Evaluated(model, form, str(ckpt_path), which, state["iteration"], None, precision)
 
 
-def checked_deploy(model: MultiTaskNet, what: str) -> MultiTaskNet:
-    """The deploy form of ``model``, which must reproduce its outputs on the probe input (the tolerance of
-    the store's probe check), else DeployCheckError naming the tasks that differ."""
+def checked_deploy(
+    model: MultiTaskNet, what: str, precision: str = "fp32", store: ModelStore | None = None
+) -> MultiTaskNet:
+    """The deploy form of ``model`` in ``precision`` (int8 calibrated on ``store``'s calibration set), which
+    must reproduce its outputs on the probe input (within the tolerances of the store's probe check), else
+    DeployCheckError naming the tasks that differ."""
     folded = deploy(model)
     images = probe_input()
     expected = probe_outputs(model, list(model.task_names), images)
-    actual = probe_outputs(folded, list(model.task_names), images)
-    problems = [compare_probe(actual[n], expected[n], n, Path(what)) for n in model.task_names]
-    problems = [p for p in problems if p]
-    if problems:
-        raise DeployCheckError(
-            f"the deploy form of {what} does not reproduce its training form: {'; '.join(problems)} "
-            "(evaluate it with --form training)"
-        )
-    return folded
+    reduced = reduce_precision(folded, precision, None if store is None else lambda: _store_calibration(store))
+    for form, tested, tolerance in (("deploy form", folded, "fp32"), (f"{precision} deploy form", reduced, precision)):
+        actual = probe_outputs(tested, list(model.task_names), images)
+        problems = [compare_probe(actual[n], expected[n], n, Path(what), tolerance) for n in model.task_names]
+        problems = [p for p in problems if p]
+        if problems:
+            raise DeployCheckError(
+                f"the {form} of {what} does not reproduce its training form: {'; '.join(problems)} "
+                f"(evaluate it with {'--form training' if tolerance == 'fp32' else '--precision fp32'})"
+            )
+        if reduced is folded:
+            break
+    return reduced
+
+
+def _store_calibration(store: ModelStore) -> list:
+    images = store.calibration_images() if store.exists else None
+    if images is None:
+        raise StoreError(f"int8 needs the calibration set of the store {store.path}, which keeps none")
+    return calibration_batches(images)

@@ -81,6 +81,14 @@ class RunPaths:
         return self.run / "registered.json"
 
 
+def finish_run(paths: RunPaths, records: list[TaskRecord], keep_checkpoints: bool) -> None:
+    """Once the run registered its group (``records``): record what it registered and, unless
+    ``keep_checkpoints``, remove its checkpoints."""
+    write_registration(paths, records)
+    if not keep_checkpoints:
+        remove_checkpoints(paths)
+
+
 def write_registration(paths: RunPaths, records: list[TaskRecord]) -> None:
     """Record in the run directory the sha256 of the tensors file of each task the run registered."""
     registered = {r.name: r.files[r.tensors_file] for r in records}

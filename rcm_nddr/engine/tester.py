@@ -57,6 +57,7 @@ def run_test(
     save_predictions: str | Path | None = None,
     baselines: str | Path | None = None,
     form: str = "deploy",
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Evaluate the config's task group; write ``test_metrics.json`` in the run directory and append one
     CSV row per task to ``log_performance`` (header when the file is new).
@@ -64,7 +65,8 @@ def run_test(
     What is evaluated (``rcm_nddr.engine.evaluated``): the group as the store registers it, which is what
     ``rcm-nddr predict`` runs, when it was registered from the ``test.checkpoint`` checkpoint; else, or
     when ``checkpoint`` (best or last) is given, the run's checkpoint. ``form``: ``deploy`` (default: the
-    inference form, checked on the probe input) or ``training`` (the network as trained).
+    inference form, checked on the probe input) or ``training`` (the network as trained). ``precision``:
+    of the deploy form (fp32, bf16 or int8; ``rcm_nddr.nn.precision``), checked within its tolerance.
 
     ``save_predictions``: also write every prediction to ``<dir>/<task>/<sample id>.png|.npy`` (the
     layout ``rcm-nddr evaluate`` reads). ``baselines`` (default ``test.baselines``): a model store or a
@@ -89,7 +91,9 @@ def run_test(
         check_same_evaluation(scored, baseline_evaluation, tasks, str(baselines))
     ctx = distributed.context()
     device = distributed.process_device(cfg.train.device, ctx) or resolve_device(cfg.train.device)
-    tested = evaluated_network(cfg, tasks, which, explicit=checkpoint is not None, form=form)
+    if precision == "int8" and device.type != "cpu":
+        raise ConfigError(f"--precision int8 runs on the CPU (x86), not on {device}: use bf16 on a GPU")
+    tested = evaluated_network(cfg, tasks, which, explicit=checkpoint is not None, form=form, precision=precision)
     # channels_last: NHWC convolutions are ~25% faster on CPU and the fast layout on GPUs too.
     model = tested.model.to(device, memory_format=torch.channels_last)
     configure_backends(device)
@@ -106,6 +110,7 @@ def run_test(
         "group": cfg.group_name,
         "split": split,
         "form": tested.form,
+        "precision": tested.precision,
         "source": tested.source,
         "checkpoint": which,
         "iteration": tested.iteration,

@@ -18,6 +18,7 @@ from rcm_nddr.config import Config
 from rcm_nddr.engine import distributed
 from rcm_nddr.engine.board import Board
 from rcm_nddr.engine.builders import config_spec
+from rcm_nddr.engine.calibration import keep_calibration_set
 from rcm_nddr.engine.checkpoint import (
     CheckpointError,
     cause,
@@ -31,15 +32,7 @@ from rcm_nddr.engine.checkpoint import (
 )
 from rcm_nddr.engine.evaluate import autocast, delta_mtl, eval_loader, evaluate, evaluation_record, to_json
 from rcm_nddr.engine.fast import DevicePrefetcher, LossWindow, configure_backends, maybe_compile
-from rcm_nddr.engine.run import (
-    RunExistsError,
-    RunPaths,
-    TrainingRun,
-    build_run,
-    read_registration,
-    remove_checkpoints,
-    write_registration,
-)
+from rcm_nddr.engine.run import RunExistsError, RunPaths, TrainingRun, build_run, finish_run, read_registration
 from rcm_nddr.engine.sampler import ResumableSampler
 from rcm_nddr.engine.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
 from rcm_nddr.errors import UserError
@@ -451,9 +444,7 @@ class Trainer:
             return []
         try:
             records = self._register()
-            write_registration(self.paths, records)
-            if not self.cfg.train.keep_checkpoints:
-                remove_checkpoints(self.paths)
+            finish_run(self.paths, records, self.cfg.train.keep_checkpoints)
             return records
         finally:
             distributed.barrier()
@@ -494,7 +485,9 @@ class Trainer:
             )
         store = self.setup.store
         probes = store.compute_probes(records, tensors)
-        return store.register_group(records, tensors, probes, replace=self.setup.replace)  # the store logs it
+        registered = store.register_group(records, tensors, probes, replace=self.setup.replace)  # the store logs it
+        keep_calibration_set(self.cfg, store, self.train_set)  # int8's calibration crops, once per store
+        return registered
 
     def _auto_record(self, name: str) -> dict[str, Any]:
         return {"sources_auto": self.plan.auto[name]} if name in self.plan.auto else {}

@@ -27,6 +27,8 @@ PENDING_FILE = "store.yaml.pending"
 STAGED_SUFFIX = ".staged"
 BANK_FILE = "filter_bank.safetensors"
 DECOMPOSITION_FILE = "ri.safetensors"
+#: the int8 calibration set: training crops as uint8 RGB, N x 3 x H x W (tensor ``images``)
+CALIBRATION_FILE = "calibration.safetensors"
 TASKS_DIR = "tasks"
 #: task names become file names: no path separators, and no dot (``x.probe`` would collide with the
 #: probe of task ``x``)
@@ -230,6 +232,12 @@ def parse_store(doc: Any, path: Path, legacy: bool = False) -> dict[str, Any]:
     expect(backbone, "source_bank_sha256", str, where, optional=True)
     expect(backbone, "filter_bank_sha256", str, where)
     expect(doc, "decomposition_sha256", str, str(path), optional=True)
+    calibration = expect(doc, "calibration", dict, str(path), optional=True)
+    if calibration is not None:
+        where = f"{path}: calibration"
+        if not SHA256.match(str(expect(calibration, "sha256", str, where))):
+            raise StoreError(f"{where}: key 'sha256' must be 64 hexadecimal digits")
+        expect(calibration, "images", int, where)
     tasks_doc = expect(doc, "tasks", list, str(path))
     tasks = [parse_task(t, f"{path}: tasks[{i}]", legacy) for i, t in enumerate(tasks_doc)]
     names = [t.name for t in tasks]
@@ -246,12 +254,15 @@ def parse_store(doc: Any, path: Path, legacy: bool = False) -> dict[str, Any]:
                     f"{path}: task '{t.name}' was trained against '{source}' with sha256 {pin}, but the store "
                     f"holds '{source}' with sha256 {held.files[held.tensors_file]}"
                 )
-    return {
+    parsed = {
         "schema_version": SCHEMA_VERSION,
         "backbone": dict(backbone),
         "decomposition_sha256": doc.get("decomposition_sha256"),
         "tasks": tasks,
     }
+    if calibration is not None:  # (a store written before calibration sets has no key)
+        parsed["calibration"] = dict(calibration)
+    return parsed
 
 
 # ----------------------------------------------------------------------------- tensor files

@@ -18,6 +18,7 @@ from rcm_nddr.nn.filter_bank import filter_bank_sha256
 from rcm_nddr.nn.multitask import MultiTaskNet
 from rcm_nddr.store.format import (
     BANK_FILE,
+    CALIBRATION_FILE,
     DECOMPOSITION_FILE,
     STORE_FILE,
     StoreError,
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 #: relative tolerance of ``verify``'s probe check for outputs that are not bit-identical (another CPU or
 #: BLAS may round differently); any change to a stored file is caught by its sha256 first
 PROBE_RTOL = 1e-4
+#: the probe check of a reduced-precision deploy form (``load_model(precision=...)``): the relative L2 error
+#: of each task's raw outputs on its probe input against the recorded (fp32) ones
+PRECISION_RTOL = {"bf16": 0.03, "int8": 0.2}
 
 
 def check_file(root: Path, path: Path, expected: str) -> None:
@@ -87,6 +91,8 @@ def stored_file_problems(root: Path, doc: Mapping[str, Any]) -> list[str]:
     expected = doc["decomposition_sha256"]
     if expected is not None:
         problems += _file_problems(root, root / DECOMPOSITION_FILE, expected)
+    if doc.get("calibration") is not None:
+        problems += _file_problems(root, root / CALIBRATION_FILE, doc["calibration"]["sha256"])
     for record in doc["tasks"]:
         for relative, sha in record.files.items():
             problems += _file_problems(root, inside(root, relative), sha)
@@ -139,9 +145,9 @@ def check_same_bank(b: Mapping[str, Any], root: Path, bank: Mapping[str, Tensor]
         )
 
 
-def run_probes(root: Path, model: MultiTaskNet, records: Sequence[TaskRecord]) -> list[str]:
+def run_probes(root: Path, model: MultiTaskNet, records: Sequence[TaskRecord], precision: str = "fp32") -> list[str]:
     """Run each of ``records``' tasks in ``model`` on its recorded probe input (sha256-checked, in the
-    store ``root``); what differs from the recorded outputs."""
+    store ``root``); what differs from the recorded outputs (beyond ``precision``'s tolerance)."""
     problems = []
     for record in records:
         probe = load_checked(root, record, record.probe_file)
@@ -149,17 +155,27 @@ def run_probes(root: Path, model: MultiTaskNet, records: Sequence[TaskRecord]) -
             problems.append(f"{root / record.probe_file}: expected tensors 'input' and 'output', got {sorted(probe)}")
             continue
         output = probe_outputs(model, [record.name], probe["input"])[record.name]
-        problem = compare_probe(output, probe["output"], record.name, root / record.probe_file)
+        problem = compare_probe(output, probe["output"], record.name, root / record.probe_file, precision)
         if problem:
             problems.append(problem)
     return problems
 
 
-def compare_probe(output: Tensor, recorded: Tensor, name: str, path: Path) -> str | None:
-    """None when ``output`` equals the recorded probe output (bit for bit, or within rounding)."""
+def compare_probe(output: Tensor, recorded: Tensor, name: str, path: Path, precision: str = "fp32") -> str | None:
+    """None when ``output`` equals the recorded probe output (bit for bit, or within rounding; for a reduced
+    ``precision``, within its relative L2 tolerance ``PRECISION_RTOL``)."""
     if output.shape != recorded.shape:
         shapes = f"{tuple(output.shape)} on its probe, {path} records {tuple(recorded.shape)}"
         return f"task '{name}': outputs of shape {shapes}"
+    if precision != "fp32":
+        error = (output.float() - recorded).norm().item() / max(recorded.norm().item(), 1e-12)
+        if error <= PRECISION_RTOL[precision]:
+            log.info("task '%s': %s probe outputs within %.3g of %s (relative L2)", name, precision, error, path)
+            return None
+        return (
+            f"task '{name}': its {precision} outputs on the probe input differ from {path} by {error:.3g} "
+            f"(relative L2; the {precision} tolerance is {PRECISION_RTOL[precision]})"
+        )
     if torch.equal(output, recorded):
         return None
     diff = (output - recorded).abs().max().item()

@@ -14,9 +14,11 @@ from torch import Tensor
 from rcm_nddr.files import atomic_write, file_sha256
 from rcm_nddr.nn.filter_bank import filter_bank_sha256
 from rcm_nddr.nn.multitask import MultiTaskNet
+from rcm_nddr.nn.precision import PrecisionError, precision_of
 from rcm_nddr.store import loading
 from rcm_nddr.store.format import (
     BANK_FILE,
+    CALIBRATION_FILE,
     DECOMPOSITION_FILE,
     SCHEMA_VERSION,
     STAGED_SUFFIX,
@@ -26,6 +28,7 @@ from rcm_nddr.store.format import (
     copy_file,
     cpu_tensors,
     inside,
+    load_tensors,
     new_store_doc,
     save_tensors,
 )
@@ -215,6 +218,38 @@ class ModelStore:
         record = self.task(name)
         return load_checked(self.path, record, record.tensors_file)
 
+    def calibration_images(self) -> Tensor | None:
+        """The store's int8 calibration set (uint8 RGB, N x 3 x H x W), sha256-checked; None when it keeps
+        none (a store registered before calibration sets were kept)."""
+        with self._index.locked(shared=True):
+            recorded = self._index.read().get("calibration")
+            if recorded is None:
+                return None
+            check_file(self.path, self.path / CALIBRATION_FILE, recorded["sha256"])
+            tensors = load_tensors(self.path / CALIBRATION_FILE)
+        if "images" not in tensors:
+            raise StoreError(f"{self.path / CALIBRATION_FILE}: expected a tensor 'images', got {sorted(tensors)}")
+        return tensors["images"]
+
+    def add_calibration(self, images: Tensor, source: str) -> bool:
+        """Keep ``images`` (uint8 RGB, N x 3 x H x W: training crops) as the store's int8 calibration set,
+        with the sha256 of its file and ``source`` (where the crops came from) in store.yaml. Written once:
+        False, writing nothing, when the store keeps one already."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
+            raise StoreError(
+                f"a calibration set is uint8 N x 3 x H x W with N > 0, got {images.dtype} {tuple(images.shape)}"
+            )
+        with self._index.locked():
+            doc = self._index.read()
+            if doc.get("calibration") is not None:
+                return False
+            sha = save_tensors(self.path / CALIBRATION_FILE, {"images": images.detach().cpu().contiguous()})
+            size = [int(images.shape[2]), int(images.shape[3])]
+            doc["calibration"] = {"sha256": sha, "images": int(len(images)), "size": size, "source": source}
+            self._index.write(doc)
+        log.info("calibration set of %d images (%dx%d) kept in %s", len(images), *size, self.path)
+        return True
+
     def load_probe(self, name: str) -> dict[str, Tensor]:
         """The task's recorded outputs on the fixed probe input, sha256-checked."""
         record = self.task(name)
@@ -230,6 +265,8 @@ class ModelStore:
         batched: bool = False,
         check_deploy: bool = True,
         allow_plugins: Sequence[str] = (),
+        precision: str = "fp32",
+        calibration: Tensor | Sequence[Tensor] | None = None,
     ) -> MultiTaskNet:
         """A MultiTaskNet computing ``tasks`` (default: every task, in store order): called on a batch of
         ImageNet-normalized images it returns ``{task: prediction}`` post-processed at input resolution
@@ -253,12 +290,46 @@ class ModelStore:
 
         ``allow_plugins``: the plug-ins (module names or ``.py`` paths) that store records name and that
         may be imported to define their task types. A store runs no code of its own accord: a type that
-        is not built in, installed or already imported needs its plug-in listed here, else StoreError."""
+        is not built in, installed or already imported needs its plug-in listed here, else StoreError.
+
+        ``precision`` (only with ``deploy=True``; ``rcm_nddr.nn.precision``): ``fp32``; ``bf16`` (weights and
+        activations in bfloat16; on a CPU without bf16 matrix instructions it runs slower than fp32, which
+        is logged); ``int8`` (post-training static quantization with PyTorch's FX graph mode on the x86
+        engine, CPU only, not batched), calibrated on ``calibration`` (ImageNet-normalized float images:
+        one N x 3 x H x W tensor or a sequence of batches) or by default on the calibration set the store
+        keeps (training crops recorded at registration); on a machine whose PyTorch or CPU cannot run int8
+        it logs why and stays fp32. With ``check_deploy`` the reduced-precision form must reproduce each
+        task's recorded probe outputs within the precision's tolerance (``PRECISION_RTOL``), else
+        StoreError naming the tasks."""
+        precision = precision_of(precision)
         if batched and not deploy:
             raise ValueError("load_model(batched=True) batches the deploy form: pass deploy=True as well")
+        if precision != "fp32" and not deploy:
+            raise ValueError(f"load_model(precision={precision!r}) applies to the deploy form: pass deploy=True")
+        if precision == "int8" and batched:
+            raise PrecisionError("int8 quantizes the deploy form that runs the tasks one by one, not the batched one")
+        if precision == "int8" and loading.on_device_type(device) != "cpu":
+            raise PrecisionError(f"int8 runs on the CPU (x86), not on {device}: use bf16 on a GPU")
+
+        def batches() -> list[Tensor]:
+            if calibration is None:
+                images = self.calibration_images()
+                if images is None:
+                    raise StoreError(
+                        f"{self.store_file} keeps no calibration set (it was registered before calibration sets "
+                        "were kept): give int8 calibration images (rcm-nddr predict --calibration DIR; Python: "
+                        "load_model(calibration=...))"
+                    )
+                return loading.calibration_batches(images)
+            if isinstance(calibration, Tensor):
+                return list(calibration.split(loading.CALIBRATION_BATCH))
+            return list(calibration)
+
         with self._index.locked(shared=True):
             doc = self._index.read()
-            model = loading.load_model(self.path, doc, tasks, deploy, batched, check_deploy, allow_plugins)
+            model = loading.load_model(
+                self.path, doc, tasks, deploy, batched, check_deploy, allow_plugins, precision, batches
+            )
         return loading.on_device(model, device)
 
     def compute_probes(
