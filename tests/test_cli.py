@@ -78,6 +78,9 @@ def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.startswith("| task | reads | metric | trivial | single_task | RC_RI_NFF | RC_RI_NFF_NDDR")
     assert f"{summary['delta_mtl']['RC_RI_NFF_NDDR']:+.2f}%" in table
+    # the table says which bank the numbers come from: the quick one it pretrained, by its recipe
+    assert summary["bank"]["iterations"] == 1 and summary["bank"]["dataset"]["root"] == str(tmp_path / "SYNTH_MT")
+    assert f"filter bank: {bank} (1 iterations of semseg+depth+normals, batch 8, on {tmp_path / 'SYNTH_MT'}" in table
     assert (tmp_path / "demo" / "demo_results.md").read_text().strip() == table.strip()
     assert json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"] == rows
     # a second run starts its stores afresh and reuses the bank (on the sequence's last step alone)
