@@ -209,7 +209,8 @@ def test_option_parsing():
 
 @pytest.fixture(scope="module")
 def trained(module_tmp):
-    """A 2-iteration run of five tasks on a 40 x 44 SYNTH_MT, validated on 48 x 48 padded images."""
+    """A 2-iteration run of five tasks on a 40 x 44 SYNTH_MT, validated on 48 x 48 padded images, its
+    checkpoints kept."""
     root = module_tmp
     data = generate(root / "SYNTH_MT", 4, 3, size=(40, 44), seed=3, progress=False)
     overrides = tiny_run(
@@ -220,6 +221,7 @@ def trained(module_tmp):
         "train.max_iters=2",
         "train.val_every=2",
         "test.batch_size=2",
+        "train.keep_checkpoints=true",  # the tests evaluate the run's checkpoints
     )
     cfg = load_config(None, overrides)
     Trainer(cfg, progress=False).run()

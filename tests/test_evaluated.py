@@ -54,6 +54,11 @@ def test_by_default_the_store_registration_is_evaluated_in_the_deploy_form(train
     from_checkpoint = run_test(cfg, checkpoint="last", progress=False, form="training")
     assert from_checkpoint == validated
     assert metrics_file(store, "normals")["source"].endswith("checkpoints/normals/last.pt")
+    # a checkpoint's deploy form in reduced precision (int8 on the store's calibration set), checked likewise
+    for precision in ("bf16", "int8"):
+        reduced = run_test(cfg, checkpoint="last", progress=False, precision=precision)
+        assert reduced["normals"]["mean"] == pytest.approx(validated["normals"]["mean"], rel=0.05)
+        assert metrics_file(store, "normals")["precision"] == precision
 
 
 def test_the_deploy_form_is_checked_on_the_probes(trained, synth, bank, monkeypatch):

@@ -90,9 +90,9 @@ def evaluated_network(
         raise ConfigError(f"precision {precision}: a precision of the deploy form, not of the {form} form")
     paths = RunPaths.of(cfg)
     ckpt_path = paths.best if which == "best" else paths.last
-    records = None if explicit else registered_group(cfg)
+    records = registered_group(cfg)
     recorded = recorded_checkpoint(records[0]) if records else (None, None)
-    if records and recorded[0] == which:
+    if records and recorded[0] == which and not explicit:
         store = ModelStore(cfg.store)
         model = store.load_model(
             tasks=list(cfg.tasks), deploy=form == "deploy", allow_plugins=cfg.plugins, precision=precision
@@ -112,7 +112,7 @@ def evaluated_network(
             raise FileNotFoundError(
                 f"the store {cfg.store} registers group {cfg.group_name!r} from its {recorded[0]} checkpoint, and "
                 f"the run kept no {which} checkpoint at {ckpt_path} (train.keep_checkpoints): evaluate the "
-                f"registered one (test.checkpoint: {recorded[0]})"
+                f"registered one (test.checkpoint: {recorded[0]}, without --checkpoint)"
             )
         raise FileNotFoundError(
             f"no {which} checkpoint at {ckpt_path} and the store {cfg.store} does not register group "
@@ -143,18 +143,21 @@ def checked_deploy(
     folded = deploy(model)
     images = probe_input()
     expected = probe_outputs(model, list(model.task_names), images)
-    reduced = reduce_precision(folded, precision, None if store is None else lambda: _store_calibration(store))
-    for form, tested, tolerance in (("deploy form", folded, "fp32"), (f"{precision} deploy form", reduced, precision)):
+
+    def check(tested: MultiTaskNet, form: str, tolerance: str, remedy: str) -> None:
         actual = probe_outputs(tested, list(model.task_names), images)
         problems = [compare_probe(actual[n], expected[n], n, Path(what), tolerance) for n in model.task_names]
         problems = [p for p in problems if p]
         if problems:
             raise DeployCheckError(
                 f"the {form} of {what} does not reproduce its training form: {'; '.join(problems)} "
-                f"(evaluate it with {'--form training' if tolerance == 'fp32' else '--precision fp32'})"
+                f"(evaluate it with {remedy})"
             )
-        if reduced is folded:
-            break
+
+    check(folded, "deploy form", "fp32", "--form training")
+    reduced = reduce_precision(folded, precision, None if store is None else lambda: _store_calibration(store))
+    if reduced is not folded:
+        check(reduced, f"{precision} deploy form", precision, "--precision fp32")
     return reduced
 
 
