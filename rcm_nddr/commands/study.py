@@ -1,12 +1,13 @@
 """``rcm-nddr study``: many runs as one experiment. A study spec (YAML) names variants (a config, or a
 sequence of configs trained into one store), the tasks that fill a config's ``{task}``, a grid of
 overrides crossed with them (e.g. seeds) and the baseline variant of Delta_MTL. Every cell (variant x
-task x grid point) trains and tests in its own store under ``<out>/cells/``, named by a hash of its
-resolved configs and of the content of their ``backbone.weights``, so running the study again skips
-finished cells and resumes interrupted ones. Cells run in local worker processes (one GPU each when there
-are several) or as submitit jobs (SLURM, or its local executor); a failed cell is reported with its log
-and never stops the others. The results are aggregated by ``rcm_nddr.commands.study_report``: one row per
-variant and setting (the grid point less its replicate keys, the seeds)."""
+task x grid point) trains and tests in its own store in the cells folder (``<out>/cells/`` unless the
+spec names one), named by a hash of its resolved configs and of the content of their
+``backbone.weights``, so running the study again skips finished cells and resumes interrupted ones.
+Cells run in local worker processes (one GPU each when there are several) or as submitit jobs (SLURM,
+or its local executor); a failed cell is reported with its log and never stops the others. The results
+are aggregated by ``rcm_nddr.commands.study_report``: one row per variant and setting (the grid point
+less its replicate keys, the seeds)."""
 
 from __future__ import annotations
 
