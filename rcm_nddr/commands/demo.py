@@ -161,14 +161,15 @@ def run_demo(
         for r in rows_list:
             r[f"delta_{variant}"] = _delta([r], variant)
         overall[variant] = _delta(rows_list, variant)
+    recipe = read_recipe(bank)
     summary = {
         "rows": rows_list,
         "delta_mtl": overall,
         "steps": step_log,
-        "bank": read_recipe(bank),
+        "bank": recipe,
         "seconds": round(time.monotonic() - start),
     }
-    table = format_table(rows_list, overall, max_iters, describe_bank(bank))
+    table = format_table(rows_list, overall, max_iters, describe_bank(bank, recipe))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo_results.json", to_json(summary, indent=2))
     atomic_write_text(out / "demo_results.md", table + "\n")

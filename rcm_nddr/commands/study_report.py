@@ -222,7 +222,7 @@ def bank_line(path: str, sha256: str) -> str:
     they read (sha256), else only its sha256."""
     recipe = read_recipe(path)
     if recipe is not None and recipe["sha256"] == sha256:
-        return describe_bank(path)
+        return describe_bank(path, recipe)
     return f"{path} (sha256 {sha256[:12]}; no recipe of this file here)"
 
 

@@ -99,9 +99,10 @@ def read_recipe(bank: str | Path) -> dict[str, Any] | None:
     return recipe
 
 
-def describe_bank(bank: str | Path) -> str:
-    """One line on a bank's recipe for logs: its iterations, tasks and data, or that it has none."""
-    recipe = read_recipe(bank)
+def describe_bank(bank: str | Path, recipe: dict[str, Any] | None = None) -> str:
+    """One line on a bank's recipe for logs: its iterations, tasks and data, or that it has none. ``recipe``:
+    the bank's ``read_recipe`` when the caller has it (read here otherwise)."""
+    recipe = recipe if recipe is not None else read_recipe(bank)
     if recipe is None:
         return f"{bank} (no recipe file {recipe_path(bank).name} for this file: how it was made is unknown)"
     d = recipe.get("dataset", {})
