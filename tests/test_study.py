@@ -160,6 +160,7 @@ def test_studies_naming_one_cells_folder_share_their_cells_under_a_lock(tmp_path
 
 def fake_result(variant: str, point: dict, value: float) -> dict:
     return {
+        "cell": f"{variant}__{json.dumps(point, sort_keys=True)}",
         "variant": variant,
         "point": point,
         "metrics": {"sal": {"maxF": value}},

@@ -113,6 +113,7 @@ def summarize(
                 "setting": values,
                 "label": label(variant, values),
                 "cells": len(cells),
+                "cell_names": [r["cell"] for r in cells],
                 "tasks": tasks,
                 "delta_mtl": {"mean": mean_std(d)[0], "std": mean_std(d)[1], "n": len(d), "values": d} if d else None,
                 "trainable_parameters_per_task": statistics.fmean(t["trainable_parameters"] for t in tasks.values()),
@@ -226,30 +227,27 @@ def bank_line(path: str, sha256: str) -> str:
     return f"{path} (sha256 {sha256[:12]}; no recipe of this file here)"
 
 
-def validation_curve(cell: Path, task: str, metric: str) -> dict[int, float]:
-    """``{iteration: value}`` of ``task``'s validation ``metric`` in the cell's runs (TensorBoard events of
-    the run that trained the task; a resumed run's repeated iterations keep their last value)."""
+def validation_scalars(cell: Path) -> dict[str, dict[int, float]]:
+    """Every ``val/...`` scalar of the cell's runs as ``{tag: {iteration: value}}``, each run's TensorBoard
+    events read once (a resumed run's repeated iterations keep their last value)."""
+    scalars: dict[str, dict[int, float]] = {}
     for run in sorted((cell / "store" / "runs").glob("*")):
         events = EventAccumulator(str(run), size_guidance={"scalars": 0})
         events.Reload()
-        tag = f"val/{task}/{metric}"
-        if tag in events.Tags().get("scalars", []):
-            return {e.step: e.value for e in events.Scalars(tag)}
-    return {}
+        for tag in events.Tags().get("scalars", []):
+            if tag.startswith("val/"):
+                scalars.setdefault(tag, {}).update((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
 
 
-def add_curves(rows: Sequence[dict[str, Any]], results: Sequence[Mapping[str, Any]], spec: Any) -> None:
+def add_curves(rows: Sequence[dict[str, Any]], cells_dir: Path) -> None:
     """Each row's validation curves: per task, ``[iteration, mean, std, n]`` of its primary metric over the
     row's cells, at the iterations every one of them validated."""
     for row in rows:
-        cells = [
-            r
-            for r in results
-            if r["variant"] == row["variant"] and setting(r["point"], spec.replicates) == row["setting"]
-        ]
+        scalars = [validation_scalars(cells_dir / name) for name in row["cell_names"]]
         row["curves"] = {}
         for task, summary in row["tasks"].items():
-            runs = [validation_curve(spec.cells_dir / r["cell"], task, summary["primary"]) for r in cells]
+            runs = [s.get(f"val/{task}/{summary['primary']}", {}) for s in scalars]
             common = sorted(set.intersection(*(set(c) for c in runs))) if runs and all(runs) else []
             row["curves"][task] = [[i, *mean_std([c[i] for c in runs]), len(runs)] for i in common]
 
@@ -284,7 +282,7 @@ def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     """Aggregate ``results`` (the finished cells) into ``out``; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, spec.baseline, spec.replicates)
-    add_curves(rows, results, spec)
+    add_curves(rows, spec.cells_dir)
     table = markdown(rows, spec.baseline) if rows else "(no finished cell)"
     banks = dict.fromkeys((path, sha) for r in results for path, sha in (r.get("weights") or {}).items() if sha)
     if banks:
