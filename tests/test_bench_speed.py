@@ -40,6 +40,11 @@ def test_the_precisions_are_timed_beside_the_fp32_deploy_form(report):
         assert ratios[f"{name}_vs_fp32_infer"] == pytest.approx(run["seconds"] / inference["deploy"]["seconds"])
         assert len(run["seconds_all"]) == TINY["repeats"]
         assert run["flops_per_image"] == inference["deploy"]["flops_per_image"]  # the same arithmetic
+    if "int8" in names:  # the yardstick: a whole torchvision classifier, fp32 and int8, timed in the same rounds
+        fp32, int8 = inference["classifier_fp32"], inference["classifier_int8"]
+        assert ratios["int8_vs_fp32_classifier"] == pytest.approx(int8["seconds"] / fp32["seconds"])
+        assert len(int8["seconds_all"]) == len(fp32["seconds_all"]) == TINY["repeats"]
+        assert 0 < fp32["flops_per_image"] == int8["flops_per_image"] != inference["deploy"]["flops_per_image"]
 
 
 def test_ratio_quartiles_are_those_of_the_per_round_quotients(report):

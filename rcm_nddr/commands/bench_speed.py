@@ -8,6 +8,10 @@ of the same architecture, measured in one process, one run, so the ratios compar
   tasks' backbone convs as grouped convs over one stacked tensor, ``deploy(model, batched=True)``).
 - ``bf16_vs_fp32_infer`` and ``int8_vs_fp32_infer``: the T-task deploy form in bf16 and in int8
   (``rcm_nddr.nn.precision``; int8 on the CPU only) over the same deploy form in fp32.
+  ``int8_vs_fp32_classifier``: beside int8, torchvision's classifier of the same architecture (random
+  weights) quantized whole, as one FX graph, over itself in fp32: what this CPU's int8 kernels give a
+  plain network without the deploy form's fp32 stems, upsampling and dilated convs, the yardstick for
+  ``int8_vs_fp32_infer``.
 - ``rc_vs_plain_train_step``: one training step (forward, loss, backward, SGD step) of an RC + RI +
   NFF task over that of a fully trained plain single-task network; ``rc_vs_plain_train_flops`` is the
   same ratio in counted FLOPs, the floor the time ratio reaches when every FLOP costs the same.
@@ -44,7 +48,7 @@ from rcm_nddr.nn.assembly import build_head
 from rcm_nddr.nn.backbone import ResNetBackbone, TaskBackbones, resnet_backbone
 from rcm_nddr.nn.deploy import deploy
 from rcm_nddr.nn.multitask import MultiTaskNet
-from rcm_nddr.nn.precision import int8_unsupported, quantize_int8, to_bf16
+from rcm_nddr.nn.precision import int8_classifier, int8_unsupported, quantize_int8, to_bf16
 from rcm_nddr.nn.rc import RCResNet
 from rcm_nddr.registry import TASKS, discover
 from rcm_nddr.task import DatasetInfo
@@ -169,6 +173,18 @@ def precision_forms(model: MultiTaskNet, device: torch.device, calibration: list
     return forms
 
 
+def _images_call(
+    model: nn.Module, images: torch.Tensor, mode: Callable[[], Any] = torch.inference_mode
+) -> Callable[[], Any]:
+    """A call of a network that takes only images (the int8 yardstick's classifier), under ``mode``."""
+
+    def call() -> Any:
+        with mode():
+            return model(images)
+
+    return call
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -252,8 +268,11 @@ def bench_model(
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, *size, generator=gen)
     # the deploy form in bf16 and int8 (calibrated on the benchmark's own random images: random weights)
-    reduced = precision_forms(rc_deploy, dev, [images, torch.randn(batch, 3, *size, generator=gen)])
-    for module in (rc, rc_deploy, rc_batched, *plain.values(), *plain_deploy.values(), reduced["deploy_bf16"]):
+    calibration = [images, torch.randn(batch, 3, *size, generator=gen)]
+    reduced = precision_forms(rc_deploy, dev, calibration)
+    classifier = int8_classifier(arch, calibration) if "deploy_int8" in reduced else {}
+    moved = [rc, rc_deploy, rc_batched, *plain.values(), *plain_deploy.values(), reduced["deploy_bf16"]]
+    for module in moved + [classifier["classifier_fp32"]] if classifier else moved:  # (int8 stays as it is)
         module.to(dev, memory_format=torch.channels_last)
     images = images.to(dev, memory_format=torch.channels_last)
     use_amp = amp and dev.type == "cuda"
@@ -285,6 +304,7 @@ def bench_model(
             name: inference_call(model if name == "deploy_int8" else timed(model), images, False)
             for name, model in reduced.items()
         },
+        **{name: _images_call(model, images) for name, model in classifier.items()},
     }
     fp32 = "deploy"
     if use_amp:
@@ -297,8 +317,10 @@ def bench_model(
     counted["deploy_batched"] = infer(rc_batched, torch.no_grad)
     counted["training_form"] = infer(rc, torch.no_grad)
     infer_flops = {name: _flops(fn) for name, fn in counted.items()}
+    if classifier:
+        infer_flops["classifier_fp32"] = _flops(_images_call(classifier["classifier_fp32"], images, torch.no_grad))
     for name in infer_runs:  # the same arithmetic in another precision (quantized ops are not counted)
-        infer_flops.setdefault(name, infer_flops["deploy"])
+        infer_flops.setdefault(name, infer_flops["classifier_fp32" if name.startswith("classifier") else "deploy"])
 
     # training steps of one task: RC + RI + NFF against a fully trained plain network
     first = next(iter(task_objects))
@@ -342,6 +364,8 @@ def bench_model(
         "rc_vs_plain_train_step": (train_times["rc_ri_nff"], train_times["plain"]),
         **{f"{name.removeprefix('deploy_')}_vs_fp32_infer": (infer_times[name], infer_times[fp32]) for name in reduced},
     }
+    if classifier:
+        pairs["int8_vs_fp32_classifier"] = (infer_times["classifier_int8"], infer_times["classifier_fp32"])
     ratios = {name: statistics.median(a) / statistics.median(b) for name, (a, b) in pairs.items()}
     ratios["rc_vs_plain_train_flops"] = train["rc_ri_nff"]["flops_per_image"] / train["plain"]["flops_per_image"]
     return {
@@ -369,7 +393,9 @@ def bench_model(
             "train_step": "forward, loss, backward, SGD step of one task; plain = every weight trained",
             "precisions": "deploy_bf16 = the deploy form with bf16 weights and activations; deploy_int8 = the "
             "deploy form quantized to int8 (FX graph mode, x86 engine, CPU only, eager), calibrated on random "
-            "images; both run without autocast, as does their fp32 reference (deploy, or deploy_fp32 with amp)",
+            "images; both run without autocast, as does their fp32 reference (deploy, or deploy_fp32 with amp); "
+            "classifier_fp32 / classifier_int8 = torchvision's classifier of the architecture (random weights), whole, "
+            "in fp32 and quantized as one FX graph (beside int8 only)",
         },
         "inference": inference,
         "train_step": train,

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torchvision
 from torch import Tensor, nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -224,6 +225,24 @@ def _task_rule(
             mine.remove(worst)
             output = quantized(images, tasks=[task], raw=True)[task]
             report.task_errors[task] = relative_error(output, expected[task])
+
+
+def int8_classifier(arch: str, calibration: list[torch.Tensor]) -> dict[str, nn.Module]:
+    """``{"classifier_fp32": ..., "classifier_int8": ...}``: torchvision's ``arch`` classifier (random
+    weights) in fp32 and quantized whole (one FX graph, the x86 engine, its default qconfig), calibrated on
+    ``calibration``: the yardstick of the deploy form's int8 (``rcm-nddr bench``: what this CPU's int8
+    kernels give a whole plain network)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fp32 = getattr(torchvision.models, arch)().eval()
+    torch.backends.quantized.engine = INT8_ENGINE
+    with warnings.catch_warnings(), torch.no_grad():  # the FX flow's deprecation notices
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(fp32), get_default_qconfig_mapping(INT8_ENGINE), (calibration[0],))
+        for batch in calibration:
+            prepared(batch)
+        int8 = convert_fx(prepared)
+    return {"classifier_fp32": fp32, "classifier_int8": int8}
 
 
 def _traceable(module: nn.Module) -> nn.Module:
