@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bank test test-slow test-all test-fast lint venv clean docker-smoke
+.PHONY: demo bank test test-slow test-all test-fast lint venv clean docker-smoke docker-ci
 
 venv: $(STAMP)
 
@@ -55,6 +55,11 @@ lint: $(STAMP)
 # then trains and tests a tiny task in a container (scripts/docker-smoke.sh; --clean removes the images).
 docker-smoke: $(STAMP)
 	RCM_NDDR=$(BIN)/rcm-nddr PYTHON=$(BIN)/python scripts/docker-smoke.sh
+
+# What CI runs beside the tests: the smoke and the test suite's end-to-end Docker test in its image, then the
+# images and a dockerd it started removed; skipped, with the reason, where no engine can be started.
+docker-ci: $(STAMP)
+	RCM_NDDR=$(BIN)/rcm-nddr PYTHON=$(BIN)/python scripts/docker-smoke.sh --e2e --clean --stop-engine --skip-without-engine
 
 clean:
 	rm -rf $(VENV) results/demo

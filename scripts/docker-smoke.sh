@@ -5,7 +5,8 @@
 #               missing and running as root);
 #   2. base     a local stand-in for the CUDA PyTorch base image (unless it exists): a Debian bookworm
 #               rootfs made by debootstrap, imported, with torch and torchvision installed into
-#               /opt/venv from this machine's wheel folders (mounted read-only), then committed;
+#               /opt/venv by pip with the host's pip settings (the files and folders they name
+#               mounted read-only), then committed;
 #   3. image    `rcm-nddr docker build` of the project on that base;
 #   4. data     a tiny SYNTH_MT and a torchvision-format ResNet-18 checkpoint (random weights) in the
 #               models folder, on the host;
@@ -20,15 +21,23 @@
 #               root, plus a check of the default mapping to the calling user), test_metrics.json
 #               exists, and env.json records the image id and the commit.
 #
-# Usage: scripts/docker-smoke.sh [--clean] [--keep-work]
-#   --clean      remove the smoke images at the end (default: keep them, so the next run is warm)
-#   --keep-work  keep the temporary work folder (data, results) for inspection
+#   9. e2e      (with --e2e) the test suite's end-to-end Docker test against the image:
+#               RCM_NDDR_TEST_IMAGE=<image> pytest -m docker tests/test_docker.py
+#
+# Usage: scripts/docker-smoke.sh [--e2e] [--clean] [--stop-engine] [--skip-without-engine] [--keep-work]
+#   --e2e                  also run the end-to-end test of the test suite in the image (stage 9)
+#   --clean                remove the smoke images at the end (default: keep them, so the next run is warm)
+#   --stop-engine          stop the dockerd this script started, if it started one (default: leave it running)
+#   --skip-without-engine  where no engine runs and none can be started (not root, no dockerd, dockerd
+#                          fails), say why and exit 0 instead of failing (what CI does)
+#   --keep-work            keep the temporary work folder (data, results) for inspection
 # Environment:
 #   RCM_NDDR (default .venv/bin/rcm-nddr), PYTHON (default .venv/bin/python)
 #   SMOKE_BASE_IMAGE (rcm-nddr-base:smoke), SMOKE_IMAGE (rcm-nddr:smoke)
 #   SMOKE_USER       uid:gid the containers run as when this script runs as root (default 4242:4242)
-#   SMOKE_PIP_DIRS   local wheel folders mounted into the base build (default: /opt/wheels /opt/pypi
-#                    /opt/pypi-more, those that exist); the host's pip settings are passed along
+#   SMOKE_PIP_DIRS   more local wheel folders mounted read-only into the base build (default: none). The
+#                    host's pip settings are passed along, each file or folder they name mounted
+#                    read-only where it exists and left out, with a note, where it does not
 #   SMOKE_TORCH      packages of the stand-in base (default: torch==2.14.1 torchvision==0.29.1)
 #   DEBIAN_MIRROR    debootstrap mirror (default: the first URI of this machine's apt sources)
 #   DOCKERD_LOG      log of a dockerd started here (default: /var/log/rcm-nddr-smoke-dockerd.log)
@@ -41,14 +50,21 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 BASE_IMAGE=${SMOKE_BASE_IMAGE:-rcm-nddr-base:smoke}
 IMAGE=${SMOKE_IMAGE:-rcm-nddr:smoke}
 SMOKE_TORCH=${SMOKE_TORCH:-torch==2.14.1 torchvision==0.29.1}
-SMOKE_PIP_DIRS=${SMOKE_PIP_DIRS:-/opt/wheels /opt/pypi /opt/pypi-more}
+SMOKE_PIP_DIRS=${SMOKE_PIP_DIRS:-}
 DOCKERD_LOG=${DOCKERD_LOG:-/var/log/rcm-nddr-smoke-dockerd.log}
 CONTAINER_PREFIX=rcm-nddr-smoke
 CLEAN=0
 KEEP_WORK=0
+E2E=0
+STOP_ENGINE=0
+SKIP_WITHOUT_ENGINE=0
+DOCKERD_PID=""
 for arg in "$@"; do
     case $arg in
         --clean) CLEAN=1 ;;
+        --e2e) E2E=1 ;;
+        --stop-engine) STOP_ENGINE=1 ;;
+        --skip-without-engine) SKIP_WITHOUT_ENGINE=1 ;;
         --keep-work) KEEP_WORK=1 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "docker-smoke: unknown argument $arg (see --help)" >&2; exit 2 ;;
@@ -80,6 +96,11 @@ cleanup() {
     if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
         docker ps -aq --filter "name=^$CONTAINER_PREFIX" | xargs -r docker rm -f >/dev/null
     fi
+    if [ "$STOP_ENGINE" = 1 ] && [ -n "$DOCKERD_PID" ]; then
+        kill -TERM "$DOCKERD_PID" 2>/dev/null
+        for _ in $(seq 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
+        say "stopped the dockerd it started (pid $DOCKERD_PID)"
+    fi
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
         if [ "$KEEP_WORK" = 1 ]; then say "work folder kept: $WORK"; else rm -rf "$WORK"; fi
     fi
@@ -96,21 +117,29 @@ chmod 755 "$WORK"
 
 # ----------------------------------------------------------------------------- 1. engine
 stage engine "a Docker engine that answers"
+no_engine() {  # no engine can be had here: a failure, or with --skip-without-engine a skip
+    if [ "$SKIP_WITHOUT_ENGINE" = 1 ]; then
+        say "SKIPPED: $1"
+        exit 0
+    fi
+    fail "$1"
+}
 if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null; then
-    [ "$(id -u)" = 0 ] || fail "no docker/dockerd here and not root: install Docker (apt-get install docker.io)"
+    [ "$(id -u)" = 0 ] || no_engine "no docker/dockerd here and not root: install Docker (apt-get install docker.io)"
     say "installing docker.io"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null \
         || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null; } \
-        || fail "apt-get install docker.io failed"
+        || no_engine "apt-get install docker.io failed"
 fi
 if ! docker info >/dev/null 2>&1; then
-    [ "$(id -u)" = 0 ] || fail "no Docker engine answers and only root can start one here (or add yourself to the docker group)"
+    [ "$(id -u)" = 0 ] || no_engine "no Docker engine answers and only root can start one here (or add yourself to the docker group)"
     say "starting dockerd (log: $DOCKERD_LOG)"
     # No iptables and no default bridge: this machine's sandbox allows neither; the smoke's builds use
     # the host network and its containers none.
     setsid nohup dockerd --storage-driver=overlay2 --iptables=false --bridge=none >>"$DOCKERD_LOG" 2>&1 </dev/null &
+    DOCKERD_PID=$!
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-    docker info >/dev/null 2>&1 || fail "dockerd did not answer within 60 s; see $DOCKERD_LOG"
+    docker info >/dev/null 2>&1 || { tail -5 "$DOCKERD_LOG" >&2; no_engine "dockerd did not answer within 60 s; see $DOCKERD_LOG"; }
 fi
 say "engine: Docker $(docker version --format '{{.Server.Version}}'), storage $(docker info --format '{{.Driver}}')"
 
@@ -149,28 +178,24 @@ else
         --change 'CMD ["python3"]' \
         - "$BASE_IMAGE-os" >/dev/null
     rm -rf "$rootfs"
-    # The host's pip settings (local indexes, find-links) for this one pip call, and its wheel folders,
-    # read-only. They are set in the command, not with `docker run -e`: `docker commit` would bake the
-    # container's environment (paths that exist on this machine only) into the image.
+    # The host's pip settings for this one pip call (rcm_nddr.commands.pip_settings): the files and folders
+    # they name (constraints, wheel folders, local indexes) mounted read-only at the same place where they
+    # exist, left out with the reason where they do not. They are set in the command, not with
+    # `docker run -e`: `docker commit` would bake the container's environment (paths that exist on this
+    # machine only) into the image.
     mounts=()
-    for dir in $SMOKE_PIP_DIRS; do [ -d "$dir" ] && mounts+=(-v "$dir:$dir:ro"); done
     quote() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
     pip_env=""
-    while IFS= read -r line; do
-        key=${line%%=*}
-        value=${line#*=}
-        value=${value#\'}
-        value=${value%\'}
-        case $key in
-            global.* | install.*) key=${key#*.} ;;
-            *) continue ;;
+    while IFS=$'\t' read -r kind first second; do
+        case $kind in
+            MOUNT) mounts+=(-v "$first:$first:ro") ; say "pip: mounting $first read-only" ;;
+            ENV) pip_env+=" $first=$(quote "$second")" ;;
+            NOTE) say "pip: $first" ;;
         esac
-        [ "$key" = cert ] && continue  # the image's own bundle (with the local CAs) is used
-        pip_env+=" PIP_$(echo "$key" | tr 'a-z-' 'A-Z_')=$(quote "$value")"
-    done < <("$PYTHON" -m pip config list 2>/dev/null)
-    while IFS= read -r line; do
-        pip_env+=" ${line%%=*}=$(quote "${line#*=}")"
-    done < <(env | grep -E '^PIP_(FIND_LINKS|EXTRA_INDEX_URL|INDEX_URL|DEFAULT_TIMEOUT|TRUSTED_HOST)=' || true)
+    done < <("$PYTHON" -m rcm_nddr.commands.pip_settings)
+    for dir in $SMOKE_PIP_DIRS; do
+        if [ -d "$dir" ]; then mounts+=(-v "$dir:$dir:ro"); else say "pip: SMOKE_PIP_DIRS folder $dir does not exist: skipped"; fi
+    done
     say "installing $SMOKE_TORCH into /opt/venv"
     docker run --name "$CONTAINER_PREFIX-base" --network host "${mounts[@]}" "$BASE_IMAGE-os" sh -ec \
         "python3 -m venv /opt/venv
@@ -310,6 +335,15 @@ say "env.json records image $IMAGE_ID and commit $(git rev-parse --short HEAD 2>
 owner=$(stat -c '%u:%g' "$WORK/owner/owner")
 [ "$owner" = "$(id -u):$(id -g)" ] || fail "a file written without --user belongs to $owner, not $(id -u):$(id -g)"
 say "without --user, files belong to the caller ($owner)"
+
+if [ "$E2E" = 1 ]; then
+    stage e2e "the test suite's end-to-end Docker test in $IMAGE"
+    RCM_NDDR_TEST_IMAGE=$IMAGE "$PYTHON" -m pytest -q -p no:cacheprovider -m docker -rs tests/test_docker.py \
+        >"$WORK/e2e.log" 2>&1 || { tail -40 "$WORK/e2e.log" >&2; fail "the end-to-end test failed (log above)"; }
+    grep -qE '[0-9]+ passed' "$WORK/e2e.log" && ! grep -qE '[0-9]+ skipped' "$WORK/e2e.log" \
+        || { tail -20 "$WORK/e2e.log" >&2; fail "the end-to-end test did not run (log above)"; }
+    say "e2e: $(tail -1 "$WORK/e2e.log")"
+fi
 
 stage finish "cleaning up"
 if [ "$CLEAN" = 1 ]; then

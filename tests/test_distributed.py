@@ -369,6 +369,11 @@ def test_git_state_outside_a_checkout_comes_from_the_image(tmp_path, monkeypatch
     monkeypatch.setenv("RCM_NDDR_IMAGE_ID", "sha256:feed")
     assert git_state(tmp_path) == {"commit": "0123abc", "dirty": False, "source": "image"}
     assert container()["image_id"] == "sha256:feed" and container()["image"] == "rcm-nddr:latest"
+    assert container()["repo_digests"] is None  # (started otherwise than by rcm-nddr docker run)
+    monkeypatch.setenv("RCM_NDDR_IMAGE_DIGESTS", "r.example/a@sha256:01 r.example/b@sha256:02")
+    assert container()["repo_digests"] == ["r.example/a@sha256:01", "r.example/b@sha256:02"]
+    monkeypatch.setenv("RCM_NDDR_IMAGE_DIGESTS", "")
+    assert container()["repo_digests"] == []  # built here, never pushed
     monkeypatch.delenv("RCM_NDDR_GIT_COMMIT")
     assert git_state(tmp_path) == {"commit": None, "dirty": None, "source": None}
 

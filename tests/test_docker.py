@@ -118,7 +118,8 @@ class FakeClient:
         self.status, self.build_chunks = status, build_chunks or []
         self.created: list[FakeContainer] = []
         self.built: list[dict[str, Any]] = []
-        self.images = SimpleNamespace(get=lambda name: SimpleNamespace(id=IMAGE_ID, tags=[name]))
+        self.images = SimpleNamespace(get=lambda name: SimpleNamespace(id=IMAGE_ID, tags=[name], attrs=self.attrs))
+        self.attrs = {"RepoDigests": [f"example.org/rcm-nddr@sha256:{'ab' * 32}"]}
         self.containers = SimpleNamespace(create=self._create)
         self.api = SimpleNamespace(build=self._build)
 
@@ -160,7 +161,13 @@ def test_run_kwargs_mounts_users_env_and_command(dirs):
         assert mounts[target]["ReadOnly"] is (role == "data")
     assert kw["user"] == f"{os.getuid()}:{os.getgid()}"
     assert kw["image"] == IMAGE_ID and kw["command"] == command
-    assert kw["environment"] == {"SEED": "3", "RCM_NDDR_IMAGE": "rcm-nddr:latest", "RCM_NDDR_IMAGE_ID": IMAGE_ID}
+    env = {
+        "SEED": "3",
+        "RCM_NDDR_IMAGE": "rcm-nddr:latest",
+        "RCM_NDDR_IMAGE_ID": IMAGE_ID,
+        "RCM_NDDR_IMAGE_DIGESTS": "",
+    }
+    assert kw["environment"] == env
     assert kw["init"] is True  # docker-init as PID 1 passes SIGTERM on to python
     assert kw["shm_size"] == "8g" and "ipc_mode" not in kw
     assert "device_requests" not in kw and "name" not in kw and "network_mode" not in kw
@@ -182,6 +189,32 @@ def test_run_kwargs_options(dirs):
     (request,) = rd.run_kwargs("img", IMAGE_ID, ["true"], only, gpus="device=0,3")["device_requests"]
     assert request["DeviceIDs"] == ["0", "3"] and request["Capabilities"] == [["gpu"]]
     assert "device_requests" not in rd.run_kwargs("img", IMAGE_ID, ["true"], only, gpus="0")
+
+
+def test_ports_are_published_as_the_sdk_expects(dirs):
+    """``--port`` (TensorBoard in a container: ``--port 6006:6006 -- tensorboard --logdir results --bind_all``)."""
+    pytest.importorskip("docker")
+    ports = rd.parse_ports(["6006:6006", "127.0.0.1:8080:80"])
+    assert ports == {"6006/tcp": 6006, "80/tcp": ("127.0.0.1", 8080)}
+    assert rd.run_kwargs("img", IMAGE_ID, ["true"], dirs, ports=ports)["ports"] == ports
+    assert "ports" not in rd.run_kwargs("img", IMAGE_ID, ["true"], dirs)
+    assert rd.parse_ports([], network="none") == {}
+
+
+@pytest.mark.parametrize(
+    ("ports", "network", "message"),
+    [
+        (["6006"], None, "expected \\[IP:\\]HOST:CONTAINER"),
+        (["6006:tb"], None, "expected"),
+        (["0:6006"], None, "ports 1-65535"),
+        (["6006:70000"], None, "ports 1-65535"),
+        (["6006:6006"], "none", "without a network publishes no port"),
+        (["6006:6006"], "host", "already uses the host's ports"),
+    ],
+)
+def test_bad_ports_are_one_clear_error(ports, network, message):
+    with pytest.raises(DockerError, match=f"--port.*{message}"):
+        rd.parse_ports(ports, network)
 
 
 @pytest.mark.parametrize("bad", ["many", "-1", "device=", "1.5"])
@@ -315,6 +348,7 @@ def test_docker_run_command_end_to_end_with_a_fake_engine(tmp_path, monkeypatch,
     assert kw["user"] == "5:6" and kw["environment"]["A"] == "1" and kw["device_requests"][0]["Count"] == 1
     assert kw["environment"]["RCM_NDDR_IMAGE"] == "rcm-nddr:smoke"
     assert kw["environment"]["RCM_NDDR_IMAGE_ID"] == IMAGE_ID
+    assert kw["environment"]["RCM_NDDR_IMAGE_DIGESTS"] == f"example.org/rcm-nddr@sha256:{'ab' * 32}"
     assert (tmp_path / "results").is_dir()
     assert capsysbinary.readouterr().out == b"hello from the container\n"
     client.status = 7
@@ -408,5 +442,7 @@ def test_train_in_the_image_writes_results_owned_by_the_caller(tmp_path):
     assert files and all(p.stat().st_uid == os.getuid() and p.stat().st_gid == os.getgid() for p in files)
     env = json.loads((results / "e2e" / "runs" / "semseg" / "env.json").read_text())
     assert env["container"]["image"] == image and env["container"]["image_id"] == image_id
+    # an image built here and never pushed has no registry digest: its id is the sha256 of its config
+    assert env["container"]["repo_digests"] == (client.images.get(image).attrs.get("RepoDigests") or [])
     assert env["git"]["source"] == "image" and env["git"]["commit"]
     assert not client.containers.list(all=True, filters={"ancestor": image_id})  # removed afterwards

@@ -59,6 +59,9 @@ DEFAULT_STOP_TIMEOUT = 60
 #: environment variables that tell the run's provenance which image it ran in
 IMAGE_ENV = "RCM_NDDR_IMAGE"
 IMAGE_ID_ENV = "RCM_NDDR_IMAGE_ID"
+#: the image's registry digests (``name@sha256:...``, space-separated; empty for an image built here and
+#: never pushed, whose id is already the sha256 digest of its configuration)
+IMAGE_DIGESTS_ENV = "RCM_NDDR_IMAGE_DIGESTS"
 #: lines of build output kept to explain a failing step
 _ERROR_CONTEXT_LINES = 15
 #: colour codes of the engine's build output (its stderr lines), and its own bookkeeping lines
@@ -172,6 +175,30 @@ def gpu_request(gpus: str) -> dict[str, Any] | None:
     raise DockerError(f"--gpus {gpus!r}: expected all, none, a count N, or device=ID[,ID...]")
 
 
+def parse_ports(items: Sequence[str], network: str | None = None) -> dict[str, Any]:
+    """``--port [IP:]HOST:CONTAINER`` values as the SDK's ``ports`` (``{"CONTAINER/tcp": HOST}``, or
+    ``(IP, HOST)``); one clear error for a malformed value, a port out of range, or a network mode that
+    publishes no ports (``none``, ``host``)."""
+    ports: dict[str, Any] = {}
+    for item in items:
+        parts = item.rsplit(":", 2)
+        numbers = parts[-2:]
+        if len(parts) < 2 or not all(n.isdigit() and 0 < int(n) < 65536 for n in numbers):
+            raise DockerError(f"--port {item}: expected [IP:]HOST:CONTAINER with ports 1-65535, e.g. 6006:6006")
+        host, container = int(numbers[0]), int(numbers[1])
+        ports[f"{container}/tcp"] = (parts[0], host) if len(parts) == 3 else host
+    if ports and network in ("none", "host"):
+        raise DockerError(
+            f"--port with --network {network}: "
+            + (
+                "a container without a network publishes no port"
+                if network == "none"
+                else "the container already uses the host's ports; leave --port out"
+            )
+        )
+    return ports
+
+
 def host_user() -> str:
     """``uid:gid`` of this process: what the container runs as by default."""
     return f"{os.getuid()}:{os.getgid()}"
@@ -213,11 +240,13 @@ def run_kwargs(
     user: str | None = None,
     name: str | None = None,
     network: str | None = None,
+    ports: Mapping[str, Any] | None = None,
+    repo_digests: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Keyword arguments of ``client.containers.create`` for ``command`` in the image ``image_id``
     (tagged ``image``), with the folders of ``dirs`` (``host_dirs``) bind-mounted at :data:`MOUNTS`
     (data read-only), as ``user`` (default: the host user), with docker-init as PID 1 (it forwards
-    signals to the command), and ``RCM_NDDR_IMAGE``/``RCM_NDDR_IMAGE_ID`` set.
+    signals to the command), and ``RCM_NDDR_IMAGE``/``RCM_NDDR_IMAGE_ID``/``RCM_NDDR_IMAGE_DIGESTS`` set.
 
     Shared memory: a private IPC namespace with a ``shm_size`` /dev/shm (a size limit, not a
     reservation), or the host's IPC namespace with ``ipc_host`` (what RCM's instructions used,
@@ -237,7 +266,12 @@ def run_kwargs(
         "command": list(command),
         "user": user or host_user(),
         "mounts": mounts,
-        "environment": {**(env or {}), IMAGE_ENV: image, IMAGE_ID_ENV: image_id},
+        "environment": {
+            **(env or {}),
+            IMAGE_ENV: image,
+            IMAGE_ID_ENV: image_id,
+            IMAGE_DIGESTS_ENV: " ".join(repo_digests),
+        },
         "init": True,
         "labels": {"org.opencontainers.image.ref.name": image, "rcm-nddr.command": " ".join(command)},
     }
@@ -252,6 +286,8 @@ def run_kwargs(
         kwargs["name"] = name
     if network:
         kwargs["network_mode"] = network
+    if ports:
+        kwargs["ports"] = dict(ports)
     return kwargs
 
 
@@ -435,9 +471,11 @@ def run(args: argparse.Namespace) -> int:
     if not command:
         raise DockerError("no command to run: put it after --, e.g. -- python train.py --config configs/...")
     env = parse_key_values(args.env, "--env")
+    ports = parse_ports(args.port, args.network)
     dirs = host_dirs(args.data, args.results, args.ri, args.models)
     client = connect()
     image_id = image_id_of(client, args.image)
+    repo_digests = client.images.get(image_id).attrs.get("RepoDigests") or []
     kwargs = run_kwargs(
         args.image,
         image_id,
@@ -450,7 +488,15 @@ def run(args: argparse.Namespace) -> int:
         user=args.user,
         name=args.name,
         network=args.network,
+        ports=ports,
+        repo_digests=repo_digests,
     )
+    for container, host in ports.items():
+        log.info(
+            "port %s of the container -> %s on the host",
+            container,
+            ":".join(map(str, host)) if isinstance(host, tuple) else host,
+        )
     for role, path in dirs.items():
         log.info("mount %s -> %s%s", path, MOUNTS[role], " (read-only)" if role == "data" else "")
     return run_container(client, kwargs, stop_timeout=args.stop_timeout)

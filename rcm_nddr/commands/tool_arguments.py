@@ -190,6 +190,14 @@ def add_docker_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--name", help="container name (default: a generated one)")
     r.add_argument("--network", help="network mode, e.g. none or host (default: the engine's)")
     r.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="[IP:]HOST:CONTAINER",
+        help="publish the container's TCP port CONTAINER on the host's HOST (optionally bound to IP), e.g. "
+        "6006:6006 for TensorBoard (repeatable; needs a network with port publishing, not none or host)",
+    )
+    r.add_argument(
         "--stop-timeout",
         type=non_negative_int,
         default=DEFAULT_STOP_TIMEOUT,

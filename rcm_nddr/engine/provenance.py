@@ -29,7 +29,7 @@ DISTRIBUTION = "rcm-nddr"
 CORE_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "safetensors", "pyyaml", "pillow")
 #: environment variables of the launcher and of the Docker image that describe the run
 LAUNCH_VARIABLES = ("LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-IMAGE_VARIABLES = {"image": "RCM_NDDR_IMAGE", "image_id": "RCM_NDDR_IMAGE_ID"}
+IMAGE_VARIABLES = {"image": "RCM_NDDR_IMAGE", "image_id": "RCM_NDDR_IMAGE_ID", "repo_digests": "RCM_NDDR_IMAGE_DIGESTS"}
 GIT_VARIABLES = {"commit": "RCM_NDDR_GIT_COMMIT", "dirty": "RCM_NDDR_GIT_DIRTY"}
 
 
@@ -131,6 +131,8 @@ def container() -> dict[str, Any]:
             pass
     out: dict[str, Any] = {"in_container": inside}
     out.update({key: os.environ.get(variable) for key, variable in IMAGE_VARIABLES.items()})
+    if out["repo_digests"] is not None:  # (none for an image built here and never pushed: its id is its digest)
+        out["repo_digests"] = out["repo_digests"].split()
     return out
 
 
