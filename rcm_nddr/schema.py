@@ -110,3 +110,33 @@ def build(cls: type, data: dict[str, Any], prefix: str, where: Where) -> Any:
         dotted = f"{prefix}.{k}" if prefix else k
         kwargs[k] = coerce(v, hints[k], dotted, where)
     return cls(**kwargs)
+
+
+def non_defaults(obj: Any) -> Any:
+    """``obj`` (a config dataclass, or a dict or list holding them) as plain data without the fields that
+    hold their declared default (nor the internal ones): what a config chose. A config written before an
+    option was added, and the same config with the option at its default, give the same value."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                out[f.name] = non_defaults(value)
+                continue
+            if value == default:
+                continue
+            out[f.name] = non_defaults(value)
+            if dataclasses.is_dataclass(value) and type(value) is not type(default):
+                out[f.name] = {"type": type(value).__name__, **out[f.name]}
+        return out
+    if isinstance(obj, dict):
+        return {k: non_defaults(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [non_defaults(v) for v in obj]
+    return obj

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from rcm_nddr.commands import cli
 from rcm_nddr.commands.study import StudyError, expand, load_spec, run_cell, run_order
 from rcm_nddr.commands.study_report import plot_curves, summarize
 from rcm_nddr.files import file_sha256
+from rcm_nddr.schema import non_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +122,48 @@ def test_cells_are_named_by_their_resolved_configs(tmp_path, monkeypatch, capsys
     ]
     assert cli.main(["study", "--spec", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("todo  ") == 4
+
+
+def test_a_key_at_its_default_does_not_rename_the_cells(tmp_path, monkeypatch):
+    """A version that adds an option at a default keeping the old behaviour keeps the finished cells: a
+    key set to its schema default is the same cell as the key left out (the study's keys are those that
+    differ from the defaults, ``non_defaults``)."""
+    monkeypatch.chdir(REPO)
+    cells = expand(load_spec(tiny_spec(tmp_path, tmp_path)))
+    explicit = yaml.safe_load(tiny_spec(tmp_path, tmp_path).read_text())
+    explicit["set"] += ["train.keep_checkpoints=false", "train.compile=false", "fusion.type=none"]
+    (tmp_path / "explicit.yaml").write_text(yaml.safe_dump(explicit, sort_keys=False))
+    assert [c.key for c in expand(load_spec(tmp_path / "explicit.yaml"))] == [c.key for c in cells]
+    explicit["set"][-1] = "train.keep_checkpoints=true"  # another value: other cells
+    (tmp_path / "explicit.yaml").write_text(yaml.safe_dump(explicit, sort_keys=False))
+    assert not {c.key for c in expand(load_spec(tmp_path / "explicit.yaml"))} & {c.key for c in cells}
+
+
+def test_non_defaults_keeps_what_differs_from_the_schema():
+    @dataclass
+    class Inner:
+        a: int = 1
+        b: str = "x"
+
+    @dataclass
+    class Other(Inner):
+        pass
+
+    @dataclass
+    class Outer:
+        name: str
+        inner: Inner = field(default_factory=Inner)
+        per_task: dict = field(default_factory=dict)
+        added_later: bool = False
+
+    assert non_defaults(Outer("n")) == {"name": "n"}  # a field without a default is always kept
+    assert non_defaults(Outer("n", Inner(a=2), {"t": Inner()}, True)) == {
+        "name": "n",
+        "inner": {"a": 2},
+        "per_task": {"t": {}},  # the entry is a choice even when its fields are at their defaults
+        "added_later": True,
+    }
+    assert non_defaults(Outer("n", Other())) == {"name": "n", "inner": {"type": "Other"}}
 
 
 def test_a_cell_name_follows_the_content_of_its_weights_file(tmp_path, monkeypatch):

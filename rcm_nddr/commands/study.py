@@ -2,8 +2,9 @@
 sequence of configs trained into one store), the tasks that fill a config's ``{task}``, a grid of
 overrides crossed with them (e.g. seeds) and the baseline variant of Delta_MTL. Every cell (variant x
 task x grid point) trains and tests in its own store in the cells folder (``<out>/cells/`` unless the
-spec names one), named by a hash of its resolved configs and of the content of their
-``backbone.weights``, so running the study again skips finished cells and resumes interrupted ones.
+spec names one), named by a hash of its resolved configs (less the keys at their schema default:
+``rcm_nddr.schema.non_defaults``) and of the content of their ``backbone.weights``, so running the
+study again skips finished cells and resumes interrupted ones.
 Cells run in local worker processes (one GPU each when there are several) or as submitit jobs (SLURM,
 or its local executor); a failed cell is reported with its log and never stops the others. The results
 are aggregated by ``rcm_nddr.commands.study_report``: one row per variant and setting (the grid point
@@ -39,6 +40,7 @@ from rcm_nddr.config import load_config
 from rcm_nddr.errors import ConfigError, UserError
 from rcm_nddr.files import atomic_write_text, file_sha256
 from rcm_nddr.nn.assembly import TaskSpec
+from rcm_nddr.schema import non_defaults
 from rcm_nddr.store import ModelStore
 from rcm_nddr.yamlio import load_yaml
 
@@ -215,7 +217,8 @@ def expand(spec: Spec) -> list[Cell]:
                     except ConfigError as exc:
                         raise StudyError(f"{spec.path}: variant {variant!r}: {exc}") from exc
                     steps.append(Step(config, overrides))
-                    resolved.append({k: val for k, val in cfg.to_dict().items() if k != "store"})
+                    # (what the config chose: an option added later, at its default, keeps the cells' names)
+                    resolved.append({k: val for k, val in non_defaults(cfg).items() if k != "store"})
                     resolved[-1]["weights_sha256"] = weights_identity(cfg.backbone.weights, banks)
                 key = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
                 label = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{variant}__{task or 'group'}")
