@@ -41,16 +41,18 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /rcm-nddr
 
-# The package first (a non-editable install of a copy of the source; the base's torch satisfies the
-# requirement and is kept), then the configs and entry points, which change more often.
-COPY pyproject.toml README.md ./
-COPY rcm_nddr/ rcm_nddr/
-COPY tasks/ tasks/
-COPY decomp/ decomp/
-RUN pip install --no-cache-dir . \
-    && rm -rf build ./*.egg-info \
-    && python -m compileall -q rcm_nddr tasks decomp \
-    && python -c "import rcm_nddr, tasks, decomp, torch, torchvision; print('rcm-nddr', rcm_nddr.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+# The package first (a non-editable install of a copy of the source, which is removed afterwards; the
+# base's torch satisfies the requirement and is kept), then the configs and entry points, which change
+# more often. The source must not stay in the working directory: python train.py puts /rcm-nddr first on
+# the import path, where rcm_nddr/ would shadow the installed package and its rcm_nddr.tasks and
+# rcm_nddr.decomp, which install from the top-level folders tasks/ and decomp/.
+COPY pyproject.toml README.md /tmp/rcm-nddr-src/
+COPY rcm_nddr/ /tmp/rcm-nddr-src/rcm_nddr/
+COPY tasks/ /tmp/rcm-nddr-src/tasks/
+COPY decomp/ /tmp/rcm-nddr-src/decomp/
+RUN pip install --no-cache-dir /tmp/rcm-nddr-src \
+    && rm -rf /tmp/rcm-nddr-src \
+    && python -c "import rcm_nddr, rcm_nddr.tasks, rcm_nddr.decomp, torch, torchvision; print('rcm-nddr', rcm_nddr.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     && mkdir -p data results RI models \
     && chmod 1777 data results RI models
 

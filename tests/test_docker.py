@@ -58,7 +58,9 @@ def test_dockerfile_mount_points_and_environment_match_the_runner():
     assert re.search(r"\bHOME=/tmp\b", text) and "PYTHONUNBUFFERED=1" in text
     for variable in ("RCM_NDDR_GIT_COMMIT=${GIT_COMMIT}", "RCM_NDDR_GIT_DIRTY=${GIT_DIRTY}"):
         assert variable in text
-    assert "pip install --no-cache-dir ." in text and "-e ." not in text
+    # a non-editable install of a copy that is removed: no source in the working directory shadows it
+    assert "pip install --no-cache-dir /tmp/rcm-nddr-src" in text and "rm -rf /tmp/rcm-nddr-src" in text
+    assert "-e " not in text and not re.search(r"^COPY (rcm_nddr|tasks|decomp)/ (rcm_nddr|tasks|decomp)/", text, re.M)
 
 
 def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else():
