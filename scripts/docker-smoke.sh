@@ -213,6 +213,7 @@ say "$BASE_IMAGE: $(docker image inspect --format '{{.Size}}' "$BASE_IMAGE" | aw
 
 # ----------------------------------------------------------------------------- 3. image
 stage image "rcm-nddr docker build --tag $IMAGE"
+COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)  # what the build records (a commit made meanwhile is not)
 "$RCM_NDDR" docker build --base-image "$BASE_IMAGE" --tag "$IMAGE" --network host >"$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log" >&2; fail "rcm-nddr docker build failed (log above)"; }
 grep -E 'Step [0-9]+/|built ' "$WORK/build.log" | sed 's/^/  /'
@@ -325,9 +326,9 @@ if env['container']['image_id'] != image_id:
     problems.append(f\"env.json records image id {env['container']['image_id']}, expected {image_id}\")
 if env['git']['commit'] != commit:
     problems.append(f\"env.json records commit {env['git']['commit']}, expected {commit}\")
-sys.exit('; '.join(problems) or None)" "$store/runs/semseg/env.json" "$IMAGE_ID" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+sys.exit('; '.join(problems) or None)" "$store/runs/semseg/env.json" "$IMAGE_ID" "$COMMIT" \
     || fail "the run's provenance does not name the image and the commit"
-say "env.json records image $IMAGE_ID and commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+say "env.json records image $IMAGE_ID and commit $COMMIT"
 # The default user mapping: without --user the container runs as the caller (root here when root).
 "$RCM_NDDR" docker run --image "$IMAGE" --name "$CONTAINER_PREFIX-owner" --network none \
     --data "$WORK/data" --results "$WORK/owner" -- python -c "open('results/owner', 'w').write('x')" \
