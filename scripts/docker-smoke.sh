@@ -214,10 +214,14 @@ say "$BASE_IMAGE: $(docker image inspect --format '{{.Size}}' "$BASE_IMAGE" | aw
 # ----------------------------------------------------------------------------- 3. image
 stage image "rcm-nddr docker build --tag $IMAGE"
 COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)  # what the build records (a commit made meanwhile is not)
+PREVIOUS_ID=$(docker image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 "$RCM_NDDR" docker build --base-image "$BASE_IMAGE" --tag "$IMAGE" --network host >"$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log" >&2; fail "rcm-nddr docker build failed (log above)"; }
 grep -E 'Step [0-9]+/|built ' "$WORK/build.log" | sed 's/^/  /'
 IMAGE_ID=$(docker image inspect --format '{{.Id}}' "$IMAGE")
+if [ -n "$PREVIOUS_ID" ] && [ "$PREVIOUS_ID" != "$IMAGE_ID" ]; then  # the rebuilt tag's old image: 6 GB left dangling
+    docker rmi "$PREVIOUS_ID" >/dev/null 2>&1 && say "removed the previous $IMAGE ($PREVIOUS_ID)"
+fi
 say "$IMAGE: $IMAGE_ID, $(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
 
 # ----------------------------------------------------------------------------- 4. data
