@@ -341,14 +341,25 @@ def test_docker_run_command_end_to_end_with_a_fake_engine(tmp_path, monkeypatch,
     monkeypatch.setattr(rd, "connect", lambda: client)
     (tmp_path / "data").mkdir()
     argv = ["docker", "run", "--image", "rcm-nddr:smoke", "--data", str(tmp_path / "data")]
-    argv += ["--results", str(tmp_path / "results"), "--env", "A=1", "--user", "5:6", "--gpus", "1"]
+    argv += [
+        "--results",
+        str(tmp_path / "results"),
+        "--env",
+        "A=1",
+        "--user",
+        "5:6",
+        "--gpus",
+        "1",
+        "--port",
+        "6006:6006",
+    ]
     argv += ["--", "python", "train.py", "--config", "c.yaml", "--set", "train.max_iters=2"]
     assert cli.main(argv) == 0
     (container,) = client.created
     kw = container.kwargs
     assert kw["command"] == ["python", "train.py", "--config", "c.yaml", "--set", "train.max_iters=2"]
     assert kw["user"] == "5:6" and kw["environment"]["A"] == "1" and kw["device_requests"][0]["Count"] == 1
-    assert kw["environment"]["RCM_NDDR_IMAGE"] == "rcm-nddr:smoke"
+    assert kw["environment"]["RCM_NDDR_IMAGE"] == "rcm-nddr:smoke" and kw["ports"] == {"6006/tcp": 6006}
     assert kw["environment"]["RCM_NDDR_IMAGE_ID"] == IMAGE_ID
     assert kw["environment"]["RCM_NDDR_IMAGE_DIGESTS"] == f"example.org/rcm-nddr@sha256:{'ab' * 32}"
     assert (tmp_path / "results").is_dir()
