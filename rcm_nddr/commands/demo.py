@@ -208,8 +208,8 @@ def format_table(rows: list[dict], overall: dict[str, float], iterations: int, b
         lines.append(f"filter bank: {bank}")
     lines.append(
         f"(one seed, {iterations} iterations per model: differences of a few points lie within the run-to-run "
-        "spread; means and spreads over seeds come from `rcm-nddr study`, e.g. --spec studies/example.yaml, "
-        "docs/studies.md)"
+        "spread; the multi-seed figures are the SYNTH_MT benchmark's, `rcm-nddr study --spec studies/synth_mt.yaml` "
+        "(README: Studies))"
     )
     return "\n".join(lines)
 
