@@ -20,7 +20,7 @@ import yaml
 
 from rcm_nddr.commands import cli
 from rcm_nddr.commands.study import StudyError, expand, load_spec, run_cell, run_order
-from rcm_nddr.commands.study_report import plot_curves, summarize
+from rcm_nddr.commands.study_report import convergence_table, plot_curves, summarize
 from rcm_nddr.files import file_sha256
 from rcm_nddr.schema import non_defaults
 
@@ -243,6 +243,19 @@ def test_a_row_per_variant_and_setting_pools_only_the_replicates():
         assert row["label"] == f"{variant} (lr={lr})"
     # with no replicate key every grid point is its own row
     assert len(summarize(results, "base", [])) == 8
+
+
+def test_the_convergence_table_reads_the_curves_at_half_three_quarters_and_the_end():
+    sal = {"primary": "maxF", "higher_is_better": True}
+    curve = [[i, float(i), 0.0, 2] for i in (50, 100, 150, 200, 250, 300, 350, 400)]
+    rows = [{"label": "a", "tasks": {"sal": sal}, "curves": {"sal": curve}}]
+    table = convergence_table(rows)
+    # half of 400 is 200, three quarters 300: the change over the last quarter is 400 - 300
+    assert "| a | sal maxF | 200 (it 200) | 300 (it 300) | 400 (it 400) | +100 |" in table
+    rows[0]["curves"]["sal"] = [[i, 7.0, 0.0, 2] for i in (30, 70, 100)]  # validated off the fractions: the next
+    assert "| a | sal maxF | 7 (it 70) | 7 (it 100) | 7 (it 100) | +0 |" in convergence_table(rows)
+    rows[0]["curves"]["sal"] = curve[:2]  # two points say nothing of flattening
+    assert convergence_table(rows) == ""
 
 
 def test_validation_curves_are_plotted_per_task(tmp_path):

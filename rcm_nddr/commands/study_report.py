@@ -252,6 +252,33 @@ def add_curves(rows: Sequence[dict[str, Any]], cells_dir: Path) -> None:
             row["curves"][task] = [[i, *mean_std([c[i] for c in runs]), len(runs)] for i in common]
 
 
+def _at(curve: Sequence[Sequence[float]], fraction: float) -> Sequence[float]:
+    """The point of ``curve`` validated at or after ``fraction`` of its last iteration (the first such)."""
+    target = fraction * curve[-1][0]
+    return next(p for p in curve if p[0] >= target)
+
+
+def convergence_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Whether the curves have flattened: per row and task with at least 3 validations, the mean primary
+    metric at half, three quarters and the end of training, and its change over the last quarter ("" when
+    no row has such a curve)."""
+    lines = []
+    for row in rows:
+        for task, curve in row.get("curves", {}).items():
+            if len(curve) < 3:
+                continue
+            half, three_quarters, last = _at(curve, 0.5), _at(curve, 0.75), curve[-1]
+            points = " | ".join(f"{p[1]:.4g} (it {p[0]})" for p in (half, three_quarters, last))
+            lines.append(
+                f"| {row['label']} | {task} {row['tasks'][task]['primary']} | {points} | "
+                f"{last[1] - three_quarters[1]:+.3g} |"
+            )
+    if not lines:
+        return ""
+    head = "| variant | task | at 1/2 | at 3/4 | at the end | change over the last 1/4 |\n|---|---|---:|---:|---:|---:|"
+    return "Validation curves (mean over the row's cells):\n\n" + head + "\n" + "\n".join(lines)
+
+
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     """One panel per task: each row's validation curve of the task's primary metric (mean, +- std band);
     False when no row has a curve."""
@@ -287,6 +314,9 @@ def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     banks = dict.fromkeys((path, sha) for r in results for path, sha in (r.get("weights") or {}).items() if sha)
     if banks:
         table += "\n\n" + "\n".join(f"backbone.weights: {bank_line(path, sha)}" for path, sha in banks)
+    flattening = convergence_table(rows)
+    if flattening:
+        table += "\n\n" + flattening
     atomic_write_text(out / "study.md", table + "\n")
     atomic_write_text(out / "study.json", json.dumps({"spec": str(spec.path), "rows": rows}, indent=2))
     write_csv(results, out / "cells.csv")
