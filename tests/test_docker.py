@@ -211,7 +211,7 @@ def test_ports_are_published_as_the_sdk_expects(dirs):
         (["0:6006"], None, "ports 1-65535"),
         (["6006:70000"], None, "ports 1-65535"),
         (["6006:6006"], "none", "without a network publishes no port"),
-        (["6006:6006"], "host", "already uses the host's ports"),
+        (["6006:6006"], "host", "uses the host's ports"),
     ],
 )
 def test_bad_ports_are_one_clear_error(ports, network, message):

@@ -187,15 +187,12 @@ def parse_ports(items: Sequence[str], network: str | None = None) -> dict[str, A
             raise DockerError(f"--port {item}: expected [IP:]HOST:CONTAINER with ports 1-65535, e.g. 6006:6006")
         host, container = int(numbers[0]), int(numbers[1])
         ports[f"{container}/tcp"] = (parts[0], host) if len(parts) == 3 else host
-    if ports and network in ("none", "host"):
-        raise DockerError(
-            f"--port with --network {network}: "
-            + (
-                "a container without a network publishes no port"
-                if network == "none"
-                else "the container already uses the host's ports; leave --port out"
-            )
-        )
+    why = {
+        "none": "a container without a network publishes no port",
+        "host": "it uses the host's ports: leave --port out",
+    }
+    if ports and network in why:
+        raise DockerError(f"--port with --network {network}: {why[network]}")
     return ports
 
 
