@@ -19,7 +19,7 @@ from helpers import rc_run
 from rcm_nddr import ModelStore
 from rcm_nddr.commands import cli
 from rcm_nddr.commands.bench_precision import bench_precision
-from rcm_nddr.config import load_config
+from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.engine.tester import run_test
 from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn import precision as precision_module
@@ -125,7 +125,7 @@ def test_int8_falls_back_to_fp32_with_a_message_where_it_cannot_run(store, monke
     assert not [m for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
 
 
-def test_precisions_refused_where_they_do_not_apply(store, tmp_path):
+def test_precisions_refused_where_they_do_not_apply(store, synth, tmp_path):
     s = ModelStore(store)
     with pytest.raises(PrecisionError, match="precision 'fp16': expected one of fp32, bf16, int8"):
         s.load_model(deploy=True, precision="fp16")
@@ -147,6 +147,11 @@ def test_precisions_refused_where_they_do_not_apply(store, tmp_path):
     assert ModelStore(old).verify() == []
     with pytest.raises(StoreError, match="keeps no calibration set.*--calibration DIR"):
         ModelStore(old).load_model(deploy=True, precision="int8")
+    # the accuracy benchmark says so before evaluating anything, and takes calibration images instead
+    with pytest.raises(ConfigError, match="keeps no calibration set.*--calibration DIR"):
+        bench_precision(str(old), str(synth), precisions=["fp32", "int8"], progress=False)
+    given = bench_precision(str(old), str(synth), precisions=["int8"], progress=False, calibration=synth / "images")
+    assert [row["task"] for row in given["rows"]] == ["semseg", "depth", "normals"] and given["precisions"] == ["int8"]
 
 
 def test_test_py_evaluates_a_precision(store, synth, bank):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rcm_nddr.commands.bench_speed import publish
+from rcm_nddr.commands.predict import calibration_images
 from rcm_nddr.config import Config, ConfigError, load_config
 from rcm_nddr.engine.builders import build_dataset, build_tasks
 from rcm_nddr.engine.evaluate import delta_mtl, eval_loader, evaluate, primary_metrics
@@ -52,12 +53,20 @@ def bench_precision(
     precisions: Sequence[str] = PRECISIONS,
     batch_size: int = 8,
     progress: bool = True,
+    calibration: str | None = None,
 ) -> dict[str, Any]:
     """Every task of the store evaluated on ``split`` (default: the dataset's val split) in each of
-    ``precisions`` (the deploy form, on the CPU; int8 on the store's calibration set); returns the report:
+    ``precisions`` (the deploy form, on the CPU; int8 calibrated on the images of the folder ``calibration``,
+    default the store's calibration set: checked before anything is evaluated); returns the report:
     metrics per precision, each task's primary metric, its change relative to fp32 (percent) and Delta_MTL
     against fp32."""
     store = ModelStore(store_path)
+    images = calibration_images(calibration) if calibration is not None and "int8" in precisions else None
+    if "int8" in precisions and images is None and store.calibration_images() is None:
+        raise ConfigError(
+            f"int8: model store {store.path} keeps no calibration set (registered before stores kept one): "
+            "give calibration images with --calibration DIR, or leave int8 out of --precisions"
+        )
     cfg = store_config(store, root)
     split = split or cfg.dataset.val_split
     dataset = build_dataset(cfg, split, train=False)
@@ -66,7 +75,7 @@ def bench_precision(
     device = torch.device("cpu")
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for precision in precisions:
-        model = store.load_model(deploy=True, precision=precision)
+        model = store.load_model(deploy=True, precision=precision, calibration=images if precision == "int8" else None)
         model.to(memory_format=torch.channels_last)
         loader = eval_loader(dataset, batch_size, 0, device)
         metrics[precision] = evaluate(model, loader, tasks, device, progress=progress)
@@ -119,7 +128,13 @@ def format_precision_report(report: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     report = bench_precision(
-        args.store, args.root, args.split, args.precisions, args.batch_size, progress=not args.quiet
+        args.store,
+        args.root,
+        args.split,
+        args.precisions,
+        args.batch_size,
+        progress=not args.quiet,
+        calibration=args.calibration,
     )
     publish(format_precision_report(report), report, args.json)
     return 0

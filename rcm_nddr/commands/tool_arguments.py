@@ -131,6 +131,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--precisions", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16", "int8"], help="precisions"
     )
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch")
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="calibrate int8 on the images of DIR (default: the calibration set the store keeps; needed for a "
+        "store registered before stores kept one)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(handler="rcm_nddr.commands.bench_precision:main")
