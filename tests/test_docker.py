@@ -410,7 +410,7 @@ def test_missing_image_is_an_error_that_says_how_to_build_it():
 
     client = SimpleNamespace(images=SimpleNamespace(get=absent))
     with pytest.raises(DockerError, match=re.escape("rcm-nddr docker build --tag rcm-nddr:nope")):
-        rd.image_id_of(client, "rcm-nddr:nope")
+        rd.image_of(client, "rcm-nddr:nope")
 
 
 # ----------------------------------------------------------------------------- end to end, in an image

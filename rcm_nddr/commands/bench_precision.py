@@ -62,7 +62,7 @@ def bench_precision(
     against fp32."""
     store = ModelStore(store_path)
     images = calibration_images(calibration) if calibration is not None and "int8" in precisions else None
-    if "int8" in precisions and images is None and store.calibration_images() is None:
+    if "int8" in precisions and images is None and store.metadata().get("calibration") is None:
         raise ConfigError(
             f"int8: model store {store.path} keeps no calibration set (registered before stores kept one): "
             "give calibration images with --calibration DIR, or leave int8 out of --precisions"

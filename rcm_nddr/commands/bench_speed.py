@@ -272,7 +272,8 @@ def bench_model(
     reduced = precision_forms(rc_deploy, dev, calibration)
     classifier = int8_classifier(arch, calibration) if "deploy_int8" in reduced else {}
     moved = [rc, rc_deploy, rc_batched, *plain.values(), *plain_deploy.values(), reduced["deploy_bf16"]]
-    for module in moved + [classifier["classifier_fp32"]] if classifier else moved:  # (int8 stays as it is)
+    moved += [classifier["classifier_fp32"]] if classifier else []  # (the int8 networks stay as they are)
+    for module in moved:
         module.to(dev, memory_format=torch.channels_last)
     images = images.to(dev, memory_format=torch.channels_last)
     use_amp = amp and dev.type == "cuda"

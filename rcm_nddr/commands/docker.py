@@ -37,6 +37,7 @@ from rcm_nddr.source import git_output, source_tree
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
+    from docker.models.images import Image
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +333,11 @@ def build_image(client: DockerClient, kwargs: Mapping[str, Any]) -> str:
     return image_id
 
 
-def image_id_of(client: DockerClient, image: str) -> str:
-    """The id (``sha256:...``) of the local image ``image``."""
+def image_of(client: DockerClient, image: str) -> Image:
+    """The local image ``image`` (its ``id``, ``sha256:...``, and ``attrs``: its registry digests...)."""
     docker = docker_sdk()
     try:
-        return client.images.get(image).id
+        return client.images.get(image)
     except docker.errors.ImageNotFound as exc:
         raise DockerError(
             f"--image {image}: no such image in the engine; build it with `rcm-nddr docker build --tag {image}`"
@@ -471,8 +472,8 @@ def run(args: argparse.Namespace) -> int:
     ports = parse_ports(args.port, args.network)
     dirs = host_dirs(args.data, args.results, args.ri, args.models)
     client = connect()
-    image_id = image_id_of(client, args.image)
-    repo_digests = client.images.get(image_id).attrs.get("RepoDigests") or []
+    found = image_of(client, args.image)
+    image_id, repo_digests = found.id, found.attrs.get("RepoDigests") or []
     kwargs = run_kwargs(
         args.image,
         image_id,

@@ -35,8 +35,6 @@ HOST_ONLY = {
     "root": "an install location of the host",
     "src": "a source folder of the host",
 }
-#: the sections of pip's configuration that apply to ``pip install``
-SECTIONS = ("global", "install")
 
 
 @dataclass
