@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rcm_nddr.commands import cli
+from rcm_nddr.commands import cli, study_report
 from rcm_nddr.commands.study import StudyError, expand, load_spec, run_cell, run_order
 from rcm_nddr.commands.study_report import convergence_table, plot_curves, summarize
 from rcm_nddr.files import file_sha256
@@ -256,6 +256,22 @@ def test_the_convergence_table_reads_the_curves_at_half_three_quarters_and_the_e
     assert "| a | sal maxF | 7 (it 70) | 7 (it 100) | 7 (it 100) | +0 |" in convergence_table(rows)
     rows[0]["curves"]["sal"] = curve[:2]  # two points say nothing of flattening
     assert convergence_table(rows) == ""
+
+
+def test_a_row_of_single_task_cells_has_a_curve_per_task(tmp_path, monkeypatch):
+    """A variant with one cell per task (and seed): each task's curve comes from the cells that ran it."""
+    scalars = {
+        "semseg_0": {"val/semseg/mIoU": {50: 10.0, 100: 20.0}},
+        "semseg_1": {"val/semseg/mIoU": {50: 12.0, 100: 22.0}},
+        "sal_0": {"val/sal/maxF": {50: 60.0, 100: 70.0}, "val/sal/mae": {50: 0.2, 100: 0.1}},
+        "sal_1": {"val/sal/maxF": {100: 72.0}},  # validated at the end only
+    }
+    monkeypatch.setattr(study_report, "validation_scalars", lambda cell: scalars[cell.name])
+    tasks = {"semseg": {"primary": "mIoU"}, "sal": {"primary": "maxF"}}
+    rows = [{"label": "single_task", "tasks": tasks, "cell_names": list(scalars)}]
+    study_report.add_curves(rows, tmp_path)
+    assert rows[0]["curves"]["semseg"] == [[50, 11.0, pytest.approx(2**0.5), 2], [100, 21.0, pytest.approx(2**0.5), 2]]
+    assert rows[0]["curves"]["sal"] == [[100, 71.0, pytest.approx(2**0.5), 2]]  # where both validated
 
 
 def test_validation_curves_are_plotted_per_task(tmp_path):

@@ -242,13 +242,14 @@ def validation_scalars(cell: Path) -> dict[str, dict[int, float]]:
 
 def add_curves(rows: Sequence[dict[str, Any]], cells_dir: Path) -> None:
     """Each row's validation curves: per task, ``[iteration, mean, std, n]`` of its primary metric over the
-    row's cells, at the iterations every one of them validated."""
+    row's cells that ran the task, at the iterations every one of them validated."""
     for row in rows:
         scalars = [validation_scalars(cells_dir / name) for name in row["cell_names"]]
         row["curves"] = {}
         for task, summary in row["tasks"].items():
-            runs = [s.get(f"val/{task}/{summary['primary']}", {}) for s in scalars]
-            common = sorted(set.intersection(*(set(c) for c in runs))) if runs and all(runs) else []
+            # (the cells that ran the task: a row of single-task cells has one cell per task)
+            runs = [c for c in (s.get(f"val/{task}/{summary['primary']}") for s in scalars) if c]
+            common = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
             row["curves"][task] = [[i, *mean_std([c[i] for c in runs]), len(runs)] for i in common]
 
 
