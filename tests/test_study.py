@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from rcm_nddr.commands import cli, study_report
-from rcm_nddr.commands.study import StudyError, expand, load_spec, run_cell, run_order
+from rcm_nddr.commands.study import Cell, StudyError, expand, load_spec, run_cell, run_order
 from rcm_nddr.commands.study_report import convergence_table, plot_curves, summarize
 from rcm_nddr.files import file_sha256
 from rcm_nddr.schema import non_defaults
@@ -117,6 +117,16 @@ def test_cells_are_named_by_their_resolved_configs(tmp_path, monkeypatch, capsys
     assert [(c.variant, c.point["train.seed"]) for c in run_order(cells, spec)] == [
         ("single_task", 0),
         ("RC_RI_NFF", 0),
+        ("single_task", 1),
+        ("RC_RI_NFF", 1),
+    ]
+    # within a replicate, a cell of more runs (a sequence) starts first, the others keep the spec's order
+    long = [Cell(f"seq{seed}", "seq", None, {"train.seed": seed}, cells[0].steps * 3, tmp_path) for seed in (0, 1)]
+    assert [(c.variant, c.point["train.seed"]) for c in run_order([*cells, *long], spec)] == [
+        ("seq", 0),
+        ("single_task", 0),
+        ("RC_RI_NFF", 0),
+        ("seq", 1),
         ("single_task", 1),
         ("RC_RI_NFF", 1),
     ]

@@ -406,12 +406,15 @@ def _settle(error: BaseException | str | None, failures: list[str], bar: tqdm) -
 
 def run_order(cells: list[Cell], spec: Spec) -> list[Cell]:
     """``cells`` with the first replicate (seed) of every variant and setting first, then the second...: a
-    study stopped halfway has whole replicates to compare, not some variants' every seed."""
+    study stopped halfway has whole replicates to compare, not some variants' every seed. Within a
+    replicate, cells of more training runs (sequences) start first: started last, a sequence of four
+    runs would leave the other workers idle while it finishes."""
 
     def rank(cell: Cell) -> tuple[int, ...]:
-        return tuple(spec.grid[k].index(cell.point[k]) for k in spec.replicates if k in cell.point)
+        replicate = tuple(spec.grid[k].index(cell.point[k]) for k in spec.replicates if k in cell.point)
+        return (*replicate, -len(cell.steps))
 
-    return sorted(cells, key=rank)  # stable: the spec's order within a replicate
+    return sorted(cells, key=rank)  # stable: the spec's order among cells of a replicate and a length
 
 
 def main(args: argparse.Namespace) -> int:
