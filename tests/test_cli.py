@@ -1,6 +1,7 @@
 """The rcm-nddr command: data synth, the demo (tiny), python -m rcm_nddr, and error reporting."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from rcm_nddr import ModelStore
 from rcm_nddr.commands import cli
-from rcm_nddr.commands.demo import run_demo
+from rcm_nddr.commands.demo import _run_jobs, run_demo
 from rcm_nddr.config import load_config
 from rcm_nddr.engine.trainer import Trainer
 
@@ -47,6 +48,27 @@ def test_plugins_key_errors_name_the_key(tmp_path):
     cfg = load_config(None, ["tasks=[semseg]", f"dataset.root={tmp_path}", f"plugins=[{tmp_path / 'absent.py'}]"])
     with pytest.raises(Exception, match=r"key 'plugins': plug-in file .*absent.py does not exist"):
         Trainer(cfg, progress=False)
+
+
+def _lane_job(value: int, progress: bool) -> tuple[int, int, int, bool]:
+    """A demo job for the test below: what it was given, the process it ran in and its thread count."""
+    if value < 0:
+        raise ValueError(f"job {value} fails")
+    return value, os.getpid(), torch.get_num_threads(), progress
+
+
+def test_demo_lanes_run_jobs_in_processes_and_return_their_results_in_order():
+    jobs = [(_lane_job, (k,)) for k in range(5)]
+    # one lane: the jobs run here, one after the other, with the demo's progress setting
+    assert _run_jobs(jobs, 1, progress=True) == [(k, os.getpid(), torch.get_num_threads(), True) for k in range(5)]
+    results = _run_jobs(jobs, 2, progress=False)
+    assert [r[0] for r in results] == list(range(5))
+    assert os.getpid() not in {r[1] for r in results} and len({r[1] for r in results}) <= 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert {r[2] for r in results} == {max(1, cores // 2)}  # each lane its share of the cores
+    assert not any(r[3] for r in results)  # no per-job progress bars in the lanes
+    with pytest.raises(ValueError, match="job -1 fails"):
+        _run_jobs([(_lane_job, (0,)), (_lane_job, (-1,)), (_lane_job, (2,))], 2, progress=False)
 
 
 @pytest.mark.slow  # the whole main job, twice (about a minute)
@@ -89,7 +111,8 @@ def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     for step in sorted((shorter / "synthetic" / "incremental").glob("*.yaml"))[:-1]:
         step.unlink()  # the sequence's last step alone: one task
     written = bank.stat().st_mtime_ns
-    again = run_demo(out=tmp_path / "demo", data=tmp_path / "SYNTH_MT", configs=shorter / "synthetic", **tiny)
+    # (in one lane: its runs one after the other in this process)
+    again = run_demo(out=tmp_path / "demo", data=tmp_path / "SYNTH_MT", configs=shorter / "synthetic", lanes=1, **tiny)
     assert [r["task"] for r in again["rows"]] == sequence[-1] == [t.name for t in store.tasks]
     assert again["rows"][0]["reads"] == []
     assert bank.stat().st_mtime_ns == written

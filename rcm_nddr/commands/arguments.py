@@ -16,6 +16,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50")  # the benchmarks' ResNets
 #: every backbone a decomposition can be made for (rcm_nddr.nn.backbone.ARCHS, without importing torch)
 DECOMP_ARCHS = (*ARCHS, "resnet101", "resnet152", "vgg16")
 #: the demo's defaults (``rcm-nddr demo``)
+#: the log lines of every command (and of the demo's worker processes)
+LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+
 DEMO_OUT = "results/demo"
 DEMO_DATA = "data/SYNTH_MT"
 #: the filter bank the demo pretrains, which every synthetic config reads (``backbone.weights``)
@@ -249,6 +252,13 @@ def add_demo_arguments(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--size", type=positive_int, nargs=2, default=list(DEMO_SIZE), metavar=("H", "W"), help="image size")
     d.add_argument("--iters", type=positive_int, default=DEMO_ITERS, help="training iterations per task and variant")
     d.add_argument("--pretrain-iters", type=positive_int, default=DEMO_PRETRAIN_ITERS, help="pretraining iterations")
+    d.add_argument(
+        "--lanes",
+        type=positive_int,
+        default=None,
+        help="runs trained at once, each in its own process with its share of the cores (default: 2 with two "
+        "cores or more, else 1; 1 runs them one after the other in this process)",
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(handler="rcm_nddr.commands.demo:main")
 

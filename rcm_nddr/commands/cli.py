@@ -86,8 +86,8 @@ def run_command(args: argparse.Namespace) -> int:
     in one ``error:`` line (2), an interruption (130), a bug with its traceback (70)."""
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        format=a.LOG_FORMAT,
+        datefmt=a.LOG_DATEFMT,
     )
     module, _, function = args.handler.partition(":")
     try:

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from rcm_nddr.commands import arguments as a
 from rcm_nddr.config import Config, load_config
 from rcm_nddr.data.synthetic import generate
-from rcm_nddr.engine.builders import build_dataset
+from rcm_nddr.engine.builders import build_dataset, make_decomposition
 from rcm_nddr.engine.evaluate import delta_mtl, evaluate_trivial, primary_metrics, to_json
 from rcm_nddr.engine.pretrain import describe_bank, pretrain, read_recipe
 from rcm_nddr.engine.run import RunPaths, remove_checkpoints
@@ -52,9 +60,11 @@ def run_demo(
     max_iters: int = a.DEMO_ITERS,
     pretrain_iters: int = a.DEMO_PRETRAIN_ITERS,
     progress: bool = True,
+    lanes: int | None = None,
 ) -> dict:
     """Run the demo; return ``{"rows": [...], "delta_mtl": {...}, "steps": [...]}`` (also written to
-    ``<out>/demo_results.json``, and the table to ``<out>/demo_results.md``)."""
+    ``<out>/demo_results.json``, and the table to ``<out>/demo_results.md``). ``lanes``: how many runs
+    train at once, each in its own process (default ``default_lanes()``; 1: one after the other, here)."""
     start = time.monotonic()
     out = Path(out)
     configs = Path(configs) if configs is not None else default_configs()
@@ -102,58 +112,32 @@ def run_demo(
         pretrain(cfg, bank, overwrite=True, progress=progress)
         if not cfg.train.keep_checkpoints:  # the bank is written: its run's checkpoints serve nothing more
             remove_checkpoints(RunPaths.of(cfg))
-        decomposition.unlink(missing_ok=True)  # made for the bank this one replaces; the first RC run remakes it
+        decomposition.unlink(missing_ok=True)  # made for the bank this one replaces; made again below
     log.info("filter bank ready (%.0f s)", time.monotonic() - start)
     for store in (BASELINE, VARIANT, INCREMENTAL):  # the demo's own stores start empty on every run
         shutil.rmtree(out / store, ignore_errors=True)
+    if not decomposition.is_file():  # made once, here, for every RC run of both lanes
+        log.info("computing the decomposition of the bank's responses for RI: %s", decomposition)
+        make_decomposition(config(configs / f"{names[0]}_{VARIANT}.yaml", VARIANT), decomposition, progress=progress)
 
-    rows = {name: {"task": name} for name in names}
+    # The incremental sequence (the longest job) first, then every task's baseline and RC run: in two
+    # lanes where the machine has two cores or more (one process each, half the cores each).
+    sequence_job = (_train_sequence, ([str(p) for p in steps], [*common, *schedule], str(out / INCREMENTAL)))
+    jobs = [sequence_job]
     for name in names:
-        row = rows[name]
         for variant in (BASELINE, VARIANT):
-            cfg = config(configs / f"{name}_{variant}.yaml", variant)
-            t0 = time.monotonic()
-            trainer = Trainer(cfg, overwrite=True, progress=progress)
-            # One validation, at the end: the registered (best = last) checkpoint's metrics, which is what
-            # test.py would report.
-            trainer.run()
-            key, higher = primary_metrics(trainer.tasks)[name]
-            row.update(metric=key, higher_is_better=higher)
-            row[variant] = trainer.last_metrics[name][key]
-            row[f"{variant}_parameters"] = trainer.parameter_counts[name]["total"]
-            row[f"{variant}_seconds"] = round(time.monotonic() - t0, 1)
-            if variant == BASELINE:
-                # The trainer's tasks and validation set serve as they are; only the train split is
-                # read again, without augmentation, to fit the trivial predictor.
-                train_set = build_dataset(cfg, cfg.dataset.train_split, train=False)
-                trivial = evaluate_trivial(trainer.tasks, train_set, trainer.val_set, cfg.test.batch_size)
-                row["trivial"] = trivial[name][key]
-
-    store = ModelStore(out / INCREMENTAL)
-    step_log = []
-    for path, cfg in zip(steps, sequence, strict=True):
-        t0 = time.monotonic()
-        trainer = Trainer(cfg, overwrite=True, progress=progress)
-        records = trainer.run()
-        problems = store.verify()
-        if problems:
-            raise StoreError(f"store verify after {path.name}: " + "; ".join(problems))
-        stored = [t.name for t in store.tasks]
-        log.info("step %s: %s registered; store verify: ok (%d tasks: %s)", path.name, cfg.tasks, len(stored), stored)
-        step_log.append(
-            {
-                "config": path.name,
-                "tasks": cfg.tasks,
-                "reads": trainer.plan.frozen,
-                "seconds": round(time.monotonic() - t0, 1),
-                "verified": stored,
-            }
-        )
-        for record in records:
-            row = rows[record.name]
-            row[FUSED] = record.metrics[row["metric"]]
-            row[f"{FUSED}_parameters"] = record.trainable_parameters
-            row["reads"] = record.sources
+            overrides = [*common, *schedule, f"store={out / variant}"]
+            jobs.append((_train_variant, (str(configs / f"{name}_{variant}.yaml"), overrides, name, variant)))
+    results = _run_jobs(jobs, lanes if lanes is not None else default_lanes(), progress)
+    step_log, records = results[0]
+    rows = {name: {"task": name} for name in names}
+    for (_, (_, _, name, _)), result in zip(jobs[1:], results[1:], strict=True):
+        rows[name].update(result)
+    for name, record in records.items():
+        row = rows[name]
+        row[FUSED] = record["metrics"][row["metric"]]
+        row[f"{FUSED}_parameters"] = record["parameters"]
+        row["reads"] = record["sources"]
 
     rows_list = [rows[n] for n in names]
     overall = {}
@@ -176,6 +160,107 @@ def run_demo(
     log.info("demo finished in %.0f s; results in %s", time.monotonic() - start, out)
     print(table)  # noqa: T201 - the demo's result is this table on stdout
     return summary
+
+
+def _cores() -> int:
+    """The cores this process may run on (all of the machine's where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_lanes() -> int:
+    """Two runs at once where this process may use two cores or more, else one: on a small CPU two
+    single-threaded runs train faster together than two two-threaded runs one after the other (the
+    per-layer work of batch 8 at 128 x 128 does not keep two threads busy)."""
+    return 2 if _cores() >= 2 else 1
+
+
+def _lane_setup(threads: int, level: int) -> None:
+    """A lane process: its share of the cores, and the command's log format and level."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format=a.LOG_FORMAT, datefmt=a.LOG_DATEFMT)
+
+
+def _run_jobs(jobs: list[tuple[Callable[..., Any], tuple]], lanes: int, progress: bool) -> list[Any]:
+    """Each ``(function, args)`` of ``jobs`` called as ``function(*args, progress=...)``; their results in
+    order. With ``lanes`` > 1 they run in that many spawned processes sharing the cores (a job's own
+    progress bars are off there: one bar counts the finished jobs); a failure stops the jobs not started
+    and is raised here."""
+    if lanes <= 1:
+        return [function(*args, progress=progress) for function, args in jobs]
+    threads = max(1, _cores() // lanes)
+    log.info("training %d runs in %d lanes of %d thread(s)", len(jobs), lanes, threads)
+    context = multiprocessing.get_context("spawn")
+    setup = (threads, logging.getLogger().getEffectiveLevel())
+    with ProcessPoolExecutor(lanes, mp_context=context, initializer=_lane_setup, initargs=setup) as pool:
+        futures = [pool.submit(function, *args, progress=False) for function, args in jobs]
+        try:
+            with tqdm(total=len(futures), desc="demo runs", disable=not progress, dynamic_ncols=True) as bar:
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        return [future.result() for future in futures]
+
+
+def _train_variant(path: str, overrides: list[str], name: str, variant: str, progress: bool) -> dict[str, Any]:
+    """Train task ``name`` alone as ``variant`` (a fresh store); its row's entries for that variant: the
+    primary metric after training (one validation, at the end: what test.py reports for the registered
+    checkpoint), parameters, seconds, and for the baseline the trivial predictor's metric."""
+    t0 = time.monotonic()
+    cfg = load_config(path, overrides)
+    trainer = Trainer(cfg, overwrite=True, progress=progress)
+    trainer.run()
+    key, higher = primary_metrics(trainer.tasks)[name]
+    row = {
+        "metric": key,
+        "higher_is_better": higher,
+        variant: trainer.last_metrics[name][key],
+        f"{variant}_parameters": trainer.parameter_counts[name]["total"],
+    }
+    if variant == BASELINE:
+        # The trainer's tasks and validation set serve as they are; only the train split is read again,
+        # without augmentation, to fit the trivial predictor.
+        train_set = build_dataset(cfg, cfg.dataset.train_split, train=False)
+        row["trivial"] = evaluate_trivial(trainer.tasks, train_set, trainer.val_set, cfg.test.batch_size)[name][key]
+    row[f"{variant}_seconds"] = round(time.monotonic() - t0, 1)
+    return row
+
+
+def _train_sequence(
+    paths: list[str], overrides: list[str], store_path: str, progress: bool
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Train the incremental sequence into the store at ``store_path``, ``store verify`` after each step.
+    Returns each step's log and, per task, its metrics, trainable parameters and the tasks it reads."""
+    store = ModelStore(store_path)
+    step_log, records = [], {}
+    for path in paths:
+        t0, step = time.monotonic(), Path(path).name
+        cfg = load_config(path, [*overrides, f"store={store_path}"])
+        trainer = Trainer(cfg, overwrite=True, progress=progress)
+        registered = trainer.run()
+        problems = store.verify()
+        if problems:
+            raise StoreError(f"store verify after {step}: " + "; ".join(problems))
+        stored = [t.name for t in store.tasks]
+        log.info("step %s: %s registered; store verify: ok (%d tasks: %s)", step, cfg.tasks, len(stored), stored)
+        step_log.append(
+            {
+                "config": step,
+                "tasks": cfg.tasks,
+                "reads": trainer.plan.frozen,
+                "seconds": round(time.monotonic() - t0, 1),
+                "verified": stored,
+            }
+        )
+        for record in registered:
+            records[record.name] = {
+                "metrics": record.metrics,
+                "parameters": record.trainable_parameters,
+                "sources": record.sources,
+            }
+    return step_log, records
 
 
 def _delta(rows: list[dict], variant: str) -> float:
@@ -226,5 +311,6 @@ def main(args: argparse.Namespace) -> int:
         max_iters=args.iters,
         pretrain_iters=args.pretrain_iters,
         progress=not args.quiet,
+        lanes=args.lanes,
     )
     return 0
