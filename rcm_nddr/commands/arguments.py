@@ -25,7 +25,7 @@ DEMO_DATA = "data/SYNTH_MT"
 DEMO_BANK = "results/synthetic/resnet18_bank.pth"
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE = 320, 80, (128, 128)
 #: training iterations of each task in the demo (the configs' own schedules are longer)
-DEMO_ITERS, DEMO_PRETRAIN_ITERS = 100, 200
+DEMO_ITERS, DEMO_PRETRAIN_ITERS = 60, 200
 #: how ``rcm-nddr predict`` runs the stored tasks
 PREDICT_FORMS = ("deploy", "batched", "training")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
