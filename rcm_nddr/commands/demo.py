@@ -168,9 +168,10 @@ def _cores() -> int:
 
 
 def default_lanes() -> int:
-    """Two runs at once where this process may use two cores or more, else one: on a small CPU two
-    single-threaded runs train faster together than two two-threaded runs one after the other (the
-    per-layer work of batch 8 at 128 x 128 does not keep two threads busy)."""
+    """Two runs at once where this process may use two cores or more, else one: on a 2-core CPU two
+    single-threaded runs side by side finish sooner than two two-threaded runs in turn (0.79x, docs/demo.md):
+    part of every run is single-threaded (loading samples, the edge benchmark's matching), and the rest
+    does not keep two threads busy at batch 8 of 128 x 128."""
     return 2 if _cores() >= 2 else 1
 
 
