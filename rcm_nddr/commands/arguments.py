@@ -15,10 +15,9 @@ from rcm_nddr.registry import installed_names
 ARCHS = ("resnet18", "resnet34", "resnet50")  # the benchmarks' ResNets
 #: every backbone a decomposition can be made for (rcm_nddr.nn.backbone.ARCHS, without importing torch)
 DECOMP_ARCHS = (*ARCHS, "resnet101", "resnet152", "vgg16")
-#: the demo's defaults (``rcm-nddr demo``)
 #: the log lines of every command (and of the demo's worker processes)
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
-
+#: the demo's defaults (``rcm-nddr demo``)
 DEMO_OUT = "results/demo"
 DEMO_DATA = "data/SYNTH_MT"
 #: the filter bank the demo pretrains, which every synthetic config reads (``backbone.weights``)
