@@ -12,16 +12,12 @@ tasks, averaged over a few training batches; at the start of training, or at a c
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
-import tempfile
 
 import torch
+from group_probe import group_trainer, parse
 
-from rcm_nddr.config import load_config
 from rcm_nddr.engine.checkpoint import load_checkpoint
-from rcm_nddr.engine.trainer import Trainer
 
 
 def own_parameters(model: torch.nn.Module, task: str) -> list[torch.nn.Parameter]:
@@ -31,16 +27,10 @@ def own_parameters(model: torch.nn.Module, task: str) -> list[torch.nn.Parameter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a config of a group of several tasks with NDDR")
-    parser.add_argument("--checkpoint", help="the group's training checkpoint (default: the start of training)")
-    parser.add_argument("--batches", type=int, default=4, help="training batches to average over")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory() as scratch:
-        cfg = load_config(args.config, [f"store={scratch}", "train.num_workers=0", *args.overrides])
-        trainer = Trainer(cfg, progress=False)
+    checkpoint = ("--checkpoint", {"help": "the group's training checkpoint (default: the start of training)"})
+    args = parse(__doc__, checkpoint)
+    with group_trainer(args) as trainer:
+        cfg = trainer.cfg
         model = trainer.model
         if args.checkpoint:
             missing, unexpected = model.load_state_dict(load_checkpoint(args.checkpoint)["model"], strict=False)

@@ -14,30 +14,19 @@ training mode.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
 import statistics
-import tempfile
 
 import torch
+from group_probe import group_trainer, parse
 from torch import nn
 
-from rcm_nddr.config import load_config
-from rcm_nddr.engine.trainer import Trainer
 from rcm_nddr.nn.nddr import NDDRLayer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a config of a group of several tasks with NDDR")
-    parser.add_argument("--batches", type=int, default=4, help="training batches to average over")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory() as scratch:
-        cfg = load_config(args.config, [f"store={scratch}", "train.num_workers=0", *args.overrides])
-        trainer = Trainer(cfg, progress=False)
+    args = parse(__doc__)
+    with group_trainer(args) as trainer:
         model = trainer.model.train()
         fusion = model.fusion
         if fusion is None:
@@ -47,7 +36,7 @@ def main() -> None:
         loader = iter(trainer._train_loader())
         batches = [next(loader) for _ in range(args.batches)]
 
-        def run(label: str) -> tuple[dict[str, float], list[dict[str, torch.Tensor]]]:
+        def run() -> tuple[dict[str, float], list[dict[str, torch.Tensor]]]:
             """Mean loss per task and the raw outputs over the batches, in training mode (batch statistics,
             the running statistics restored after; the heads' dropout drawing the same masks every time)."""
             state = copy.deepcopy(model.state_dict())
@@ -66,14 +55,14 @@ def main() -> None:
             return {n: statistics.fmean(v) for n, v in losses.items()}, outputs
 
         model.fusion = None
-        reference_losses, reference = run("without NDDR")
+        reference_losses, reference = run()
         model.fusion = fusion
-        results = {"NDDR as configured": run("NDDR")}
+        results = {"NDDR as configured": run()}
         if norms:  # the same layers without their BatchNorm: conv -> ReLU
             saved = [m.bn for m in norms]
             for m in norms:
                 m.bn = nn.Identity()
-            results["NDDR without its BatchNorm"] = run("NDDR without BN")
+            results["NDDR without its BatchNorm"] = run()
             for m, bn in zip(norms, saved, strict=True):
                 m.bn = bn
     print(f"{args.config}, {args.batches} training batches at initialization")  # noqa: T201
