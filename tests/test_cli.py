@@ -95,6 +95,10 @@ def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     assert [s["verified"] for s in summary["steps"]] == [names[: 2 + k] for k in range(len(sequence))]
     store = ModelStore(tmp_path / "demo" / "incremental")
     assert [t.name for t in store.tasks] == names and store.verify() == []
+    # one bank, decomposition and calibration set on disk for the three stores (hard links)
+    for name, stores in (("filter_bank", 2), ("ri", 2), ("calibration", 3)):
+        files = list((tmp_path / "demo").glob(f"*/{name}.safetensors"))
+        assert len(files) == stores and len({f.stat().st_ino for f in files}) == 1
     assert (tmp_path / "demo" / "resnet18_bank.pth").is_file()
     assert (tmp_path / "demo" / "resnet18_bank_ri.safetensors").is_file()
     table = capsys.readouterr().out

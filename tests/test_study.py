@@ -337,6 +337,12 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
     assert sorted(float(r["value"]) for r in rows_csv) == sorted(v for vs in maxf.values() for v in vs)
     assert (spec.out / "delta_vs_parameters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((spec.out / "hparams").glob("*/events.out.tfevents.*"))) == 4
+    # the cells' stores keep one bank, decomposition and calibration set on disk between them
+    stores = {(c.variant, c.point["train.seed"]): c.directory / "store" for c in expand(spec)}
+    for name in ("filter_bank.safetensors", "ri.safetensors", "calibration.safetensors"):
+        files = [s / name for s in stores.values() if (s / name).is_file()]
+        assert len(files) == (2 if name != "calibration.safetensors" else 4)
+        assert len({f.stat().st_ino for f in files}) == 1 and files[0].stat().st_nlink == len(files)
     # running it again runs nothing and rewrites the same aggregate
     before = {c.name: c.result_file.stat().st_mtime_ns for c in expand(spec)}
     assert cli.main(["study", "--spec", str(study), "--quiet"]) == 0

@@ -266,7 +266,7 @@ def add_demo_arguments(sub: argparse._SubParsersAction) -> None:
 
 
 def add_store_arguments(sub: argparse._SubParsersAction) -> None:
-    store = command_parser(sub, "store", "the model store: list, show, verify or remove tasks")
+    store = command_parser(sub, "store", "the model store: list, show, verify or remove tasks; share files")
     commands = store.add_subparsers(dest="store_command", required=True)
     for name, function, help_text in (
         ("list", "list_tasks", "one line per task: type, group, sources, parameters, primary metric"),
@@ -274,9 +274,13 @@ def add_store_arguments(sub: argparse._SubParsersAction) -> None:
         ("verify", "verify", "recheck every sha256 and rerun every probe; exit 1 naming each problem"),
         ("remove", "remove", "remove a task no other task reads"),
         ("migrate", "migrate", "check a store of schema_version 1 and rewrite its store.yaml as the current one"),
+        ("dedupe", "dedupe", "hard-link the identical filter bank, decomposition and calibration files of stores"),
     ):
         p = command_parser(commands, name, help_text)
-        p.add_argument("store", metavar="STORE", help="model store directory (holds store.yaml)")
+        if name == "dedupe":
+            p.add_argument("stores", nargs="+", metavar="STORE", help="model store directories (hold store.yaml)")
+        else:
+            p.add_argument("store", metavar="STORE", help="model store directory (holds store.yaml)")
         p.set_defaults(handler=f"rcm_nddr.commands.store:{function}")
         if name == "show":
             p.add_argument("--json", action="store_true", help="JSON instead of YAML")

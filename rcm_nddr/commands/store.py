@@ -1,5 +1,5 @@
-"""``rcm-nddr store list|show|verify|remove|migrate``: read and check a model store, remove a task, or
-upgrade a store written by an earlier version."""
+"""``rcm-nddr store list|show|verify|remove|migrate|dedupe``: read and check a model store, remove a
+task, upgrade a store written by an earlier version, or share the identical files of several stores."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import yaml
 
 from rcm_nddr.store import ModelStore
 from rcm_nddr.store.format import SCHEMA_VERSION
+from rcm_nddr.store.sharing import link_identical
 
 log = logging.getLogger("rcm_nddr")
 
@@ -55,4 +56,12 @@ def migrate(args: argparse.Namespace) -> int:
         print(line)
     if not done:
         print(f"{args.store} is current (schema_version {SCHEMA_VERSION}); nothing to do")
+    return 0
+
+
+def dedupe(args: argparse.Namespace) -> int:
+    report = link_identical(args.stores)
+    for path, source in report.linked:
+        print(f"{path} -> {source}")
+    print(f"{len(report.linked)} file(s) linked, {report.freed_bytes / 1e6:.1f} MB freed")
     return 0

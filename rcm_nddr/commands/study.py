@@ -42,6 +42,8 @@ from rcm_nddr.files import atomic_write_text, file_sha256
 from rcm_nddr.nn.assembly import TaskSpec
 from rcm_nddr.schema import non_defaults
 from rcm_nddr.store import ModelStore
+from rcm_nddr.store.format import STORE_FILE
+from rcm_nddr.store.sharing import link_identical
 from rcm_nddr.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
@@ -441,7 +443,16 @@ def main(args: argparse.Namespace) -> int:
                 failures = run_local(todo, args.workers, gpus, bar)
             else:
                 failures = run_submitit(todo, spec, "local" if args.executor == "submitit-local" else None, bar)
-    results = [json.loads(c.result_file.read_text()) for c in cells if c.finished()]
+    finished = [c for c in cells if c.finished()]
+    stores = [c.directory / "store" for c in finished if (c.directory / "store" / STORE_FILE).is_file()]
+    shared = link_identical(stores)  # one bank, decomposition and calibration set on disk, not one per cell
+    if shared.linked:
+        log.info(
+            "%d identical files of the cells' stores hard-linked: %.0f MB freed",
+            len(shared.linked),
+            shared.freed_bytes / 1e6,
+        )
+    results = [json.loads(c.result_file.read_text()) for c in finished]
     markdown = report(spec, results, spec.out)
     sys.stdout.write(markdown + "\n")
     if failures:
