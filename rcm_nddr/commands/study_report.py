@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import shutil
 import statistics
@@ -231,6 +232,8 @@ def validation_scalars(cell: Path) -> dict[str, dict[int, float]]:
     """Every ``val/...`` scalar of the cell's runs as ``{tag: {iteration: value}}``, each run's TensorBoard
     events read once (a resumed run's repeated iterations keep their last value)."""
     scalars: dict[str, dict[int, float]] = {}
+    # its directory watcher logs a line per event file at INFO: noise in a report of many cells
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     for run in sorted((cell / "store" / "runs").glob("*")):
         events = EventAccumulator(str(run), size_guidance={"scalars": 0})
         events.Reload()
