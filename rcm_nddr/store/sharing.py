@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 
 #: the store files that are written once and are the same in every store made from one bank
 SHARED_FILES = (BANK_FILE, DECOMPOSITION_FILE, CALIBRATION_FILE)
+#: why a link may not be made (another filesystem, no permission, a read-only store...): the file stays
+LINK_REFUSED = (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS, errno.EMLINK, errno.ENOTSUP)
 
 
 @dataclass
 class LinkReport:
     """What ``link_identical`` did: ``linked`` (path, the file it now shares) pairs, the bytes this
-    freed, and files left as they were with the reason (another filesystem, a link refused)."""
+    freed, and files left as they were with the reason (another filesystem, a read-only store, a link
+    refused)."""
 
     linked: list[tuple[Path, Path]] = field(default_factory=list)
     freed_bytes: int = 0
@@ -68,7 +71,7 @@ def link_identical(stores: Iterable[str | Path]) -> LinkReport:
                 with StoreIndex(store).locked():
                     _replace_by_link(source, source_stat, path, stat)
             except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                if exc.errno not in LINK_REFUSED:
                     raise
                 report.skipped.append(f"{path}: not linked to {source} ({os.strerror(exc.errno)})")
                 continue
