@@ -46,8 +46,8 @@ def link_identical(stores: Iterable[str | Path]) -> LinkReport:
     store directories) so that each content is stored once. The first store that holds a content keeps
     its file; the others' files are replaced by links to it, each replacement atomic (a link under a
     temporary name renamed over the file) and made under that store's lock. A directory that is not a
-    store is an error naming it; a file on another filesystem, or one the filesystem will not link, is
-    left as it is and reported."""
+    store is an error naming it; a file on another filesystem, one the filesystem will not link, or one
+    replaced by a writer meanwhile is left as it is and reported in ``skipped``."""
     paths = [Path(s) for s in stores]
     for path in paths:
         if not (path / STORE_FILE).is_file():
@@ -69,11 +69,13 @@ def link_identical(stores: Iterable[str | Path]) -> LinkReport:
                 continue  # the content's first file, or already a link of it
             try:
                 with StoreIndex(store).locked():
-                    _replace_by_link(source, source_stat, path, stat)
+                    changed = _replace_by_link(source, source_stat, path, stat)
             except OSError as exc:
                 if exc.errno not in LINK_REFUSED:
                     raise
-                report.skipped.append(f"{path}: not linked to {source} ({os.strerror(exc.errno)})")
+                changed = os.strerror(exc.errno)
+            if changed:
+                report.skipped.append(f"{path}: not linked to {source} ({changed})")
                 continue
             report.linked.append((path, source))
             if stat.st_nlink == 1:  # that was its last name: its space is freed
@@ -89,16 +91,17 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
 
 
-def _replace_by_link(source: Path, source_stat: os.stat_result, path: Path, stat: os.stat_result) -> None:
-    """``path`` becomes a hard link of ``source``, both still the files that were hashed (same inode, size
-    and modification time: a file replaced or rewritten since is refused, nothing is linked)."""
+def _replace_by_link(source: Path, source_stat: os.stat_result, path: Path, stat: os.stat_result) -> str | None:
+    """``path`` becomes a hard link of ``source`` if both are still the files that were hashed (same inode,
+    size and modification time); else nothing is linked and the reason is returned."""
     if not _same_file(path.stat(), stat):
-        raise StoreError(f"{path} changed while the stores' copies were being shared; it was not linked")
+        return "it changed while the copies were being compared"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # what a killed writer leaves
     os.link(source, tmp)
     try:
         if not _same_file(tmp.stat(), source_stat):
-            raise StoreError(f"{source} changed while the stores' copies were being shared; {path} was not linked")
+            return "that file changed while the copies were being compared"
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return None
