@@ -6,6 +6,7 @@ import csv
 import fcntl
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -62,7 +63,7 @@ def tiny_spec(tmp_path: Path, data: Path, name: str = "spec", bank: Path | None 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, synth, bank) -> Path:
     tmp = tmp_path_factory.mktemp("study")
-    spec = tiny_spec(tmp, synth, bank=bank)
+    spec = tiny_spec(tmp, synth, bank=bank, records=str(tmp / "records"))
     assert cli.main(["study", "--spec", str(spec), "--workers", "2", "--quiet"]) == 0
     return spec
 
@@ -226,6 +227,57 @@ def fake_result(variant: str, point: dict, value: float) -> dict:
     }
 
 
+def test_records_finish_cells_on_a_fresh_clone_and_a_bad_record_is_named(tmp_path, monkeypatch, capsys):
+    """A spec's records folder: finished cells' results are copied there (also those finished before the
+    folder was named); with the cells folder gone (another clone), the records finish the cells, the
+    report is the same and nothing runs."""
+    monkeypatch.chdir(REPO)
+    spec_path = tiny_spec(tmp_path, tmp_path)
+    cells = expand(load_spec(spec_path))
+    maxf = {}
+    for i, cell in enumerate(cells):
+        result = fake_result(cell.variant, cell.point, 50.0 + 7 * i) | {
+            "cell": cell.name,
+            "task": "sal",
+            "seconds": 1.0,
+        }
+        result["validation"] = {"val/sal/maxF": [[1, 40.0 + i], [2, 50.0 + 7 * i]]}
+        maxf[cell.name] = result["metrics"]["sal"]["maxF"]
+        cell.directory.mkdir(parents=True)
+        cell.result_file.write_text(json.dumps(result))
+    assert cli.main(["study", "--spec", str(spec_path), "--report-only", "--quiet"]) == 0
+    first = json.loads((tmp_path / "out" / "study.json").read_text())["rows"]
+    records = tmp_path / "records"
+    spec_path = tiny_spec(tmp_path, tmp_path, records=str(records))
+    assert cli.main(["study", "--spec", str(spec_path), "--report-only", "--quiet"]) == 0  # copies the results
+    assert sorted(p.name for p in records.iterdir()) == sorted(f"{c.name}.json" for c in cells)
+    for cell in expand(load_spec(spec_path)):
+        assert (records / f"{cell.name}.json").read_text() == cell.result_file.read_text()
+    shutil.rmtree(tmp_path / "out")  # a fresh clone: the records only
+    capsys.readouterr()
+    assert cli.main(["study", "--spec", str(spec_path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("done (record)  ") == 4
+    assert cli.main(["study", "--spec", str(spec_path), "--workers", "2", "--quiet"]) == 0
+    assert not (tmp_path / "out" / "cells").exists()  # nothing ran
+    rows = json.loads((tmp_path / "out" / "study.json").read_text())["rows"]
+    assert rows == first
+    curves = {r["variant"]: r["curves"]["sal"] for r in rows}
+    seeds = {c.variant: [maxf[x.name] for x in cells if x.variant == c.variant] for c in cells}
+    for variant, curve in curves.items():  # the curves come from the records, not from the runs' events
+        assert [p[0] for p in curve] == [1, 2] and curve[1][1] == pytest.approx(statistics.fmean(seeds[variant]))
+    # a record that is not JSON, or of another cell, is named
+    victim = records / f"{cells[0].name}.json"
+    victim.write_text("{")
+    capsys.readouterr()
+    assert cli.main(["study", "--spec", str(spec_path), "--report-only", "--quiet"]) != 0
+    assert f"{victim} is not readable JSON" in capsys.readouterr().err
+    victim.write_text(json.dumps({"cell": cells[1].name}))
+    assert cli.main(["study", "--spec", str(spec_path), "--report-only", "--quiet"]) != 0
+    assert f"{victim}: not the result of cell {cells[0].name}" in capsys.readouterr().err
+    with pytest.raises(StudyError, match="key 'records': expected a folder path"):
+        load_spec(tiny_spec(tmp_path, tmp_path, records=["x"]))
+
+
 def test_a_row_per_variant_and_setting_pools_only_the_replicates():
     values = {  # (variant, lr, seed) -> maxF
         ("base", 0.1, 0): 50.0,
@@ -343,6 +395,10 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
         files = [s / name for s in stores.values() if (s / name).is_file()]
         assert len(files) == (2 if name != "calibration.safetensors" else 4)
         assert len({f.stat().st_ino for f in files}) == 1 and files[0].stat().st_nlink == len(files)
+    # each cell's record is its result, with its validation scalars (the curves without the store)
+    for cell in expand(spec):
+        assert cell.record.read_text() == cell.result_file.read_text()
+        assert json.loads(cell.record.read_text())["validation"]["val/sal/maxF"][-1][0] == 2
     # running it again runs nothing and rewrites the same aggregate
     before = {c.name: c.result_file.stat().st_mtime_ns for c in expand(spec)}
     assert cli.main(["study", "--spec", str(study), "--quiet"]) == 0

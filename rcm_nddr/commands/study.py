@@ -4,7 +4,9 @@ overrides crossed with them (e.g. seeds) and the baseline variant of Delta_MTL. 
 task x grid point) trains and tests in its own store in the cells folder (``<out>/cells/`` unless the
 spec names one), named by a hash of its resolved configs (less the keys at their schema default:
 ``rcm_nddr.schema.non_defaults``) and of the content of their ``backbone.weights``, so running the
-study again skips finished cells and resumes interrupted ones.
+study again skips finished cells and resumes interrupted ones. A spec naming a ``records`` folder keeps
+every finished cell's result there too (one small JSON each, meant to be kept under version control): a
+cell with a record is finished, on any machine or clone that has the record.
 Cells run in local worker processes (one GPU each when there are several) or as submitit jobs (SLURM,
 or its local executor); a failed cell is reported with its log and never stops the others. The results
 are aggregated by ``rcm_nddr.commands.study_report``: one row per variant and setting (the grid point
@@ -35,7 +37,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from rcm_nddr.commands.study_report import report
+from rcm_nddr.commands.study_report import report, validation_scalars
 from rcm_nddr.config import load_config
 from rcm_nddr.errors import ConfigError, UserError
 from rcm_nddr.files import atomic_write_text, file_sha256
@@ -48,7 +50,7 @@ from rcm_nddr.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
 
-SPEC_KEYS = ("out", "cells", "tasks", "variants", "grid", "replicates", "set", "baseline", "slurm")
+SPEC_KEYS = ("out", "cells", "records", "tasks", "variants", "grid", "replicates", "set", "baseline", "slurm")
 RESULT_FILE = "result.json"
 
 
@@ -76,13 +78,34 @@ class Cell:
     steps: list[Step]
     directory: Path
     key: str = ""
+    #: the cell's record (``<records>/<name>.json``) where the spec names a records folder
+    record: Path | None = None
 
     @property
     def result_file(self) -> Path:
         return self.directory / RESULT_FILE
 
     def finished(self) -> bool:
-        return self.result_file.is_file()
+        return self.result_file.is_file() or (self.record is not None and self.record.is_file())
+
+    def result(self) -> dict[str, Any]:
+        """The finished cell's result: its ``result.json``, else its record (a record of another cell, or
+        not a result, is an error naming the file)."""
+        path = self.result_file if self.result_file.is_file() else self.record
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise StudyError(f"result of cell {self.name}: {path} is not readable JSON ({exc})") from exc
+        if not isinstance(result, dict) or result.get("cell") != self.name:
+            raise StudyError(f"{path}: not the result of cell {self.name} (its 'cell' is not that name)")
+        return result
+
+    def keep_record(self) -> None:
+        """Copy the finished cell's ``result.json`` to its record when the record is missing or differs."""
+        if self.record is not None and self.result_file.is_file():
+            text = self.result_file.read_text()
+            if not self.record.is_file() or self.record.read_text() != text:
+                atomic_write_text(self.record, text)
 
 
 @dataclass
@@ -99,6 +122,8 @@ class Spec:
     replicates: list[str] = field(default_factory=lambda: ["train.seed"])
     #: the cells' folder (default ``<out>/cells``): studies naming the same one share their identical cells
     cells: Path | None = None
+    #: a folder of finished cells' results, ``<cell name>.json`` (None: none kept outside the cells)
+    records: Path | None = None
 
     @property
     def cells_dir(self) -> Path:
@@ -149,9 +174,10 @@ def load_spec(path: str | Path) -> Spec:
     if not isinstance(slurm, dict):
         raise fail("slurm", f"expected a mapping of submitit executor parameters, got {slurm!r}")
     out = Path(doc.get("out") or Path("results") / "studies" / path.stem)
-    cells = doc.get("cells")
-    if cells is not None and not (isinstance(cells, str) and cells):
-        raise fail("cells", f"expected a folder path, got {cells!r}")
+    folders = {k: doc.get(k) for k in ("cells", "records")}
+    for key, value in folders.items():
+        if value is not None and not (isinstance(value, str) and value):
+            raise fail(key, f"expected a folder path, got {value!r}")
     return Spec(
         path,
         out,
@@ -162,7 +188,7 @@ def load_spec(path: str | Path) -> Spec:
         baseline,
         dict(slurm),
         list(replicates),
-        Path(cells) if cells else None,
+        *(Path(v) if v else None for v in folders.values()),
     )
 
 
@@ -225,7 +251,8 @@ def expand(spec: Spec) -> list[Cell]:
                 key = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:12]
                 label = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{variant}__{task or 'group'}")
                 directory = spec.cells_dir / f"{label}__{key}"
-                cells.append(Cell(directory.name, variant, task, point, steps, directory, key))
+                record = spec.records / f"{directory.name}.json" if spec.records is not None else None
+                cells.append(Cell(directory.name, variant, task, point, steps, directory, key, record))
     return cells
 
 
@@ -236,8 +263,10 @@ def run_cell(cell: Cell, env: Mapping[str, str] | None = None) -> dict[str, Any]
     with open(cell.directory / "cell.lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if cell.finished():
-            return json.loads(cell.result_file.read_text())
-        return _run_cell(cell, env)
+            return cell.result()
+        result = _run_cell(cell, env)
+        cell.keep_record()
+        return result
 
 
 def _run_cell(cell: Cell, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -328,6 +357,8 @@ def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str,
         "evaluation": evaluation,
         "parameters": parameters,
         "inference_flops": inference_flops(store, list(parameters), tuple(configs[0].dataset.crop)),
+        # the runs' validation scalars, {tag: [[iteration, value], ...]}: the report's curves without the store
+        "validation": {tag: sorted(points.items()) for tag, points in validation_scalars(cell.directory).items()},
         "weights": {str(k): v for k, v in weights.items()},  # backbone.weights -> its sha256 (None: no file)
         "iterations": iterations,
         "seconds": seconds,
@@ -433,7 +464,8 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         for cell in cells:
-            sys.stdout.write(f"{'done' if cell.finished() else 'todo'}  {cell.name}  {cell.point}\n")
+            state = "todo" if not cell.finished() else "done" if cell.result_file.is_file() else "done (record)"
+            sys.stdout.write(f"{state}  {cell.name}  {cell.point}\n")
         return 0
     failures: list[str] = []
     if todo and not args.report_only:
@@ -444,6 +476,8 @@ def main(args: argparse.Namespace) -> int:
             else:
                 failures = run_submitit(todo, spec, "local" if args.executor == "submitit-local" else None, bar)
     finished = [c for c in cells if c.finished()]
+    for cell in finished:  # (cells finished before the spec named its records folder, or by another study)
+        cell.keep_record()
     stores = [c.directory / "store" for c in finished if (c.directory / "store" / STORE_FILE).is_file()]
     shared = link_identical(stores)  # one bank, decomposition and calibration set on disk, not one per cell
     if shared.linked:
@@ -452,7 +486,7 @@ def main(args: argparse.Namespace) -> int:
             len(shared.linked),
             shared.freed_bytes / 1e6,
         )
-    results = [json.loads(c.result_file.read_text()) for c in finished]
+    results = [c.result() for c in finished]
     markdown = report(spec, results, spec.out)
     sys.stdout.write(markdown + "\n")
     if failures:

@@ -243,11 +243,19 @@ def validation_scalars(cell: Path) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def add_curves(rows: Sequence[dict[str, Any]], cells_dir: Path) -> None:
+def cell_validation(result: Mapping[str, Any], cells_dir: Path) -> dict[str, dict[int, float]]:
+    """A cell's validation scalars: those its result carries (``validation``), else its runs' events."""
+    if "validation" in result:
+        return {tag: {int(i): float(v) for i, v in points} for tag, points in result["validation"].items()}
+    return validation_scalars(cells_dir / result["cell"])
+
+
+def add_curves(rows: Sequence[dict[str, Any]], cells_dir: Path, results: Sequence[Mapping[str, Any]] = ()) -> None:
     """Each row's validation curves: per task, ``[iteration, mean, std, n]`` of its primary metric over the
     row's cells that ran the task, at the iterations every one of them validated."""
+    by_name = {r["cell"]: r for r in results}
     for row in rows:
-        scalars = [validation_scalars(cells_dir / name) for name in row["cell_names"]]
+        scalars = [cell_validation(by_name.get(name, {"cell": name}), cells_dir) for name in row["cell_names"]]
         row["curves"] = {}
         for task, summary in row["tasks"].items():
             # (the cells that ran the task: a row of single-task cells has one cell per task)
@@ -313,7 +321,7 @@ def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     """Aggregate ``results`` (the finished cells) into ``out``; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, spec.baseline, spec.replicates)
-    add_curves(rows, spec.cells_dir)
+    add_curves(rows, spec.cells_dir, results)
     table = markdown(rows, spec.baseline) if rows else "(no finished cell)"
     banks = dict.fromkeys((path, sha) for r in results for path, sha in (r.get("weights") or {}).items() if sha)
     if banks:
