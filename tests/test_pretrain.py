@@ -13,6 +13,7 @@ from rcm_nddr.config import ConfigError, load_config
 from rcm_nddr.engine.builders import build_model
 from rcm_nddr.engine.pretrain import describe_bank, pretrain, read_recipe
 from rcm_nddr.engine.trainer import Trainer
+from rcm_nddr.files import file_sha256
 from rcm_nddr.nn.accounting import parameter_breakdown
 from rcm_nddr.nn.backbone import SharedBackbone, load_state_dict_file, resnet_backbone
 from rcm_nddr.nn.filter_bank import bank_weights, filter_bank_sha256
@@ -63,6 +64,10 @@ def test_pretrain_exports_a_torchvision_state_dict_usable_as_a_bank(tmp_path, sy
     assert torch.equal(trainer.model.backbone.layer2[0].conv1.filter_bank, state["layer2.0.conv1.weight"])
     trainer.fit()
     assert torch.equal(trainer.model.backbone.layer2[0].conv1.filter_bank, state["layer2.0.conv1.weight"])
+    # pretrained again, the bank is the same file to the byte (a study's cells keep their names)
+    cfg = load_config(PRETRAIN, [f"dataset.root={synth}", f"store={tmp_path / 'pre2'}", *TINY])
+    again = pretrain(cfg, tmp_path / "again" / "bank.pth", progress=False)
+    assert file_sha256(again) == file_sha256(out)
     torch.save({k: v + 1 for k, v in state.items()}, out)
     assert read_recipe(out) is None and "how it was made is unknown" in describe_bank(out)
     counts = trainer.parameter_counts["sal"]

@@ -50,10 +50,18 @@ def pretrain(cfg: Config, out: str | Path | None = None, overwrite: bool = False
     if out.suffix == ".safetensors":
         atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"arch": cfg.backbone.arch}))
     else:
-        atomic_write(out, lambda tmp: torch.save(state, tmp))
+        atomic_write(out, lambda tmp: save_state(state, tmp))
     write_recipe(cfg, out, trainer.iteration, trainer.last_metrics)
     log.info("pretrained %s backbone written to %s (recipe: %s)", cfg.backbone.arch, out, recipe_path(out))
     return out
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` of ``state`` whose bytes depend on the tensors only: saved to a path, torch names the
+    archive's folder after the file (here a random temporary name), which would give one bank a new sha256,
+    and so new study cells, every time it is written."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def recipe_path(bank: str | Path) -> Path:
