@@ -100,7 +100,8 @@ def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
         files = list((tmp_path / "demo").glob(f"*/{name}.safetensors"))
         assert len(files) == stores and len({f.stat().st_ino for f in files}) == 1
     assert (tmp_path / "demo" / "resnet18_bank.pth").is_file()
-    assert (tmp_path / "demo" / "resnet18_bank_ri.safetensors").is_file()
+    ri = tmp_path / "demo" / "resnet18_bank_ri.safetensors"  # the decomposition the stores' copies link to
+    assert ri.stat().st_ino == (tmp_path / "demo" / "incremental" / "ri.safetensors").stat().st_ino
     table = capsys.readouterr().out
     assert table.startswith("| task | reads | metric | trivial | single_task | RC_RI_NFF | RC_RI_NFF_NDDR")
     assert f"{summary['delta_mtl']['RC_RI_NFF_NDDR']:+.2f}%" in table

@@ -73,6 +73,19 @@ def test_identical_files_become_one_and_no_store_changes(stores):
     assert again.linked == [] and again.freed_bytes == 0
 
 
+def test_a_file_outside_the_stores_can_be_the_copy_they_share(stores, tmp_path):
+    """The decomposition beside a bank, which the stores copied: their copies become links to it, and it
+    is never replaced itself (a source that does not exist is no error)."""
+    source = tmp_path / "decomposition.safetensors"
+    inode = source.stat().st_ino
+    before = contents(stores)
+    report = link_identical([s.path for s in stores], sources=[tmp_path / "missing.safetensors", source])
+    assert source.stat().st_ino == inode and source.stat().st_nlink == 4
+    assert all((s.path / DECOMPOSITION_FILE).stat().st_ino == inode for s in stores)
+    assert sorted(p.parent.name for p, src in report.linked if src == source) == ["a", "b", "c"]
+    assert contents(stores) == before
+
+
 def test_a_store_rewriting_a_shared_file_keeps_the_others(stores):
     a, b, _ = stores
     link_identical([a.path, b.path])

@@ -146,8 +146,9 @@ def run_demo(
         for r in rows_list:
             r[f"delta_{variant}"] = _delta([r], variant)
         overall[variant] = _delta(rows_list, variant)
-    # The three stores hold one bank, decomposition and calibration set: one copy on disk, hard-linked
-    shared = link_identical([out / store for store in (BASELINE, VARIANT, INCREMENTAL)])
+    # The three stores hold one bank, decomposition and calibration set: one copy on disk, hard-linked (the
+    # decomposition also with the one beside the bank, which the RC runs copied into their stores)
+    shared = link_identical([out / store for store in (BASELINE, VARIANT, INCREMENTAL)], sources=[decomposition])
     log.info("the stores' identical files hard-linked: %.0f MB freed", shared.freed_bytes / 1e6)
     recipe = read_recipe(bank)
     summary = {

@@ -41,13 +41,15 @@ class LinkReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def link_identical(stores: Iterable[str | Path]) -> LinkReport:
+def link_identical(stores: Iterable[str | Path], sources: Iterable[str | Path] = ()) -> LinkReport:
     """Hard-link the byte-identical filter bank, decomposition and calibration files of ``stores`` (model
-    store directories) so that each content is stored once. The first store that holds a content keeps
-    its file; the others' files are replaced by links to it, each replacement atomic (a link under a
-    temporary name renamed over the file) and made under that store's lock. A directory that is not a
-    store is an error naming it; a file on another filesystem, one the filesystem will not link, or one
-    replaced by a writer meanwhile is left as it is and reported in ``skipped``."""
+    store directories) so that each content is stored once. The first file that holds a content keeps it:
+    one of ``sources`` (files outside the stores, e.g. the decomposition beside the pretrained bank, never
+    replaced themselves), else the first store's; the others' files are replaced by links to it, each
+    replacement atomic (a link under a temporary name renamed over the file) and made under that store's
+    lock. A directory that is not a store is an error naming it; a file on another filesystem, one the
+    filesystem will not link, or one replaced by a writer meanwhile is left as it is and reported in
+    ``skipped``."""
     paths = [Path(s) for s in stores]
     for path in paths:
         if not (path / STORE_FILE).is_file():
@@ -55,16 +57,24 @@ def link_identical(stores: Iterable[str | Path]) -> LinkReport:
     report = LinkReport()
     kept: dict[tuple[int, int, str], tuple[Path, os.stat_result]] = {}  # content -> the file copies link to
     digests: dict[tuple[int, int], str] = {}  # (device, inode) -> sha256: each file is read once
+
+    def content(path: Path, stat: os.stat_result) -> tuple[int, int, str]:
+        sha = digests.get((stat.st_dev, stat.st_ino))
+        if sha is None:
+            sha = digests[(stat.st_dev, stat.st_ino)] = file_sha256(path)
+        return stat.st_dev, stat.st_size, sha
+
+    for path in map(Path, sources):
+        if path.is_file():
+            stat = path.stat()
+            kept.setdefault(content(path, stat), (path, stat))
     for store in paths:
         for name in SHARED_FILES:
             path = store / name
             if not path.is_file():
                 continue
             stat = path.stat()
-            sha = digests.get((stat.st_dev, stat.st_ino))
-            if sha is None:
-                sha = digests[(stat.st_dev, stat.st_ino)] = file_sha256(path)
-            source, source_stat = kept.setdefault((stat.st_dev, stat.st_size, sha), (path, stat))
+            source, source_stat = kept.setdefault(content(path, stat), (path, stat))
             if source_stat.st_ino == stat.st_ino:
                 continue  # the content's first file, or already a link of it
             try:
