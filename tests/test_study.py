@@ -307,6 +307,38 @@ def test_a_row_per_variant_and_setting_pools_only_the_replicates():
     assert len(summarize(results, "base", [])) == 8
 
 
+def test_each_task_is_compared_with_the_baseline_of_the_same_seed():
+    """Per task, the relative difference from the baseline's cell of the same seed, signed so that better is
+    positive (depth's RMSE: lower is better); their mean over the tasks is that seed's Delta_MTL."""
+    values = {  # (variant, seed) -> (sal maxF, depth rmse)
+        ("base", 0): (80.0, 0.50),
+        ("base", 1): (90.0, 0.40),
+        ("rc", 0): (84.0, 0.55),
+        ("rc", 1): (81.0, 0.30),
+    }
+    results = []
+    for (variant, seed), (maxf, rmse) in values.items():
+        r = fake_result(variant, {"train.seed": seed}, maxf)
+        r["metrics"]["depth"] = {"rmse": rmse}
+        r["primary"]["depth"] = ["rmse", False]
+        r["parameters"]["depth"] = {"trainable": 10, "total": 20}
+        results.append(r)
+    rows = {r["variant"]: r for r in summarize(results, "base", ["train.seed"])}
+    sal = [100 * (values[("rc", s)][0] - values[("base", s)][0]) / values[("base", s)][0] for s in (0, 1)]
+    depth = [-100 * (values[("rc", s)][1] - values[("base", s)][1]) / values[("base", s)][1] for s in (0, 1)]
+    per_task = rows["rc"]["task_deltas"]
+    assert per_task["sal"]["values"] == pytest.approx(sal)  # +5, -10
+    assert per_task["depth"]["values"] == pytest.approx(depth)  # -10, +25
+    assert per_task["depth"]["mean"] == pytest.approx(7.5) and per_task["depth"]["std"] == pytest.approx(
+        statistics.stdev(depth)
+    )
+    assert rows["rc"]["delta_mtl"]["values"] == pytest.approx([(a + b) / 2 for a, b in zip(sal, depth, strict=True)])
+    table = study_report.task_delta_table(list(rows.values()), "base")
+    assert "| variant | sal maxF | depth rmse |" in table
+    assert f"| rc | {per_task['sal']['mean']:+.2f} +- {per_task['sal']['std']:.2f} (2) | +7.50 +- " in table
+    assert "| base |" not in table  # the baseline against itself is not shown
+
+
 def test_the_convergence_table_reads_the_curves_at_half_three_quarters_and_the_end():
     sal = {"primary": "maxF", "higher_is_better": True}
     curve = [[i, float(i), 0.0, 2] for i in (50, 100, 150, 200, 250, 300, 350, 400)]

@@ -32,6 +32,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """``{mean, std, n, values}`` of ``values``."""
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "n": len(values), "values": list(values)}
+
+
 def point_key(point: Mapping[str, Any]) -> str:
     return json.dumps(point, sort_keys=True)
 
@@ -48,11 +54,12 @@ def by_point(results: Sequence[Mapping[str, Any]], variant: str) -> dict[str, di
     return joined
 
 
-def deltas(
+def _paired(
     cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], baseline: str | None
-) -> list[float]:
-    """Delta_MTL of ``cells`` (one variant) at each grid point where the baseline variant has every one of
-    its tasks, over those tasks (primary metrics), with baselines scored under the same evaluation switches."""
+) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, tuple[str, bool]]]]:
+    """For each grid point of ``cells`` (one variant) where the baseline variant has cells: the variant's
+    metrics, the baseline's, and the primaries of the tasks both have, scored under the same evaluation
+    switches (a point where any differ is left out)."""
     if baseline is None or not cells:
         return []
     mine, theirs = by_point(cells, cells[0]["variant"]), by_point(results, baseline)
@@ -63,7 +70,27 @@ def deltas(
         if not tasks or any(run["evaluation"].get(t) != base["evaluation"].get(t) for t in tasks):
             continue
         primaries = {t: (run["primary"][t][0], bool(run["primary"][t][1])) for t in tasks}
-        out.append(delta_mtl(run["metrics"], base["metrics"], primaries))
+        out.append((run["metrics"], base["metrics"], primaries))
+    return out
+
+
+def deltas(
+    cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], baseline: str | None
+) -> list[float]:
+    """Delta_MTL of ``cells`` (one variant) at each grid point where the baseline variant has every one of
+    its tasks, over those tasks (primary metrics), with baselines scored under the same evaluation switches."""
+    return [delta_mtl(mine, base, primaries) for mine, base, primaries in _paired(cells, results, baseline)]
+
+
+def task_deltas(
+    cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], baseline: str | None
+) -> dict[str, list[float]]:
+    """Per task, its relative difference from the baseline in percent at each grid point (Delta_MTL of that
+    task alone: positive is better), paired as :func:`deltas` pairs them."""
+    out: dict[str, list[float]] = {}
+    for mine, base, primaries in _paired(cells, results, baseline):
+        for task, primary in primaries.items():
+            out.setdefault(task, []).append(delta_mtl(mine, base, {task: primary}))
     return out
 
 
@@ -103,6 +130,7 @@ def summarize(
                 "total_parameters": runs[0]["parameters"][name]["total"],
             }
         d = deltas(cells, results, baseline)
+        per_task = task_deltas(cells, results, baseline)
         per_iteration = [
             r["seconds_per_iteration"] for r in cells if r.get("seconds_per_iteration") and not r["resumed"]
         ]
@@ -116,7 +144,8 @@ def summarize(
                 "cells": len(cells),
                 "cell_names": [r["cell"] for r in cells],
                 "tasks": tasks,
-                "delta_mtl": {"mean": mean_std(d)[0], "std": mean_std(d)[1], "n": len(d), "values": d} if d else None,
+                "delta_mtl": spread(d) if d else None,
+                "task_deltas": {t: spread(v) for t, v in per_task.items()},
                 "trainable_parameters_per_task": statistics.fmean(t["trainable_parameters"] for t in tasks.values()),
                 # a task served alone, with the stored tasks it reads: one image at the training crop
                 "inference_gflops_per_task": statistics.fmean(counted) / 1e9 if counted else None,
@@ -155,6 +184,30 @@ def markdown(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
         flops = row.get("inference_gflops_per_task")
         gflops = f"{flops:.3g}" if flops else "-"
         lines.append(f"| {row['label']} | {n} | {' | '.join(cells)} | {delta} | {params} | {gflops} | {seconds} |")
+    return "\n".join(lines)
+
+
+def task_delta_table(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
+    """Per row and task, the paired relative difference from the baseline (%, positive is better): mean +-
+    std (n). "" when no row other than the baseline's has one."""
+    shown = [row for row in rows if row["variant"] != baseline and row.get("task_deltas")]
+    if not shown:
+        return ""
+    names = list(dict.fromkeys(t for row in rows for t in row["tasks"]))
+    primary = {t: next(row["tasks"][t]["primary"] for row in rows if t in row["tasks"]) for t in names}
+    lines = [
+        f"Per task against {baseline}, paired by grid point (% of the baseline's primary metric, positive is "
+        "better; mean +- std (n)):",
+        "",
+        "| variant | " + " | ".join(f"{t} {primary[t]}" for t in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for row in shown:
+        cells = []
+        for t in names:
+            d = row["task_deltas"].get(t)
+            cells.append(f"{d['mean']:+.2f} +- {d['std']:.2f} ({d['n']})" if d else "-")
+        lines.append(f"| {row['label']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -326,6 +379,9 @@ def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     banks = dict.fromkeys((path, sha) for r in results for path, sha in (r.get("weights") or {}).items() if sha)
     if banks:
         table += "\n\n" + "\n".join(f"backbone.weights: {bank_line(path, sha)}" for path, sha in banks)
+    per_task = task_delta_table(rows, spec.baseline)
+    if per_task:
+        table += "\n\n" + per_task
     flattening = convergence_table(rows)
     if flattening:
         table += "\n\n" + flattening
