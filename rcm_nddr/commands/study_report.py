@@ -159,9 +159,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The report's task columns, in the rows' order: each task's summary in the first row that has it."""
+    names = dict.fromkeys(t for row in rows for t in row["tasks"])
+    return {t: next(row["tasks"][t] for row in rows if t in row["tasks"]) for t in names}
+
+
 def markdown(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
-    names = list(dict.fromkeys(t for row in rows for t in row["tasks"]))
-    primary = {t: next(row["tasks"][t] for row in rows if t in row["tasks"]) for t in names}
+    primary = columns(rows)
+    names = list(primary)
     head = " | ".join(
         f"{t} {primary[t]['primary']} ({'higher' if primary[t]['higher_is_better'] else 'lower'})" for t in names
     )
@@ -193,18 +199,17 @@ def task_delta_table(rows: Sequence[Mapping[str, Any]], baseline: str | None) ->
     shown = [row for row in rows if row["variant"] != baseline and row.get("task_deltas")]
     if not shown:
         return ""
-    names = list(dict.fromkeys(t for row in rows for t in row["tasks"]))
-    primary = {t: next(row["tasks"][t]["primary"] for row in rows if t in row["tasks"]) for t in names}
+    primary = columns(rows)
     lines = [
         f"Per task against {baseline}, paired by grid point (% of the baseline's primary metric, positive is "
         "better; mean +- std (n)):",
         "",
-        "| variant | " + " | ".join(f"{t} {primary[t]}" for t in names) + " |",
-        "|---|" + "---:|" * len(names),
+        "| variant | " + " | ".join(f"{t} {task['primary']}" for t, task in primary.items()) + " |",
+        "|---|" + "---:|" * len(primary),
     ]
     for row in shown:
         cells = []
-        for t in names:
+        for t in primary:
             d = row["task_deltas"].get(t)
             cells.append(f"{d['mean']:+.2f} +- {d['std']:.2f} ({d['n']})" if d else "-")
         lines.append(f"| {row['label']} | {' | '.join(cells)} |")
