@@ -82,8 +82,9 @@ class FusionConfig:
     #: ``none``: the tasks' paths stay separate; ``nddr``: NDDR layers after each of ``stages``;
     #: ``cross_stitch``: cross-stitch units (per-channel weighted sums of the sources' features) instead
     type: Literal["none", "nddr", "cross_stitch"] = "none"
-    #: the stored tasks the group reads besides its own: ``all``, ``auto`` (measured, see ``auto``) or names
-    sources: Union[Literal["all", "auto"], list[str]] = "all"  # noqa: UP007 - evaluated by the schema walker
+    #: the stored tasks the group reads besides its own: ``all``, ``auto`` (measured, see ``auto``) or names;
+    #: ``own``: NDDR layers reading the task's own features only (a control: the layers without other tasks)
+    sources: Union[Literal["all", "auto", "own"], list[str]] = "all"  # noqa: UP007 - evaluated by the schema walker
     auto: AutoSourcesConfig = field(default_factory=AutoSourcesConfig)
     stages: list[str] = field(default_factory=lambda: ["stem", "layer1", "layer2", "layer3", "layer4"])
     alpha: float = 0.9
@@ -450,6 +451,8 @@ def _check_model(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) ->
         raise fail("backbone.shared_modulators", f"shares RC modulators, but {why}")
     if f.sources == "auto" and f.type == "none":
         raise fail("fusion.sources", "auto measures which stored tasks the fusion layers read; fusion.type is none")
+    if f.sources == "own" and f.type != "nddr":
+        raise fail("fusion.sources", f"own gives each task NDDR layers on its own features; fusion.type is {f.type}")
     if f.type == "cross_stitch":
         ablations = {"fusion.shortcut": f.shortcut, "fusion.bn": not f.bn, "fusion.init": f.init != "constant"}
         for key, set_ in ablations.items():

@@ -249,6 +249,30 @@ def test_nddr_shortcut_trains_registers_and_reloads_identically(tmp_path, synth,
     assert ModelStore(store).verify() == []
 
 
+def test_own_sources_give_each_task_nddr_layers_on_its_own_features_only(tmp_path, synth, bank):
+    """``fusion.sources: own`` (the control of what NDDR's other sources bring): the group reads no stored
+    task and no group mate, each task gets one 1x1 conv (C x C) + BatchNorm per stage, and the record
+    reloads to the trained outputs."""
+    store = tmp_path / "store"
+    train(store, synth, bank, "[semseg]")
+    trainer = train(
+        store, synth, bank, "[depth, sal]", "fusion.type=nddr", "fusion.sources=own", "fusion.stages=[layer2, layer4]"
+    )
+    assert trainer.plan.sources == {} and trainer.plan.frozen == []
+    assert trainer.model.fusion.sources == {"depth": ["depth"], "sal": ["sal"]}
+    channels = trainer.model.backbone.stage_channels
+    expected = sum(channels[s] ** 2 + 2 * channels[s] for s in ("layer2", "layer4"))
+    assert trainer.parameter_counts["depth"]["fusion"] == expected
+    record = ModelStore(store).task("depth")
+    assert record.sources == [] and record.model["fusion"]["stages"] == ["layer2", "layer4"]
+    with torch.no_grad():
+        trained = trainer.model.eval().to(memory_format=torch.contiguous_format)(fixed_batch(), raw=True)["depth"]
+    assert torch.equal(predictions(store, "depth")["depth"], trained)
+    assert ModelStore(store).verify() == []
+    with pytest.raises(Exception, match=r"fusion\.sources.*own.*cross_stitch"):
+        load_config(None, overrides(store, synth, bank, "[edge]", "fusion.type=cross_stitch", "fusion.sources=own"))
+
+
 def test_plain_baselines_register_in_a_store_of_their_own(tmp_path, synth, bank):
     store = tmp_path / "baselines"
     trainer = train(store, synth, bank, "[edge]", "backbone.reparam=none")

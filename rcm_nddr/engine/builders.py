@@ -326,7 +326,7 @@ def config_spec(cfg: Config, name: str, task: Task, sources: list[str]) -> TaskS
         head_dropout=h.dropout,
         head_init=h.init,
         sources=list(sources),
-        fusion=fusion if sources and f.type != "none" else {},
+        fusion=fusion if (sources or f.sources == "own") and f.type != "none" else {},
         trunk=cfg.tasks[0] if cfg.backbone.sharing == "shared" and name != cfg.tasks[0] else None,
         modulators_of=cfg.tasks[0] if cfg.backbone.shared_modulators and name != cfg.tasks[0] else None,
         options={k: v for k, v in cfg.loss.get(name, {}).items() if k != "weight"},

@@ -57,7 +57,7 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
 
     A task name already registered is refused unless ``replace``, itself refused while a task outside the
     group reads it. ``fusion.sources: all`` reads every stored task (but those being replaced), a list
-    reads those tasks; tasks of one group always read each other. ``auto`` plans to read every stored task
+    reads those tasks; tasks of one group always read each other (but under ``own``, which reads none). ``auto`` plans to read every stored task
     as ``all`` does and lists them as ``candidates``: the run measures them and narrows the plan
     (``choose_sources``) before it trains."""
     f, names = cfg.fusion, list(cfg.tasks)
@@ -89,7 +89,7 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
             f"{cfg.source}: key 'fusion.type': {f.type}, but the store {cfg.store} fuses with another method "
             f"({listed}); the tasks of one store fuse alike (train into another store)"
         )
-    if f.sources in ("all", "auto"):
+    if f.sources in ("all", "auto", "own"):
         older = available
     else:
         unknown = [s for s in f.sources if s not in available]
@@ -105,6 +105,8 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
         raise ConfigError(
             f"{cfg.source}: key 'fusion.stages': expected distinct stages out of {list(STAGES)}, got {f.stages}"
         )
+    if f.sources == "own":  # each task's NDDR layers read its own features only (config_spec): nothing to read
+        return GroupPlan()
     plan = _reading(names, dict.fromkeys(names, older), records, warn=f.sources != "auto" or not older)
     if f.sources == "auto" and older:
         plan.candidates = list(older)

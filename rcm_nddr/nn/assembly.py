@@ -41,10 +41,10 @@ class AssemblyError(ValueError):
 @dataclass
 class TaskSpec:
     """One task's architecture and plug-in: ``sources`` are the tasks it reads through fusion besides
-    itself (empty: no fusion), ``fusion`` the fusion settings (``type``: nddr or cross_stitch, ``stages``,
-    ``alpha``, ``beta``; NDDR's ``shortcut``, ``init``, ``bn``), ``head`` the decoder (``type``,
-    ``channels``, ``dropout``, ``init``), ``options`` the task type's options and ``dataset`` its
-    DatasetInfo as plain data."""
+    itself, ``fusion`` the fusion settings (empty: no fusion; without sources: NDDR on the task's own
+    features, ``fusion.sources: own``; ``type``: nddr or cross_stitch, ``stages``, ``alpha``, ``beta``;
+    NDDR's ``shortcut``, ``init``, ``bn``), ``head`` the decoder (``type``, ``channels``, ``dropout``,
+    ``init``), ``options`` the task type's options and ``dataset`` its DatasetInfo as plain data."""
 
     name: str
     type: str
@@ -73,7 +73,7 @@ class TaskSpec:
                 "dropout": self.head_dropout,
                 "init": self.head_init,
             },
-            "fusion": dict(self.fusion) if self.sources and self.fusion else None,
+            "fusion": dict(self.fusion) if self.fusion else None,
             "options": dict(self.options),
             "plugins": list(self.plugins),
             "trunk": self.trunk,
@@ -198,7 +198,7 @@ def build_network(
 
 def _build_fusion(backbone: nn.Module, specs: Sequence[TaskSpec], names: Sequence[str]) -> StageFusion | None:
     """The fusion of the tasks that read others: one method per network (a store's groups fuse alike)."""
-    fused = [s for s in specs if s.sources and s.fusion]
+    fused = [s for s in specs if s.fusion]  # (a task without sources: NDDR on its own features, sources: own)
     if not fused:
         return None
     kinds = {s.fusion.get("type", "nddr") for s in fused}
