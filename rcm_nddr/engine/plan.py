@@ -57,9 +57,9 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
 
     A task name already registered is refused unless ``replace``, itself refused while a task outside the
     group reads it. ``fusion.sources: all`` reads every stored task (but those being replaced), a list
-    reads those tasks; tasks of one group always read each other (but under ``own``, which reads none). ``auto`` plans to read every stored task
+    reads those tasks; tasks of one group always read each other. ``auto`` plans to read every stored task
     as ``all`` does and lists them as ``candidates``: the run measures them and narrows the plan
-    (``choose_sources``) before it trains."""
+    (``choose_sources``) before it trains. ``own`` reads nothing, not even the group's other tasks."""
     f, names = cfg.fusion, list(cfg.tasks)
     by_name = {r.name: r for r in records}
     taken = [n for n in names if n in by_name]
