@@ -89,17 +89,6 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
             f"{cfg.source}: key 'fusion.type': {f.type}, but the store {cfg.store} fuses with another method "
             f"({listed}); the tasks of one store fuse alike (train into another store)"
         )
-    if f.sources in ("all", "auto", "own"):
-        older = available
-    else:
-        unknown = [s for s in f.sources if s not in available]
-        if unknown:
-            raise ConfigError(
-                f"{cfg.source}: key 'fusion.sources': {unknown} are not tasks of the store {cfg.store} "
-                f"this group could read (available: {available or 'none'}; the group's own tasks always read "
-                "each other)"
-            )
-        older = [n for n in available if n in f.sources]
     bad = [s for s in f.stages if s not in STAGES]
     if bad or not f.stages or len(set(f.stages)) != len(f.stages):
         raise ConfigError(
@@ -112,6 +101,17 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
                 "has the group's tasks read its first task's modulators"
             )
         return GroupPlan()
+    if f.sources in ("all", "auto"):
+        older = available
+    else:
+        unknown = [s for s in f.sources if s not in available]
+        if unknown:
+            raise ConfigError(
+                f"{cfg.source}: key 'fusion.sources': {unknown} are not tasks of the store {cfg.store} "
+                f"this group could read (available: {available or 'none'}; the group's own tasks always read "
+                "each other)"
+            )
+        older = [n for n in available if n in f.sources]
     plan = _reading(names, dict.fromkeys(names, older), records, warn=f.sources != "auto" or not older)
     if f.sources == "auto" and older:
         plan.candidates = list(older)
