@@ -166,3 +166,14 @@ def test_a_group_reading_a_stored_task_also_loads_what_that_task_reads():
     everything = plan_group(load_config(None, ["tasks=[sal]", "fusion.type=nddr"]), records)
     assert everything.sources == {"sal": ["semseg", "edge", "depth", "normals"]}
     assert plan_group(load_config(None, ["tasks=[sal]", "fusion.type=none"]), records).frozen == []
+
+
+def test_own_sources_read_no_stored_task_nor_group_mate_and_still_check_the_stages():
+    from rcm_nddr.store import TaskRecord
+
+    records = [TaskRecord("semseg", "semseg", group=1)]
+    own = ["tasks=[sal, parts]", "fusion.type=nddr", "fusion.sources=own"]
+    plan = plan_group(load_config(None, own), records)
+    assert plan.sources == {} and plan.frozen == [] and plan.candidates == []
+    with pytest.raises(ConfigError, match=r"fusion\.stages"):
+        plan_group(load_config(None, [*own, "fusion.stages=[layer9]"]), records)
