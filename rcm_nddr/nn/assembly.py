@@ -197,8 +197,9 @@ def build_network(
 
 
 def _build_fusion(backbone: nn.Module, specs: Sequence[TaskSpec], names: Sequence[str]) -> StageFusion | None:
-    """The fusion of the tasks that read others: one method per network (a store's groups fuse alike)."""
-    fused = [s for s in specs if s.fusion]  # (a task without sources: NDDR on its own features, sources: own)
+    """The fusion of the tasks with fusion layers (reading others, or only their own features under
+    ``fusion.sources: own``): one method per network (a store's groups fuse alike)."""
+    fused = [s for s in specs if s.fusion]
     if not fused:
         return None
     kinds = {s.fusion.get("type", "nddr") for s in fused}
