@@ -34,6 +34,7 @@ TEST_WORKERS ?= auto
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP)
@@ -41,15 +42,18 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(PYTEST)
 
 # The edit-test loop: the unit tier, without the slow tests.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(PYTEST) -m "unit and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Builds a local stand-in base image (debootstrap + torch from the local wheels) and the project image,
 # then trains and tests a tiny task in a container (scripts/docker-smoke.sh; --clean removes the images).

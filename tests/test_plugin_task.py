@@ -40,8 +40,13 @@ from rcm_nddr.task import Metric, Task, TrivialPredictor
 PAD = -1.0  # padded pixels carry no target
 
 
-@register_target("brightness", extensions=(".npy",), interpolation="bilinear", pad_value=PAD,
-                 layout="float32 H x W brightness in [0, 1]")
+@register_target(
+    "brightness",
+    extensions=(".npy",),
+    interpolation="bilinear",
+    pad_value=PAD,
+    layout="float32 H x W brightness in [0, 1]",
+)
 def read_brightness(path: Path) -> Tensor:
     array = np.load(path, allow_pickle=False)
     if array.ndim != 2 or array.dtype != np.float32:
