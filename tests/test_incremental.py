@@ -273,7 +273,7 @@ def test_own_sources_give_each_task_nddr_layers_on_its_own_features_only(tmp_pat
         load_config(None, overrides(store, synth, bank, "[edge]", "fusion.type=cross_stitch", "fusion.sources=own"))
     shared = ("fusion.type=nddr", "fusion.sources=own", "backbone.shared_modulators=true")
     with pytest.raises(Exception, match=r"fusion\.sources.*own.*shared_modulators"):
-        Trainer(load_config(None, overrides(store, synth, bank, "[edge, parts]", *shared)))
+        load_config(None, overrides(store, synth, bank, "[edge, parts]", *shared))
 
 
 def test_plain_baselines_register_in_a_store_of_their_own(tmp_path, synth, bank):

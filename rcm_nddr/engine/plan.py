@@ -95,11 +95,6 @@ def plan_group(cfg: Config, records: list[TaskRecord], replace: bool = False) ->
             f"{cfg.source}: key 'fusion.stages': expected distinct stages out of {list(STAGES)}, got {f.stages}"
         )
     if f.sources == "own":  # each task's NDDR layers read its own features only (config_spec): nothing to read
-        if cfg.backbone.shared_modulators:
-            raise ConfigError(
-                f"{cfg.source}: key 'fusion.sources': own reads no other task, but backbone.shared_modulators "
-                "has the group's tasks read its first task's modulators"
-            )
         return GroupPlan()
     if f.sources in ("all", "auto"):
         older = available
