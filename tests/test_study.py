@@ -352,6 +352,31 @@ def test_the_convergence_table_reads_the_curves_at_half_three_quarters_and_the_e
     assert convergence_table(rows) == ""
 
 
+def test_the_sources_table_lists_what_auto_measured_and_chose_per_cell():
+    measured = {"measure": "mean_ablation_loss_increase", "affinity": {"semseg": 0.0123, "edge": -0.002}}
+    results = [
+        {"variant": "seq", "point": {"train.seed": 1}, "sources": {"depth": {"read": ["semseg"], "auto": measured}}},
+        {
+            "variant": "seq",
+            "point": {"train.seed": 0},
+            "sources": {
+                "semseg": {"read": [], "auto": None},  # trained first (or told its sources): not a row
+                "sal": {"read": [], "auto": {"affinity": {"semseg": 0.001}}},
+                "edge": {"read": [], "auto": {"affinity": {}}},  # a store with nothing to read
+            },
+        },
+        {"variant": "alone", "point": {"train.seed": 0}},  # a record from before the cells kept their sources
+    ]
+    table = study_report.sources_table(results).splitlines()
+    assert table[0] == "Sources chosen by `fusion.sources: auto`:"
+    assert table[4:] == [
+        "| seq (train.seed=0) | sal | semseg +0.0010 | (none) |",
+        "| seq (train.seed=0) | edge | (no candidate) | (none) |",
+        "| seq (train.seed=1) | depth | semseg +0.0123, edge -0.0020 | semseg |",
+    ]
+    assert study_report.sources_table(results[2:]) == ""
+
+
 def test_a_row_of_single_task_cells_has_a_curve_per_task(tmp_path, monkeypatch):
     """A variant with one cell per task (and seed): each task's curve comes from the cells that ran it."""
     scalars = {
@@ -402,6 +427,7 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
     # parameters: the RC task trains a fraction of the single-task network
     assert rows["RC_RI_NFF"]["trainable_parameters_per_task"] < rows["single_task"]["trainable_parameters_per_task"] / 4
     assert all(r["seconds_per_iteration"] > 0 for r in results)
+    assert all(r["sources"] == {"sal": {"read": [], "auto": None}} for r in results)  # alone: reads nothing
     # inference FLOPs: the RC task's deploy form costs exactly the plain network of the same shape
     flops = {(r["variant"], r["point"]["train.seed"]): r["inference_flops"]["sal"] for r in results}
     assert flops[("single_task", 0)] > 10**8 and len(set(flops.values())) == 1
@@ -416,6 +442,7 @@ def test_the_aggregate_is_the_mean_and_spread_of_the_cells(study):
     (bank, sha), *others = {(k, v) for r in results for k, v in r["weights"].items()}
     assert not others and sha == file_sha256(bank)
     assert f"backbone.weights: {bank} (sha256 {sha[:12]}; no recipe of this file here)" in table
+    assert "Sources chosen" not in table  # no cell chose its sources
     assert "| RC_RI_NFF | 2 |" in table and f"{rows['RC_RI_NFF']['delta_mtl']['mean']:+.2f}" in table
     rows_csv = list(csv.DictReader((spec.out / "cells.csv").open()))
     assert sorted(float(r["value"]) for r in rows_csv) == sorted(v for vs in maxf.values() for v in vs)

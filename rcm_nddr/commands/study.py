@@ -325,9 +325,10 @@ def inference_flops(store: Path, tasks: list[str], size: tuple[int, int]) -> dic
 def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str, Any]:
     """A finished cell's result: every task's test metrics, primary metric and direction, how it was
     scored, its parameters (trainable, and with the shared filter bank), its inference FLOPs per task, the
-    bank it read, the iterations and the time."""
+    stored tasks each task reads (with ``fusion.sources: auto``'s measurement), the bank it read, the
+    iterations and the time."""
     records = ModelStore(store).tasks
-    metrics, evaluation, primary, parameters, iterations = {}, {}, {}, {}, 0
+    metrics, evaluation, primary, parameters, sources, iterations = {}, {}, {}, {}, {}, 0
     configs = [load_config(s.config, s.overrides) for s in cell.steps]
     weights = {c.backbone.weights: weights_identity(c.backbone.weights, {}) for c in configs}
     for group in dict.fromkeys("+".join(c.tasks) for c in configs):
@@ -345,6 +346,7 @@ def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str,
                 "trainable": trainable,
                 "total": trainable + record.parameters.get("filter_bank", 0),
             }
+            sources[record.name] = {"read": list(record.sources), "auto": record.model.get("sources_auto")}
     return {
         "cell": cell.name,
         "key": cell.key,
@@ -356,6 +358,7 @@ def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str,
         "primary": primary,
         "evaluation": evaluation,
         "parameters": parameters,
+        "sources": sources,
         "inference_flops": inference_flops(store, list(parameters), tuple(configs[0].dataset.crop)),
         # the runs' validation scalars, {tag: [[iteration, value], ...]}: the report's curves without the store
         "validation": {tag: sorted(points.items()) for tag, points in validation_scalars(cell.directory).items()},

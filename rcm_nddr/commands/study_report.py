@@ -349,6 +349,24 @@ def convergence_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "Validation curves (mean over the row's cells):\n\n" + head + "\n" + "\n".join(lines)
 
 
+def sources_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """Per cell and task trained with ``fusion.sources: auto``: each candidate's measured affinity and the
+    stored tasks the task reads ("" when no cell has such a task)."""
+    lines = []
+    for r in sorted(results, key=lambda r: (r["variant"], point_key(r["point"]))):
+        for task, read in (r.get("sources") or {}).items():
+            auto = read.get("auto")
+            if auto is None:
+                continue
+            affinity = ", ".join(f"{s} {a:+.4f}" for s, a in auto.get("affinity", {}).items()) or "(no candidate)"
+            chosen = ", ".join(read["read"]) or "(none)"
+            lines.append(f"| {label(r['variant'], r['point'])} | {task} | {affinity} | {chosen} |")
+    if not lines:
+        return ""
+    head = "| cell | task | affinity of each candidate | reads |\n|---|---|---|---|"
+    return "Sources chosen by `fusion.sources: auto`:\n\n" + head + "\n" + "\n".join(lines)
+
+
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     """One panel per task: each row's validation curve of the task's primary metric (mean, +- std band);
     False when no row has a curve."""
@@ -387,9 +405,9 @@ def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     per_task = task_delta_table(rows, spec.baseline)
     if per_task:
         table += "\n\n" + per_task
-    flattening = convergence_table(rows)
-    if flattening:
-        table += "\n\n" + flattening
+    for extra in (convergence_table(rows), sources_table(results)):
+        if extra:
+            table += "\n\n" + extra
     atomic_write_text(out / "study.md", table + "\n")
     atomic_write_text(out / "study.json", json.dumps({"spec": str(spec.path), "rows": rows}, indent=2))
     write_csv(results, out / "cells.csv")
