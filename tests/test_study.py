@@ -371,7 +371,7 @@ def test_the_sources_table_lists_what_auto_measured_and_chose_per_cell():
     assert table[0] == "Sources chosen by `fusion.sources: auto`:"
     assert table[4:] == [
         "| seq (train.seed=0) | sal | semseg +0.0010 | (none) |",
-        "| seq (train.seed=0) | edge | (no candidate) | (none) |",
+        "| seq (train.seed=0) | edge | (no stored task) | (none) |",
         "| seq (train.seed=1) | depth | semseg +0.0123, edge -0.0020 | semseg |",
     ]
     assert study_report.sources_table(results[2:]) == ""

@@ -325,8 +325,8 @@ def inference_flops(store: Path, tasks: list[str], size: tuple[int, int]) -> dic
 def collect(cell: Cell, store: Path, seconds: float, resumed: bool) -> dict[str, Any]:
     """A finished cell's result: every task's test metrics, primary metric and direction, how it was
     scored, its parameters (trainable, and with the shared filter bank), its inference FLOPs per task, the
-    stored tasks each task reads (with ``fusion.sources: auto``'s measurement), the bank it read, the
-    iterations and the time."""
+    tasks each task reads, stored ones and group mates (with ``fusion.sources: auto``'s measurement), the
+    bank it read, the iterations and the time."""
     records = ModelStore(store).tasks
     metrics, evaluation, primary, parameters, sources, iterations = {}, {}, {}, {}, {}, 0
     configs = [load_config(s.config, s.overrides) for s in cell.steps]

@@ -351,14 +351,14 @@ def convergence_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def sources_table(results: Sequence[Mapping[str, Any]]) -> str:
     """Per cell and task trained with ``fusion.sources: auto``: each candidate's measured affinity and the
-    stored tasks the task reads ("" when no cell has such a task)."""
+    tasks it reads, stored ones and group mates ("" when no cell has such a task)."""
     lines = []
     for r in sorted(results, key=lambda r: (r["variant"], point_key(r["point"]))):
         for task, read in (r.get("sources") or {}).items():
             auto = read.get("auto")
             if auto is None:
                 continue
-            affinity = ", ".join(f"{s} {a:+.4f}" for s, a in auto.get("affinity", {}).items()) or "(no candidate)"
+            affinity = ", ".join(f"{s} {a:+.4f}" for s, a in auto.get("affinity", {}).items()) or "(no stored task)"
             chosen = ", ".join(read["read"]) or "(none)"
             lines.append(f"| {label(r['variant'], r['point'])} | {task} | {affinity} | {chosen} |")
     if not lines:
