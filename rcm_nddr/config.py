@@ -451,12 +451,13 @@ def _check_model(cfg: Config, fail: typing.Callable[[str, str], ConfigError]) ->
         raise fail("backbone.shared_modulators", f"shares RC modulators, but {why}")
     if f.sources == "auto" and f.type == "none":
         raise fail("fusion.sources", "auto measures which stored tasks the fusion layers read; fusion.type is none")
-    if f.sources == "own" and (f.type != "nddr" or b.shared_modulators):  # nothing of another task is read
+    if f.sources == "own" and (f.type != "nddr" or b.shared_modulators):
         why = f"fusion.type is {f.type}" if f.type != "nddr" else "backbone.shared_modulators reads the first task's"
         raise fail("fusion.sources", f"own gives each task NDDR layers on its own features only, but {why}")
     ablations = {"fusion.shortcut": f.shortcut, "fusion.bn": not f.bn, "fusion.init": f.init != "constant"}
-    for key in (k for k, set_ in ablations.items() if set_ and f.type == "cross_stitch"):
-        raise fail(key, "is an option of NDDR fusion; cross-stitch units have no shortcut, BatchNorm or init")
+    ablated = [key for key, set_ in ablations.items() if set_]
+    if f.type == "cross_stitch" and ablated:
+        raise fail(ablated[0], "is an option of NDDR fusion; cross-stitch units have no shortcut, BatchNorm or init")
     if not 0 <= h.dropout < 1 or not math.isfinite(h.dropout):
         raise fail("head.dropout", f"expected a rate in [0, 1), got {h.dropout}")
 
