@@ -402,10 +402,7 @@ def report(spec: Any, results: Sequence[Mapping[str, Any]], out: Path) -> str:
     banks = dict.fromkeys((path, sha) for r in results for path, sha in (r.get("weights") or {}).items() if sha)
     if banks:
         table += "\n\n" + "\n".join(f"backbone.weights: {bank_line(path, sha)}" for path, sha in banks)
-    per_task = task_delta_table(rows, spec.baseline)
-    if per_task:
-        table += "\n\n" + per_task
-    for extra in (convergence_table(rows), sources_table(results)):
+    for extra in (task_delta_table(rows, spec.baseline), convergence_table(rows), sources_table(results)):
         if extra:
             table += "\n\n" + extra
     atomic_write_text(out / "study.md", table + "\n")
