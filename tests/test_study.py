@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from rcm_nddr.commands import cli, study_report
-from rcm_nddr.commands.study import Cell, StudyError, expand, load_spec, run_cell, run_order
+from rcm_nddr.commands.study import run_cell, run_order
 from rcm_nddr.commands.study_report import convergence_table, plot_curves, summarize
+from rcm_nddr.commands.study_spec import Cell, StudyError, expand, load_spec
+from rcm_nddr.config import load_config
 from rcm_nddr.files import file_sha256
 from rcm_nddr.schema import non_defaults
 
@@ -83,6 +85,8 @@ def test_spec_errors_name_the_file_and_the_key(tmp_path, monkeypatch):
         ({"replicates": ["seed"]}, r"key 'replicates': \['seed'\] are not keys of the grid \['train.seed'\]"),
         ({"replicates": "train.seed"}, r"key 'replicates': expected a list of grid keys"),
         ({"cells": 3}, r"key 'cells': expected a folder path"),
+        ({"task_set": ["sal"]}, r"key 'task_set': expected a mapping of task name -> list"),
+        ({"task_set": {"sal": "train.max_iters=5"}}, r"key 'task_set.sal': expected a list of KEY=VALUE"),
     ]
     for change, message in cases:
         path = tmp_path / "bad.yaml"
@@ -133,6 +137,53 @@ def test_cells_are_named_by_their_resolved_configs(tmp_path, monkeypatch, capsys
     ]
     assert cli.main(["study", "--spec", str(tmp_path / "spec.yaml"), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("todo  ") == 4
+
+
+def test_task_set_gives_the_runs_of_a_task_their_own_overrides(tmp_path, monkeypatch):
+    """``task_set`` overrides every run that trains the task (a step of a sequence too), after the spec's
+    ``set`` and before a variant's; the cell is the one the same values give through ``set``."""
+    monkeypatch.chdir(REPO)
+    sequence = {
+        "sequence": ["configs/synthetic/incremental/1_semseg+edge.yaml", "configs/synthetic/incremental/2_depth.yaml"]
+    }
+    variants = {
+        "single_task": "configs/synthetic/{task}_single_task.yaml",
+        "longer": {"config": "configs/synthetic/{task}_single_task.yaml", "set": ["train.max_iters=7"]},
+        "seq": sequence,
+    }
+    task_set = {"edge": ["train.max_iters=5", "train.val_every=5"], "semseg": ["train.max_iters=5"]}
+    spec = load_spec(tiny_spec(tmp_path, tmp_path, tasks=["sal", "edge"], variants=variants, task_set=task_set))
+    cells = {(c.variant, c.task, c.point["train.seed"]): c for c in expand(spec)}
+
+    def schedule(cell, step=0):
+        cfg = load_config(cell.steps[step].config, cell.steps[step].overrides)
+        return cfg.train.max_iters, cfg.train.val_every
+
+    assert schedule(cells["single_task", "edge", 0]) == (5, 5)
+    assert schedule(cells["single_task", "sal", 0]) == (2, 2)
+    assert schedule(cells["longer", "edge", 0]) == (7, 5)  # the variant's set comes after task_set
+    seq = cells["seq", None, 1]
+    assert [schedule(seq, i) for i in (0, 1)] == [(5, 5), (2, 2)]  # semseg + edge, then depth
+    # the same values through `set` name the same cell
+    plain = yaml.safe_load(tiny_spec(tmp_path, tmp_path).read_text())
+    plain.update(tasks=["edge"], variants={"single_task": variants["single_task"]})
+    plain["set"] += ["train.max_iters=5", "train.val_every=5"]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    assert [c.key for c in expand(load_spec(tmp_path / "plain.yaml"))] == [
+        cells["single_task", "edge", s].key for s in (0, 1)
+    ]
+    # one run of two tasks has one value per key; a task no config trains is a typo
+    clash = {"edge": ["train.max_iters=5"], "semseg": ["train.max_iters=6"]}
+    spec = load_spec(tiny_spec(tmp_path, tmp_path, variants={"seq": sequence}, task_set=clash, baseline=None))
+    with pytest.raises(
+        StudyError,
+        match=r"incremental/1_semseg\+edge.yaml trains semseg and edge in one run, "
+        r"whose task_set give train.max_iters=6 and train.max_iters=5",
+    ):
+        expand(spec)
+    spec = load_spec(tiny_spec(tmp_path, tmp_path, task_set={"parts": ["train.max_iters=5"]}))
+    with pytest.raises(StudyError, match=r"key 'task_set.parts': no config of the study trains a task 'parts'"):
+        expand(spec)
 
 
 def test_a_key_at_its_default_does_not_rename_the_cells(tmp_path, monkeypatch):
