@@ -19,6 +19,7 @@ import yaml
 from rcm_nddr.config import load_config
 from rcm_nddr.errors import ConfigError, UserError
 from rcm_nddr.files import atomic_write_text, file_sha256
+from rcm_nddr.inheritance import parse_override
 from rcm_nddr.schema import non_defaults
 from rcm_nddr.yamlio import load_yaml
 
@@ -256,14 +257,15 @@ def expand(spec: Spec) -> list[Cell]:
 def _task_overrides(spec: Spec, tasks: list[str], config: str) -> list[str]:
     """The ``task_set`` overrides of a run training ``tasks``: each task's, merged; two of its tasks that
     set one key to different values are an error (one run has one schedule)."""
-    merged: dict[str, tuple[str, str]] = {}
+    merged: dict[str, tuple[str, Any, str]] = {}  # key -> (task, value, the override)
     for task in tasks:
         for item in spec.task_overrides.get(task, []):
-            key, value = (part.strip() for part in item.split("=", 1))
-            if key in merged and merged[key][1] != value and merged[key][0] != task:
+            path, value = parse_override(item, f"{spec.path}: key 'task_set.{task}'")
+            key = ".".join(path)
+            if key in merged and merged[key][0] != task and merged[key][1] != value:
                 raise StudyError(
                     f"{spec.path}: key 'task_set': {config} trains {merged[key][0]} and {task} in one run, "
-                    f"whose task_set give {key}={merged[key][1]} and {key}={value}"
+                    f"whose task_set give {merged[key][2]} and {item}"
                 )
-            merged[key] = (task, value)
-    return [f"{key}={value}" for key, (_, value) in merged.items()]
+            merged[key] = (task, value, item)
+    return [item for _, _, item in merged.values()]
