@@ -390,6 +390,29 @@ def test_each_task_is_compared_with_the_baseline_of_the_same_seed():
     assert "| base |" not in table  # the baseline against itself is not shown
 
 
+def test_a_study_part_way_pools_delta_mtl_over_the_tasks_every_seed_has():
+    """Before every cell has finished, a task may be there at one seed and not at another: the row's
+    Delta_MTL is over the tasks that every paired seed has, and the table says which, and the n of a task
+    with fewer cells."""
+    results = []
+    for variant, seed, maxf, rmse in [("base", 0, 80.0, 0.5), ("base", 1, 90.0, None), ("rc", 0, 84.0, 0.4)]:
+        r = fake_result(variant, {"train.seed": seed}, maxf)
+        if rmse is not None:
+            r["metrics"]["depth"], r["primary"]["depth"] = {"rmse": rmse}, ["rmse", False]
+            r["parameters"]["depth"] = {"trainable": 10, "total": 20}
+        results.append(r)
+    results.append(fake_result("rc", {"train.seed": 1}, 81.0))
+    rows = {r["variant"]: r for r in summarize(results, "base", ["train.seed"])}
+    assert rows["rc"]["delta_mtl_tasks"] == ["sal"]
+    assert rows["rc"]["delta_mtl"]["values"] == pytest.approx([5.0, -10.0])  # sal alone, not seed 0's mean with depth
+    assert rows["rc"]["task_deltas"]["depth"]["values"] == pytest.approx([20.0])  # still shown on its own
+    table = study_report.markdown(list(rows.values()), "base")
+    assert "| rc | 2 | 82.5 +- 2.1 | 0.4 +- 0 (n=1) | -2.50 +- 10.61 (n=2; over sal) |" in table
+    complete = [r for r in results if r["point"]["train.seed"] == 0]  # one seed, every task: no note
+    row = {r["variant"]: r for r in summarize(complete, "base", ["train.seed"])}["rc"]
+    assert row["delta_mtl_tasks"] == ["sal", "depth"] and "(n=1) |" in study_report.markdown([row], "base")
+
+
 def test_the_convergence_table_reads_the_curves_at_half_three_quarters_and_the_end():
     sal = {"primary": "maxF", "higher_is_better": True}
     curve = [[i, float(i), 0.0, 2] for i in (50, 100, 150, 200, 250, 300, 350, 400)]

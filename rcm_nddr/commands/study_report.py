@@ -76,10 +76,16 @@ def _paired(
 
 def deltas(
     cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], baseline: str | None
-) -> list[float]:
-    """Delta_MTL of ``cells`` (one variant) at each grid point where the baseline variant has every one of
-    its tasks, over those tasks (primary metrics), with baselines scored under the same evaluation switches."""
-    return [delta_mtl(mine, base, primaries) for mine, base, primaries in _paired(cells, results, baseline)]
+) -> tuple[list[float], list[str]]:
+    """Delta_MTL of ``cells`` (one variant) at each grid point paired with the baseline's (primary metrics,
+    baselines scored under the same evaluation switches), and the tasks it is over: those that every
+    paired point has, so that the values pooled are over one set of tasks (a study part-way through can
+    have a task at one seed and not yet at another)."""
+    paired = _paired(cells, results, baseline)
+    common = [t for t in paired[0][2] if all(t in p for _, _, p in paired)] if paired else []
+    if not common:
+        return [], []
+    return [delta_mtl(mine, base, {t: p[t] for t in common}) for mine, base, p in paired], common
 
 
 def task_deltas(
@@ -129,7 +135,7 @@ def summarize(
                 "trainable_parameters": runs[0]["parameters"][name]["trainable"],
                 "total_parameters": runs[0]["parameters"][name]["total"],
             }
-        d = deltas(cells, results, baseline)
+        d, over = deltas(cells, results, baseline)
         per_task = task_deltas(cells, results, baseline)
         per_iteration = [
             r["seconds_per_iteration"] for r in cells if r.get("seconds_per_iteration") and not r["resumed"]
@@ -145,6 +151,7 @@ def summarize(
                 "cell_names": [r["cell"] for r in cells],
                 "tasks": tasks,
                 "delta_mtl": spread(d) if d else None,
+                "delta_mtl_tasks": over,
                 "task_deltas": {t: spread(v) for t, v in per_task.items()},
                 "trainable_parameters_per_task": statistics.fmean(t["trainable_parameters"] for t in tasks.values()),
                 # a task served alone, with the stored tasks it reads: one image at the training crop
@@ -177,14 +184,16 @@ def markdown(rows: Sequence[Mapping[str, Any]], baseline: str | None) -> str:
         "|---|---|" + "---|" * len(names) + "---|---|---|---|",
     ]
     for row in rows:
+        n = max((m["n"] for task in row["tasks"].values() for m in task["metrics"].values()), default=0)
         cells = []
         for t in names:
             task = row["tasks"].get(t)
             m = task["metrics"].get(task["primary"]) if task else None
-            cells.append(f"{m['mean']:.4g} +- {m['std']:.2g}" if m else "-")
-        d = row["delta_mtl"]
-        delta = f"{d['mean']:+.2f} +- {d['std']:.2f} (n={d['n']})" if d else "-"
-        n = max((m["n"] for task in row["tasks"].values() for m in task["metrics"].values()), default=0)
+            fewer = f" (n={m['n']})" if m and m["n"] != n else ""  # a task some cells have not finished
+            cells.append(f"{m['mean']:.4g} +- {m['std']:.2g}{fewer}" if m else "-")
+        d, over = row["delta_mtl"], row.get("delta_mtl_tasks") or []
+        partial = f"; over {', '.join(over)}" if d and set(over) != set(names) else ""
+        delta = f"{d['mean']:+.2f} +- {d['std']:.2f} (n={d['n']}{partial})" if d else "-"
         seconds = f"{row['seconds_per_iteration']:.3g}" if row["seconds_per_iteration"] else "-"
         params = f"{row['trainable_parameters_per_task']:,.0f}"
         flops = row.get("inference_gflops_per_task")
