@@ -12,7 +12,7 @@ import torch
 
 from rcm_nddr import ModelStore
 from rcm_nddr.commands import cli
-from rcm_nddr.commands.demo import _run_jobs, run_demo
+from rcm_nddr.commands.demo import BENCHMARK_SPEC, _run_jobs, run_demo
 from rcm_nddr.config import load_config
 from rcm_nddr.engine.trainer import Trainer
 
@@ -108,6 +108,8 @@ def test_tiny_demo_runs_the_incremental_sequence(tmp_path, capsys):
     # the table says which bank the numbers come from: the quick one it pretrained, by its recipe
     assert summary["bank"]["iterations"] == 1 and summary["bank"]["dataset"]["root"] == str(tmp_path / "SYNTH_MT")
     assert f"filter bank: {bank} (1 iterations of semseg+depth+normals, batch 8, on {tmp_path / 'SYNTH_MT'}" in table
+    # and where the multi-seed figures are: a spec the repository ships
+    assert f"rcm-nddr study --spec {BENCHMARK_SPEC}`" in table and (REPO / BENCHMARK_SPEC).is_file()
     assert (tmp_path / "demo" / "demo_results.md").read_text().strip() == table.strip()
     assert json.loads((tmp_path / "demo" / "demo_results.json").read_text())["rows"] == rows
     # a second run starts its stores afresh and reuses the bank (on the sequence's last step alone)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 BASELINE, VARIANT, FUSED = "single_task", "RC_RI_NFF", "RC_RI_NFF_NDDR"
 INCREMENTAL = "incremental"
+BENCHMARK_SPEC = "studies/synth_mt_4000.yaml"  # the multi-seed figures the demo points to
 
 
 def default_configs() -> Path:
@@ -299,7 +300,7 @@ def format_table(rows: list[dict], overall: dict[str, float], iterations: int, b
         lines.append(f"filter bank: {bank}")
     lines.append(
         f"(one seed, {iterations} iterations per model: differences of a few points lie within the run-to-run "
-        "spread; the multi-seed figures are the SYNTH_MT benchmark's, `rcm-nddr study --spec studies/synth_mt.yaml` "
+        f"spread; the multi-seed figures are the SYNTH_MT benchmark's, `rcm-nddr study --spec {BENCHMARK_SPEC}` "
         "(README: Studies))"
     )
     return "\n".join(lines)
